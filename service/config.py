@@ -236,8 +236,22 @@ def load_config(
         set_dotted(tree, key, value)
     config = _build(Config, tree, "")
     _coerce_types(config)
+    _resolve_local_paths(config)
     validate(config)
     return config
+
+
+def _resolve_local_paths(config: Config) -> None:
+    """Make relative data paths absolute (cwd first, then the repo root), so Ray workers and
+    ``ray job submit`` working-dir copies see the same files. URIs (s3://, gs://) are kept."""
+    d = config.data
+    for name in ("train", "val", "test"):
+        value = getattr(d, name)
+        if not value or "://" in value or Path(value).is_absolute():
+            continue
+        candidates = [Path.cwd() / value, REPO_ROOT / value]
+        found = next((c for c in candidates if c.exists() or any(c.parent.glob(c.name))), None)
+        setattr(d, name, str((found or candidates[0]).resolve()))
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

@@ -1,0 +1,36 @@
+"""Frozen-encoder feature extraction over a labelled Parquet dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    data_path: str,
+    transform: Callable,
+    *,
+    batch_size: int = 256,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+    max_bad_fraction: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(features [n, d] float32 on CPU, labels [n] int64)`` for every decodable row."""
+    from service.data import ParquetImageDataset, make_dataloader
+
+    dataset = ParquetImageDataset(
+        data_path, transform, n_views=None, limit=limit, max_bad_fraction=max_bad_fraction
+    )
+    loader = make_dataloader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    for images, batch_labels in loader:
+        features.append(encoder(images.to(device)).float().cpu())
+        labels.append(batch_labels)
+    encoder.train(was_training)
+    return torch.cat(features), torch.cat(labels)

@@ -1,0 +1,157 @@
+"""Driver side of pretraining: connect to Ray, build the ``TorchTrainer``, fit, then finalise.
+
+Finalising (on the driver, after the workers are gone): final kNN on the test split, plots and the
+augmentation preview into MLflow, and registration of the backbone under the configured name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from service.config import Config
+from service.train.loop import train_func
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The requested workers × CPUs/GPUs do not fit the Ray cluster."""
+
+
+class PretrainingFailedError(RuntimeError):
+    """Training failed on the workers; the message carries their error."""
+
+
+def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (``ray job submit`` sets it), else
+    start an embedded local Ray with at least ``min_cpus`` logical CPUs."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(min_cpus) + 1), include_dashboard=False)
+
+
+def check_cluster_fits(config: Config, trials: int = 1) -> None:
+    """Fail before training when trials × workers × resources exceed the cluster's totals."""
+    t = config.train
+    total = ray.cluster_resources()
+    need_cpu = trials * t.num_workers * t.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ClusterTooSmallError(
+            f"{trials} trial(s) x {t.num_workers} workers x {t.cpus_per_worker} CPUs = {need_cpu} "
+            f"CPUs needed, the Ray cluster has {total.get('CPU', 0)}; lower train.num_workers / "
+            f"train.cpus_per_worker (or tune.max_concurrent_trials), or add nodes"
+        )
+    if t.use_gpu and total.get("GPU", 0) < trials * t.num_workers:
+        raise ClusterTooSmallError(
+            f"{trials * t.num_workers} GPUs needed (train.use_gpu=true), the cluster has "
+            f"{total.get('GPU', 0)}; set train.use_gpu=false or add GPU nodes"
+        )
+
+
+def _train_dataset(config: Config) -> tuple[dict[str, Any], int]:
+    """Ray Data reader: a lazily augmented dataset (re-randomised each epoch) and its row count."""
+    if config.data.reader != "ray":
+        return {}, 0
+    from service.data.ray_dataset import make_multiview_batch_fn, read_ray_dataset
+
+    dataset = read_ray_dataset(config.data.train, limit=config.data.limit)
+    rows = dataset.count()
+    augmented = dataset.map_batches(
+        make_multiview_batch_fn(config.augment, config.data.image_size, config.augment.n_views),
+        batch_format="numpy",
+    )
+    return {"train": augmented}, rows
+
+
+def build_trainer(
+    config: Config,
+    *,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    run_name: str | None = None,
+    placement_strategy: str = "PACK",
+) -> TorchTrainer:
+    """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial)."""
+    t = config.train
+    datasets, rows = _train_dataset(config)
+    storage_path = storage_path or t.storage_path
+    run_name = run_name or t.run_name
+    resources = {"CPU": t.cpus_per_worker}
+    return TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": config.to_dict(),
+            "rows": rows,
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri,
+            "fault_marker_dir": str(Path(storage_path) / run_name / "faults"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """Run the trainer; worker errors become one readable ``PretrainingFailedError``."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise PretrainingFailedError(f"pretraining failed: {exc}") from exc
+
+
+def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any]:
+    """Pretrain end to end; returns the JSON summary printed by ``contrastive pretrain``."""
+    from service.train.finalize import finalize_run, open_tracking
+
+    tracking = open_tracking(config)  # unreachable MLflow fails here, before any training
+    connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
+    check_cluster_fits(config)
+    storage_path = str(Path(config.train.storage_path).expanduser().resolve())
+    trainer = build_trainer(
+        config,
+        mlflow_run_id=tracking.run_id if tracking else None,
+        tracking_uri=tracking.uri if tracking else None,
+        storage_path=storage_path,
+    )
+    try:
+        result = fit(trainer)
+    except BaseException:
+        if tracking:
+            tracking.end("FAILED")
+        raise
+    checkpoint_dir = result.checkpoint.path if result.checkpoint else None
+    summary: dict[str, Any] = {
+        "run_name": config.train.run_name,
+        "checkpoint": checkpoint_dir,
+        "storage_path": storage_path,
+        "epochs": config.train.epochs,
+        "world_size": config.train.num_workers,
+        "global_batch_size": config.train.global_batch_size,
+        "per_worker_batch_size": config.per_worker_batch_size,
+        "train_loss": result.metrics.get("train_loss"),
+        "knn_top1": result.metrics.get("knn_top1"),
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        summary.update(finalize_run(config, tracking, checkpoint_dir, Path(workdir)))
+    return summary
