@@ -133,10 +133,11 @@ class TuneConfig:
 
 @dataclass
 class FaultConfig:
-    """Fault injection for tests of recovery: kill a worker process at a given global step."""
+    """Fault injection for tests of recovery (off by default)."""
 
-    kill_rank: int | None = None
+    kill_rank: int | None = None  # SIGKILL this rank's worker process once, at global step at_step
     at_step: int | None = None
+    nan_at_step: int | None = None  # make the loss NaN at this global step (divergence drill)
 
 
 @dataclass
@@ -226,6 +227,8 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+            path = REPO_ROOT / path  # shipped configs work from any working directory
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         tree = yaml.safe_load(path.read_text()) or {}

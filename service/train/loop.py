@@ -271,6 +271,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     # One forward over all views: BN sees the whole local batch, one DDP pass.
                     projections = model(torch.cat(views)).chunk(n_views)
                     loss = criterion(*projections)
+            if config.fault.nan_at_step == global_step:
+                loss = loss * float("nan")  # divergence drill: exercises the stop path below
             mean_loss = _global_mean(loss, world)
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(

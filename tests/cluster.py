@@ -1,0 +1,172 @@
+"""Real local Ray clusters for tests: `ray start --head` (+ optional extra nodes), `ray stop`.
+
+Each cluster gets its own short temp dir and free ports, so it never collides with another Ray
+on the machine (the default dashboard-agent / client ports are fixed numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _port_args() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    env: dict[str, str]
+    nodes: list[str] = field(default_factory=list)
+
+    def ray(self, *args: str, timeout: float = 120, check: bool = True) -> str:
+        proc = subprocess.run(
+            [_ray_bin(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout + proc.stderr
+
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        args = ["start", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", *_port_args()]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self.ray(*args)
+
+    def submit(self, entrypoint: list[str], submission_id: str, env_vars: dict | None = None):
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        args = [
+            "job",
+            "submit",
+            f"--address={self.dashboard_url}",
+            "--working-dir",
+            str(REPO),
+            f"--submission-id={submission_id}",
+            "--no-wait",
+        ]
+        if runtime_env:
+            args.append(f"--runtime-env-json={json.dumps(runtime_env)}")
+        return self.ray(*args, "--", *entrypoint)
+
+    def wait(self, submission_id: str, timeout: float = 900) -> tuple[str, str]:
+        """Poll until the job ends; return (status, logs)."""
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = str(client.get_job_status(submission_id)).split(".")[-1]
+            if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
+                return status, client.get_job_logs(submission_id)
+            time.sleep(2)
+        raise TimeoutError(f"job {submission_id} still running after {timeout} s")
+
+    def stop(self) -> None:
+        self.ray("stop", "--force", check=False, timeout=60)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(num_cpus: int = 4, resources: dict[str, float] | None = None) -> RayCluster:
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, env)
+    args = [
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
+        *_port_args(),
+    ]
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    cluster.ray(*args)
+    return cluster
+
+
+def last_json_line(text: str) -> dict:
+    """The JSON summary our commands print as their last stdout line."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON summary line in output:\n{text[-3000:]}")
+
+
+@dataclass
+class SmokeRun:
+    """One real `ray job submit` pretraining whose outputs several tests assert on."""
+
+    summary: dict
+    logs: str
+    storage_path: Path
+    tracking_uri: str
+    overrides: list[str]
+
+
+SMOKE_OVERRIDES = [
+    "train.epochs=2",
+    "train.global_batch_size=128",
+    "data.limit=2000",
+    "eval.knn_every_epochs=1",
+    "train.log_every_steps=5",
+]
+
+
+def run_smoke_job(cluster: RayCluster, tracking_uri: str, storage: Path) -> SmokeRun:
+    overrides = [
+        *SMOKE_OVERRIDES,
+        f"train.storage_path={storage}",
+        f"mlflow.tracking_uri={tracking_uri}",
+        "mlflow.registered_model_name=smoke-encoder",
+    ]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    job_id = f"smoke-{int(time.time())}"
+    cluster.submit(
+        ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml", *sets], job_id
+    )
+    status, logs = cluster.wait(job_id)
+    assert status == "SUCCEEDED", f"smoke job {status}:\n{logs[-6000:]}"
+    return SmokeRun(last_json_line(logs), logs, storage, tracking_uri, overrides)
