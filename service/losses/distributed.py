@@ -1,0 +1,110 @@
+"""Rank / world size and all-gathers for the losses: the only module that calls collectives.
+
+``gather_with_grad`` uses the functional collectives' autograd all-gather, whose backward is a
+reduce-scatter (sum) of the gathered gradient. That is the property the exact distributed loss
+needs: every rank's loss depends on every rank's embeddings, so the gradient that reaches rank r's
+embeddings must be the *sum* of the contributions from all ranks' losses. Known ways to get this
+wrong: a hand-written ``GatherLayer`` whose backward keeps only its own slice without summing
+(lightly #1528), or a plain ``dist.all_gather`` that silently cuts the graph (open_clip #980).
+
+Unequal local batch sizes are rejected, not padded: DDP averages per-rank gradients with equal
+weights, which equals the global-batch gradient only when every rank holds the same number of
+samples. Use ``drop_last=True`` (or the per-worker batch from ``Config``) upstream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from service.losses.errors import LossInputError
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank, 0 when torch.distributed is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks, 1 when torch.distributed is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device(like: Tensor) -> torch.device:
+    # gloo only moves CPU tensors; NCCL only CUDA ones. Small metadata follows the backend.
+    return torch.device("cpu") if dist.get_backend() == "gloo" else like.device
+
+
+def all_gather_ints(values: list[int], like: Tensor) -> Tensor:
+    """All-gather a short list of ints from every rank: returns ``[world, len(values)]`` (CPU).
+
+    Every rank must pass a list of the same length. Used for cheap metadata checks (batch sizes,
+    non-finite counts) so that all ranks can raise the same error together instead of deadlocking.
+    """
+    local = torch.tensor(values, dtype=torch.int64, device=_collective_device(like))
+    if not is_distributed():
+        return local.unsqueeze(0).cpu()
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return torch.stack(out).cpu()
+
+
+def check_equal_batches(x: Tensor, what: str = "tensor") -> None:
+    """Raise ``LossInputError`` on every rank if the ranks' ``x`` shapes differ (one all-gather)."""
+    if not is_distributed():
+        return
+    meta = all_gather_ints([x.dim(), x.shape[0] if x.dim() else 0, x[:1].numel()], x)
+    if not bool((meta == meta[0]).all()):
+        sizes = {rank: list(row) for rank, row in enumerate(meta.tolist())}
+        raise LossInputError(
+            f"{what}: ranks have different local shapes {_describe(sizes)}; every rank must "
+            "hold the same local batch (use drop_last=True) so that DDP's gradient average equals "
+            "the global-batch gradient"
+        )
+
+
+def _describe(sizes: dict[int, list[int]]) -> str:
+    # [dim, batch, row numel] → "rank 0: batch 3 (row numel 8), rank 1: ..."
+    return ", ".join(f"rank {r}: batch {b} (row numel {n})" for r, (_, b, n) in sizes.items())
+
+
+def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, differentiably.
+
+    The backward sums the gathered gradient across ranks (reduce-scatter), so rank r's ``x``
+    receives the gradient of *every* rank's loss with respect to it. Returns ``x`` unchanged when
+    torch.distributed is not initialised or the world has one rank.
+
+    >>> import torch
+    >>> gather_with_grad(torch.ones(2, 3)).shape  # not distributed: identity
+    torch.Size([2, 3])
+    """
+    if not is_distributed():
+        return x
+    if check_sizes:
+        check_equal_batches(x, "gather_with_grad")
+    from torch.distributed import _functional_collectives as fc
+
+    # all_gather_tensor_autograd is a deprecated alias of all_gather_single_autograd in 2.14.
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(x.contiguous(), 0, dist.group.WORLD)
+    # Wait now and hand back a plain tensor: keeps the async subclass out of downstream kernels.
+    return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+def gather_no_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 without autograd (e.g. MoCo queue keys)."""
+    if not is_distributed():
+        return x.detach()
+    if check_sizes:
+        check_equal_batches(x, "gather_no_grad")
+    x = x.detach().contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out)

@@ -1,0 +1,223 @@
+"""MoCo: momentum key encoder, a ring queue of negative keys shared by all ranks, and the loss.
+
+Shuffle-BN (MoCo v1/v2) is *not* done here, deliberately. It is a property of how the key encoder
+is run (shuffle the key images across ranks before the momentum encoder, unshuffle its outputs),
+not of the loss, which only sees embeddings; and with one worker it does nothing unless the batch
+is split into fake sub-batches. The leak it prevents comes from BatchNorm statistics computed per
+worker over the same samples for queries and keys. In this service use ``model.sync_batchnorm``
+(statistics over the whole global batch, so one sample's share of them is 1/(W*b)) or
+``model.proj_batch_norm=False``; if a shuffle is ever needed it belongs in ``service/train``
+(gather the key inputs, permute with a permutation broadcast from rank 0, run the key encoder,
+un-permute with ``gather_no_grad``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.losses.chunked import masked_logsumexp
+from service.losses.distributed import gather_no_grad, is_distributed
+from service.losses.errors import LossInputError
+from service.losses.inputs import (
+    as_views,
+    check_chunk_size,
+    check_temperature,
+    check_views,
+    full_precision,
+    normalized,
+)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside DDP (or DataParallel); other modules are returned as they are."""
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
+
+
+@torch.no_grad()
+def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
+    """``target = m * target + (1 - m) * online`` for parameters; buffers are copied.
+
+    ``online`` may be DDP-wrapped (its ``.module`` is used). Buffers (BatchNorm running stats,
+    ``num_batches_tracked``) are copied, not averaged, as in MoCo/BYOL implementations.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise LossInputError(f"momentum m must be in [0, 1], got {m}")
+    online, target = unwrap(online), unwrap(target)
+    for kind, o_named, t_named in (
+        ("parameter", online.named_parameters(), target.named_parameters()),
+        ("buffer", online.named_buffers(), target.named_buffers()),
+    ):
+        o, t = dict(o_named), dict(t_named)
+        if o.keys() != t.keys():
+            raise LossInputError(
+                f"online and target modules differ in {kind}s: only online "
+                f"{sorted(o.keys() - t.keys())}, only target {sorted(t.keys() - o.keys())}"
+            )
+        names = list(o)
+        if kind == "parameter":
+            if names:
+                torch._foreach_lerp_([t[n] for n in names], [o[n] for n in names], 1.0 - m)
+        else:
+            for n in names:
+                t[n].copy_(o[n])
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of an encoder that follows it by exponential moving average.
+
+    >>> import torch
+    >>> online = torch.nn.Linear(4, 2)
+    >>> key_encoder = MomentumEncoder(online, momentum=0.99)
+    >>> keys = key_encoder(torch.randn(3, 4))  # no grad
+    >>> key_encoder.update(online)  # after the optimiser step
+    """
+
+    momentum_update = staticmethod(momentum_update)
+
+    def __init__(self, online: nn.Module, momentum: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise LossInputError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.target = copy.deepcopy(unwrap(online))
+        self.target.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+    def update(self, online: nn.Module, momentum: float | None = None) -> None:
+        """EMA step towards ``online`` (DDP-wrapped is fine); call after the optimiser step."""
+        momentum_update(online, self.target, self.momentum if momentum is None else momentum)
+
+
+class NegativeQueue(nn.Module):
+    """A ring buffer of L2-normalised keys, kept identical on every rank.
+
+    ``enqueue(keys)`` all-gathers the keys from every rank (rank order) before writing them, so
+    all ranks hold the same queue, equal to the single-process queue of the global batch.
+    ``keys`` and ``ptr`` are registered buffers: the queue round-trips through ``state_dict``.
+    The initial content is random unit vectors from a fixed seed (as in MoCo), identical on
+    every rank without any communication.
+
+    >>> import torch
+    >>> queue = NegativeQueue(dim=8, size=16)
+    >>> queue.enqueue(torch.randn(4, 8))
+    >>> int(queue.ptr)
+    4
+    """
+
+    keys: Tensor
+    ptr: Tensor
+
+    def __init__(self, dim: int, size: int = 65536, seed: int = 0) -> None:
+        super().__init__()
+        if dim < 1 or size < 1:
+            raise LossInputError(f"queue dim and size must be >= 1, got dim={dim}, size={size}")
+        generator = torch.Generator().manual_seed(seed)
+        initial = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("keys", initial)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1]
+
+    @torch.no_grad()
+    def enqueue(
+        self, keys: Tensor, gather_distributed: bool = True, check_sizes: bool = True
+    ) -> None:
+        """Gather ``keys`` (``[b, dim]``) from all ranks, normalise and write them at ``ptr``.
+
+        More keys than the queue holds keep only the newest ``size``. The buffer is replaced
+        (out of place), so a graph that saved the old queue for its backward stays valid.
+        """
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise LossInputError(f"keys must be [batch, {self.dim}], got {tuple(keys.shape)}")
+        if gather_distributed and is_distributed():
+            keys = gather_no_grad(keys, check_sizes=check_sizes)
+        keys = F.normalize(keys.detach().float(), dim=1).to(self.keys)
+        n = keys.shape[0]
+        skip = max(0, n - self.size)
+        keys = keys[skip:]
+        index = (self.ptr + skip + torch.arange(keys.shape[0], device=keys.device)) % self.size
+        self.keys = self.keys.index_copy(0, index, keys)
+        self.ptr = (self.ptr + n) % self.size
+
+
+class MoCoLoss(nn.Module):
+    """InfoNCE of queries against their momentum keys, with a queue of past keys as negatives.
+
+    ``loss = crit(q, k)``: ``q`` ``[b, dim]`` from the online encoder, ``k`` ``[b, dim]`` from the
+    momentum encoder (detached here). Logits are ``[q.k, q.queue] / T`` with the positive at index
+    0; the result is the mean over this rank's queries. After computing the loss (in training
+    mode) the keys of *all* ranks are enqueued, so every rank's queue matches the single-process
+    queue. The loss itself has no cross-rank term: queries only meet their own key and the
+    queue, so DDP's gradient average is already the global-batch gradient.
+
+    >>> import torch
+    >>> crit = MoCoLoss(temperature=0.2, queue_size=32, dim=8)
+    >>> loss = crit(torch.randn(4, 8), torch.randn(4, 8))
+    >>> int(crit.queue.ptr)
+    4
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        queue_size: int = 65536,
+        dim: int = 128,
+        gather_distributed: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._temperature = check_temperature(temperature)
+        self.gather_distributed = gather_distributed
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.queue = NegativeQueue(dim=dim, size=queue_size)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    def forward(self, *views: Tensor) -> Tensor:
+        views = as_views(views)
+        with full_precision(views):
+            check_views(
+                views,
+                loss="MoCoLoss",
+                gather=self.gather_distributed,
+                exact_views=2,
+                min_global_batch=1,  # the negatives come from the queue
+            )
+            q, k = views
+            if q.shape[1] != self.queue.dim:
+                raise LossInputError(
+                    f"MoCoLoss: embeddings have dim {q.shape[1]} but the queue holds dim "
+                    f"{self.queue.dim}; set dim= to the projection output size"
+                )
+            qn, kn = normalized(q), normalized(k.detach())
+            x = qn / self._temperature
+            positive = (x * kn).sum(dim=1)
+            negatives = self.queue.keys.to(x.dtype)
+            lse = torch.logaddexp(positive, masked_logsumexp(x, negatives, None, self.chunk_size))
+            loss = (lse - positive).mean()
+            if self.training:
+                self.queue.enqueue(kn, self.gather_distributed, check_sizes=False)
+            return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self._temperature}, queue_size={self.queue.size}, dim={self.queue.dim}, "
+            f"gather_distributed={self.gather_distributed}"
+        )

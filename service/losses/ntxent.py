@@ -1,0 +1,104 @@
+"""NT-Xent / InfoNCE over any number of views with negatives from the global batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from service.losses.chunked import masked_logsumexp
+from service.losses.distributed import gather_with_grad
+from service.losses.inputs import (
+    as_views,
+    check_chunk_size,
+    check_temperature,
+    check_views,
+    full_precision,
+    normalized,
+)
+
+
+def local_anchors_and_keys(
+    views: tuple[Tensor, ...], gather: bool, loss: str
+) -> tuple[Tensor, Tensor, int, int, int]:
+    """Validate, normalise and stack the views; gather them as keys.
+
+    Returns ``(z, keys, self_offset, n_views, local_batch)``: ``z`` is ``[V*b, d]`` view-major
+    (row ``v*b + i`` is view v of local sample i), ``keys`` is the rank-major concatenation of every
+    rank's ``z`` (``[W*V*b, d]``), and this rank's rows start at ``self_offset = rank * V*b``.
+    """
+    batch = check_views(views, loss=loss, gather=gather)
+    z = torch.cat([normalized(v) for v in views])
+    keys = gather_with_grad(z, check_sizes=False) if batch.world > 1 else z
+    return z, keys, batch.rank * z.shape[0], len(views), batch.local
+
+
+def multi_positive_logits(x: Tensor, z: Tensor, n_views: int) -> Tensor:
+    """Mean positive logit per anchor: ``mean_{u != v} x_{v,i} . z_{u,i}``, shape ``[V*b]``.
+
+    Uses ``sum_{u != v} z_u = (sum_u z_u) - z_v``: O(V*b*d), no loop over views or samples.
+    """
+    zv = z.view(n_views, -1, z.shape[1])
+    others = zv.sum(dim=0, keepdim=True) - zv
+    return (x.view_as(zv) * others).sum(dim=-1).reshape(-1) / (n_views - 1)
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent with any number of views and negatives from every rank.
+
+    ``loss = crit(z1, z2, ...)``: each view is ``[b, d]`` (this rank's batch), row i of every view
+    comes from the same source sample. Every other embedding of every view on every rank is a
+    negative. Embeddings are L2-normalised and the logits are computed in float32 (float64 stays
+    float64) with autocast disabled.
+
+    Multi-view form (SupCon's L_out with the sample as its own class, as in sthalles' n_views):
+    each of the V*b local anchors has V-1 positives and its loss is the *average of the per-positive
+    InfoNCE terms*, all sharing one denominator over every other global embedding (itself
+    excluded)::
+
+        l(a) = mean_{p in P(a)} [ -s(a, p)/T ] + log sum_{j != a} exp(s(a, j)/T)
+
+    For V=2 this is exactly the classic NT-Xent with 2N-2 negatives. The result is the mean over
+    this rank's anchors; with equal local batches DDP's gradient average then equals the
+    single-process gradient of the whole global batch.
+
+    ``chunk_size=k`` streams over k keys at a time (never materialising the ``[V*b, W*V*b]``
+    logits) with identical values and gradients.
+
+    >>> import torch
+    >>> crit = NTXentLoss(temperature=0.5)
+    >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    >>> loss = crit(z1, z2)
+    >>> loss.shape, crit.temperature
+    (torch.Size([]), 0.5)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        gather_distributed: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._temperature = check_temperature(temperature)
+        self.gather_distributed = gather_distributed
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    def forward(self, *views: Tensor) -> Tensor:
+        views = as_views(views)
+        with full_precision(views):
+            z, keys, offset, n_views, _ = local_anchors_and_keys(
+                views, self.gather_distributed, "NTXentLoss"
+            )
+            x = z / self._temperature
+            lse = masked_logsumexp(x, keys, self_offset=offset, chunk_size=self.chunk_size)
+            return (lse - multi_positive_logits(x, z, n_views)).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self._temperature}, gather_distributed={self.gather_distributed}, "
+            f"chunk_size={self.chunk_size}"
+        )
