@@ -1,0 +1,285 @@
+"""Encoder registry against a real `mlflow server`: register, aliases, pull, load, embed.
+
+Registration is the slow part (log_model + register), so one module-scoped fixture registers two
+versions (a better, then a worse metric) and every test reads from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from service.config import BUNDLED_DATA_DIR, Config
+from service.data.augment import eval_transform
+from service.data.decode import decode_image
+from service.models import build_model
+from service.registry.embed import embed_parquet
+from service.registry.errors import EncoderSpecError, RegistryError, RegistryLookupError
+from service.registry.load import load_encoder, pull
+from service.registry.lookup import ModelRef, parse_model_ref
+from service.registry.register import (
+    CHAMPION_ALIAS,
+    DECISION_ARTIFACT,
+    LATEST_ALIAS,
+    decide_champion,
+    promote,
+    register_encoder,
+)
+from service.registry.spec import WEIGHTS_FILE, EncoderSpec
+from service.tracking.runs import start_pretrain_run
+
+torch.set_num_threads(1)
+
+TEST_PARQUET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
+
+
+def _version_tags(config: Config, backbone: torch.nn.Module, knn: float) -> dict[str, str]:
+    """What the training driver passes (service.train.finalize)."""
+    return {
+        "dataset": config.data.train,
+        "method": config.loss.name,
+        "temperature": str(config.loss.temperature),
+        "augment_strength": str(config.augment.strength),
+        "knn_top1": f"{knn:.4f}",
+        "embedding_dim": str(backbone.out_dim),
+        "arch": config.model.arch,
+        "input_size": str(config.data.image_size),
+        "normalize_mean": ",".join(map(str, config.augment.mean)),
+        "normalize_std": ",".join(map(str, config.augment.std)),
+    }
+
+
+def _image_batch(config: Config, rows: int) -> tuple[torch.Tensor, pa.Table]:
+    table = pq.read_table(TEST_PARQUET).slice(0, rows)
+    transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
+    images = [transform(decode_image(data)) for data in table.column("image").to_pylist()]
+    return torch.stack(images), table
+
+
+@pytest.fixture(scope="module")
+def registry(mlflow_server):
+    """Two versions of one registered model: v1 (knn 0.60, champion) then v2 (knn 0.40)."""
+    config = Config()
+    config.mlflow.experiment = "test-registry"
+    name = f"test-encoder-{uuid.uuid4().hex[:8]}"
+    images, _ = _image_batch(config, 16)
+    example = images[:2].numpy()
+
+    encoders, results, run_ids = [], [], []
+    for seed, knn in ((0, 0.60), (1, 0.40)):
+        torch.manual_seed(seed)
+        backbone = build_model(config.model).backbone.eval()
+        run_id = start_pretrain_run(config, mlflow_server.url, run_name=f"registry-{seed}")
+        results.append(
+            register_encoder(
+                backbone,
+                tracking_uri=mlflow_server.url,
+                run_id=run_id,
+                name=name,
+                tags=_version_tags(config, backbone, knn),
+                input_example=example,
+                metric_name=config.mlflow.champion_metric,
+                metric_value=knn,
+            )
+        )
+        encoders.append(backbone)
+        run_ids.append(run_id)
+    return SimpleNamespace(
+        url=mlflow_server.url,
+        name=name,
+        config=config,
+        images=images,
+        good=encoders[0],
+        worse=encoders[1],
+        first=results[0],
+        second=results[1],
+        run_ids=run_ids,
+        client=MlflowClient(mlflow_server.url),
+    )
+
+
+@pytest.fixture(scope="module")
+def pulled(registry, tmp_path_factory) -> Path:
+    return pull(
+        f"{registry.name}@champion", tmp_path_factory.mktemp("pulled") / "enc", registry.url
+    )
+
+
+def _max_diff(module: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (module(x) - reference(x)).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- aliases
+
+
+def test_champion_stays_on_better_version_and_latest_moves(registry):
+    first, second = registry.first, registry.second
+    assert first["model_uri"] == f"models:/{registry.name}/1" and first["version"] == "1"
+    assert first["champion"] is True and first["previous_champion"] is None
+    assert second["version"] == "2" and second["champion"] is False
+    assert second["previous_champion"] == "1"
+    model = registry.client.get_registered_model(registry.name)
+    assert model.aliases == {CHAMPION_ALIAS: "1", LATEST_ALIAS: "2"}
+
+    # the decision is recorded in the run that produced the loser, with the comparison
+    run = registry.client.get_run(registry.run_ids[1])
+    assert run.data.tags["registry.model_uri"] == f"models:/{registry.name}/2"
+    assert run.data.tags["registry.champion_decision"].startswith("kept-previous")
+    path = registry.client.download_artifacts(registry.run_ids[1], DECISION_ARTIFACT)
+    decision = json.loads(Path(path).read_text())
+    assert decision["previous_champion"] == "1" and decision["previous_champion_value"] == 0.6
+    assert decision["metric_value"] == 0.4 and decision["champion"] is False
+    assert "does not beat" in decision["reason"]
+
+
+def test_version_tags_describe_the_encoder(registry):
+    version = registry.client.get_model_version(registry.name, "1")
+    tags = version.tags
+    config = registry.config
+    assert version.run_id == registry.run_ids[0]
+    assert tags["dataset"] == config.data.train and tags["method"] == "ntxent"
+    assert tags["temperature"] == "0.5" and tags["augment_strength"] == "1.0"
+    assert tags["metric.knn_top1"] == "0.6" and tags["champion_metric"] == "knn_top1"
+    assert tags["embedding_dim"] == str(registry.good.out_dim) and tags["input_size"] == "32"
+    assert tags["normalize_mean"] == ",".join(map(str, config.augment.mean))
+    assert tags["weights_rebuildable"] == "true"
+    assert tags["champion_decision"].startswith("promoted")
+
+
+def test_decide_champion_rules():
+    assert decide_champion(0.5, None) == (True, "no champion yet")
+    assert decide_champion(0.5, 0.4)[0] is True
+    assert decide_champion(0.5, 0.5)[0] is False  # must strictly beat
+    assert decide_champion(0.3, 0.4, higher_is_better=False)[0] is True
+    assert decide_champion(math.nan, 0.4)[0] is False
+    assert decide_champion(0.1, math.nan)[0] is True
+
+
+def test_promote_moves_an_alias_by_hand(registry):
+    result = promote(registry.name, 2, "staging", registry.url)
+    assert result == {"alias": "staging", "version": "2", "previous": None}
+    assert registry.client.get_registered_model(registry.name).aliases["staging"] == "2"
+    assert "promoted.staging" in registry.client.get_model_version(registry.name, "2").tags
+    with pytest.raises(RegistryError, match="reserved"):
+        promote(registry.name, 2, "latest", registry.url)
+    with pytest.raises(RegistryLookupError, match="versions: 1, 2"):
+        promote(registry.name, 9, "staging", registry.url)
+
+
+# ----------------------------------------------------------------------------- pull / load
+
+
+def test_pull_writes_offline_bundle(registry, pulled):
+    names = {p.name for p in pulled.iterdir()}
+    assert {"model", "encoder.safetensors", "encoder.json", "loader.py", "README.md"} <= names
+    assert (pulled / "model" / "MLmodel").exists()
+    info = json.loads((pulled / "registry.json").read_text())
+    assert info["version"] == "1" and info["aliases"] == [CHAMPION_ALIAS]
+    spec = EncoderSpec.load(pulled)
+    config = registry.config
+    assert spec.image_size == 32 and spec.mean == config.augment.mean
+    assert spec.std == config.augment.std and spec.embedding_dim == registry.good.out_dim
+    assert spec.model_config == vars(config.model) and spec.input_shape == [3, 32, 32]
+    weights = load_file(pulled / WEIGHTS_FILE)
+    for key, tensor in registry.good.state_dict().items():
+        assert torch.equal(weights[key], tensor), key
+
+
+@pytest.mark.parametrize("source", ["weights", "pickle"])
+def test_pulled_encoder_reproduces_original_embeddings(registry, pulled, source):
+    encoder, preprocess = load_encoder(str(pulled), source=source)
+    assert not encoder.training and type(encoder) is type(registry.good)
+    assert _max_diff(encoder, registry.good, registry.images) < 1e-5
+    image = decode_image(pq.read_table(TEST_PARQUET).slice(0, 1).column("image")[0].as_py())
+    assert torch.equal(preprocess(image), registry.images[0])
+
+
+def test_load_by_alias_and_version_uris(registry):
+    latest, _ = load_encoder(f"models:/{registry.name}@{LATEST_ALIAS}", registry.url)
+    assert _max_diff(latest, registry.worse, registry.images) < 1e-5
+    first, _ = load_encoder(f"models:/{registry.name}/1", registry.url)
+    assert _max_diff(first, registry.good, registry.images) < 1e-5
+
+
+def test_unknown_alias_version_and_model_errors_list_what_exists(registry, tmp_path):
+    with pytest.raises(RegistryLookupError) as info:
+        load_encoder(f"models:/{registry.name}@best", registry.url)
+    message = str(info.value)
+    assert "'best'" in message and "champion → v1" in message and "latest-trained → v2" in message
+    assert "versions: 1, 2" in message
+    with pytest.raises(RegistryLookupError, match="version '7'"):
+        pull(f"{registry.name}/7", tmp_path / "never", registry.url)
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(RegistryLookupError, match=registry.name):
+        load_encoder("models:/no-such-encoder@champion", registry.url)
+    with pytest.raises(RegistryLookupError, match="NAME@ALIAS"):
+        parse_model_ref("just-a-name")
+
+
+def test_parse_model_ref():
+    assert parse_model_ref("enc@champion") == ModelRef("enc", alias="champion")
+    assert parse_model_ref("models:/team/enc/12") == ModelRef("team/enc", version="12")
+    assert parse_model_ref("models:/enc@latest-trained").uri == "models:/enc@latest-trained"
+
+
+def test_register_without_normalisation_fails_before_logging(registry):
+    run = registry.client.create_run(
+        registry.client.get_run(registry.run_ids[0]).info.experiment_id
+    )
+    versions_before = len(registry.client.search_model_versions(f"name = '{registry.name}'"))
+    with pytest.raises(EncoderSpecError, match="normalisation"):
+        register_encoder(
+            registry.good,
+            tracking_uri=registry.url,
+            run_id=run.info.run_id,
+            name=registry.name,
+            tags={},
+            input_example=registry.images[:1].numpy(),
+            metric_name="knn_top1",
+            metric_value=0.99,
+        )
+    assert (
+        len(registry.client.search_model_versions(f"name = '{registry.name}'")) == versions_before
+    )
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def test_embed_parquet_keeps_columns_and_skips_corrupt_images(registry, tmp_path):
+    images, table = _image_batch(registry.config, 64)
+    corrupt = pa.table(
+        {
+            "image": pa.array([b"definitely not an image"], pa.binary()),
+            "label": pa.array([-1], pa.int64()),
+            "label_name": ["corrupt"],
+        }
+    )
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.concat_tables([table.slice(0, 30), corrupt, table.slice(30)]), source)
+
+    out = tmp_path / "out" / "embeddings.parquet"
+    summary = embed_parquet(f"models:/{registry.name}@champion", str(source), out, 16, registry.url)
+    assert summary["rows_in"] == 65 and summary["rows_out"] == 64
+    assert summary["skipped_corrupt"] == 1 and summary["first_corrupt_rows"] == [30]
+    result = pq.read_table(out)
+    assert result.column_names == ["label", "label_name", "embedding"]
+    assert result.column("label").to_pylist() == table.column("label").to_pylist()
+    assert result.column("label_name").to_pylist() == table.column("label_name").to_pylist()
+    embeddings = np.stack(result.column("embedding").to_numpy(zero_copy_only=False))
+    assert embeddings.shape == (64, registry.good.out_dim) and np.isfinite(embeddings).all()
+    with torch.no_grad():
+        expected = registry.good(images).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
