@@ -240,11 +240,19 @@ def _png_pixels(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_plot_training_curves_writes_png(tmp_path):
-    history = [
-        {"step": 10 * i, "epoch": i // 4, "loss": 6 - 0.2 * i, "lr": 1e-3} for i in range(12)
-    ]
-    history += [{"epoch": e, "knn_top1": 0.1 + 0.1 * e} for e in range(3)]
+PER_STEP_HISTORY = [
+    {"step": 10 * i, "epoch": i // 4, "loss": 6 - 0.2 * i, "lr": 1e-3} for i in range(12)
+] + [{"epoch": e, "knn_top1": 0.1 + 0.1 * e} for e in range(3)]
+# the per-epoch rows service.train.loop records
+PER_EPOCH_HISTORY = [
+    {"epoch": e, "global_step": 40 * (e + 1), "train_loss": 6 - e / 2, "lr": 1e-3 / (e + 1)}
+    | ({"knn_top1": 0.1 + 0.05 * e} if e % 2 else {})
+    for e in range(8)
+]
+
+
+@pytest.mark.parametrize("history", [PER_STEP_HISTORY, PER_EPOCH_HISTORY])
+def test_plot_training_curves_writes_png(tmp_path, history):
     out = plot_training_curves(history, tmp_path / "plots" / "curves.png")
     pixels = _png_pixels(out)
     assert pixels.shape[0] > 200 and pixels.shape[1] > 600

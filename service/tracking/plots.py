@@ -19,7 +19,7 @@ import numpy as np
 
 # (panel title, candidate keys in a history row): the loop may prefix names ("train/loss").
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("loss", "train_loss", "train/loss")),
+    ("loss", ("loss", "train_loss", "train/loss", "step_loss")),
     ("learning rate", ("lr", "learning_rate", "train/lr")),
     ("kNN top-1", ("knn_top1", "val_knn_top1", "eval/knn_top1", "val/knn_top1")),
 )
@@ -35,12 +35,13 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
 
 
 def _series(history: Sequence[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, list, list]:
-    """(x label, xs, ys) for the first key present; x is step if every such row has one."""
+    """(x label, xs, ys) for the first key present; x is the first of step / epoch /
+    global_step that every such row has (per-epoch history reads best against epochs)."""
     for key in keys:
         rows = [r for r in history if r.get(key) is not None]
         if not rows:
             continue
-        for x_key in ("step", "epoch"):
+        for x_key in ("step", "epoch", "global_step"):
             if all(r.get(x_key) is not None for r in rows):
                 return x_key, [r[x_key] for r in rows], [float(r[key]) for r in rows]
         return "record", list(range(len(rows))), [float(r[key]) for r in rows]
