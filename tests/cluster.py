@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +90,9 @@ class RayCluster:
         """Poll until the job ends; return (status, logs)."""
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(self.dashboard_url)
+        client = JobSubmissionClient(
+            self.dashboard_url, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = str(client.get_job_status(submission_id)).split(".")[-1]
@@ -104,7 +109,12 @@ class RayCluster:
 def start_cluster(num_cpus: int = 4, resources: dict[str, float] | None = None) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # Ray >= 2.59 turns token auth on for local clusters; give each cluster its own token and
+    # hand it to every client (CLI via env, SDK via the Authorization header).
+    env = {
+        **os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, env)
     args = [
@@ -170,3 +180,19 @@ def run_smoke_job(cluster: RayCluster, tracking_uri: str, storage: Path) -> Smok
     status, logs = cluster.wait(job_id)
     assert status == "SUCCEEDED", f"smoke job {status}:\n{logs[-6000:]}"
     return SmokeRun(last_json_line(logs), logs, storage, tracking_uri, overrides)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster (`ray start --head`, dashboard = job server) per test run."""
+    cluster = start_cluster(num_cpus=4)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_cluster, mlflow_server, tmp_path_factory) -> SmokeRun:
+    """The one smoke pretraining (2 workers, `ray job submit`) several tests assert on."""
+    return run_smoke_job(ray_cluster, mlflow_server.url, tmp_path_factory.mktemp("smoke"))

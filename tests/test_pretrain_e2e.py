@@ -1,0 +1,137 @@
+"""End to end on a real local Ray cluster: `ray job submit` pretraining, checkpoints, evaluation,
+resume after `ray job stop`, a NaN drill, and bad input that fails before any training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.config import BUNDLED_DATA_DIR
+from service.train.checkpoint import load_state
+from tests.cluster import REPO, last_json_line
+
+pytestmark = pytest.mark.slow
+
+TRAIN = str(BUNDLED_DATA_DIR / "cifar10-train-subset.parquet")
+TEST = str(BUNDLED_DATA_DIR / "cifar10-test-subset.parquet")
+FAST = ["data.limit=512", "train.global_batch_size=128", "eval.knn_max_train=1000"]
+
+
+def _contrastive(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_smoke_job_summary_and_checkpoint(smoke_run) -> None:
+    summary = smoke_run.summary
+    assert summary["world_size"] == 2
+    assert summary["global_batch_size"] == 128 and summary["per_worker_batch_size"] == 64
+    assert summary["epochs"] == 2
+    assert 0.1 < summary["knn_top1"] <= 1.0  # 10 classes: chance is 0.1
+    state = load_state(summary["checkpoint"])
+    assert [h["epoch"] for h in state["history"]] == [0, 1]
+    assert state["history"][-1]["train_loss"] < state["history"][0]["train_loss"]
+    assert state["history"][-1]["knn_top1"] == pytest.approx(summary["knn_top1"])
+    # step-0 sanity check from the seeds: initial loss ≈ log(2B - 1)
+    assert (
+        "step 0 loss" in smoke_run.logs and "expected ~log(candidates) = 5.5413" in smoke_run.logs
+    )
+
+
+def test_evaluate_checkpoint_beats_random_init(smoke_run) -> None:
+    proc = _contrastive(
+        "evaluate", "--checkpoint", smoke_run.summary["checkpoint"], "--train", TRAIN,
+        "--test", TEST, "--baseline", "random",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json_line(proc.stdout)
+    assert result["n_train"] == 5000 and result["n_test"] == 1000
+    assert result["knn_top1"] > result["baseline_random"]["knn_top1"]
+    assert 0.1 < result["linear_top1"] <= 1.0
+
+
+def test_resume_after_job_stop(ray_cluster, tmp_path) -> None:
+    """Stop a job after its first checkpoint, resubmit the same run name: it resumes."""
+    overrides = [
+        *FAST, "train.epochs=3", "train.run_name=resume-drill", f"train.storage_path={tmp_path}",
+        "mlflow.enabled=false", "eval.knn_every_epochs=100",
+    ]  # fmt: skip
+    entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
+    ray_cluster.submit([*entry, *_sets(overrides)], "resume-a")
+    run_dir = tmp_path / "resume-drill"
+    deadline = time.time() + 600
+    while not list(run_dir.glob("checkpoint_*/state.pt")):
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(1)
+    ray_cluster.ray("job", "stop", f"--address={ray_cluster.dashboard_url}", "resume-a")
+    status, _ = ray_cluster.wait("resume-a")
+    assert status in {"STOPPED", "SUCCEEDED"}
+    ray_cluster.submit([*entry, *_sets(overrides)], "resume-b")
+    status, logs = ray_cluster.wait("resume-b")
+    assert status == "SUCCEEDED", logs[-4000:]
+    if "resumed from checkpoint after epoch" not in logs:
+        pytest.fail(f"second job did not resume:\n{logs[-4000:]}")
+    summary = last_json_line(logs)
+    history = load_state(summary["checkpoint"])["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # no epoch lost or repeated
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(ray_cluster, tmp_path) -> None:
+    overrides = [
+        *FAST, "train.epochs=2", "train.run_name=nan-drill", f"train.storage_path={tmp_path}",
+        "mlflow.enabled=false", "eval.knn_every_epochs=100", "fault.nan_at_step=5",
+    ]  # fmt: skip
+    entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
+    ray_cluster.submit([*entry, *_sets(overrides)], "nan-drill")
+    status, logs = ray_cluster.wait("nan-drill")
+    assert status == "FAILED"
+    assert "loss became nan at epoch 1, step 1 (global step 5)" in logs
+    kept = list((tmp_path / "nan-drill").glob("checkpoint_*/state.pt"))
+    assert len(kept) == 1 and load_state(kept[0])["epoch"] == 0
+
+
+def test_indivisible_batch_fails_before_ray_starts() -> None:
+    proc = _contrastive(
+        "pretrain", "--set", "train.num_workers=3", "--set", "train.global_batch_size=128",
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "global_batch_size=128 does not divide by train.num_workers=3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_mlflow_fails_before_training(tmp_path) -> None:
+    from tests.cluster import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    proc = _contrastive(
+        "pretrain", *_sets([f"mlflow.tracking_uri={uri}", f"train.storage_path={tmp_path}"]),
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert uri in proc.stderr and "Traceback" not in proc.stderr
+    assert time.time() - started < 60
+    assert not any(tmp_path.iterdir()), "nothing may be trained or written"
+
+
+def test_evaluate_json_has_documented_keys(smoke_run) -> None:
+    proc = _contrastive(
+        "evaluate", "--checkpoint", smoke_run.summary["checkpoint"], "--train", TEST,
+        "--test", TEST,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"linear_top1", "knn_top1", "n_train", "n_test"} <= set(result)
+    assert Path(result["source"]) == Path(smoke_run.summary["checkpoint"])
