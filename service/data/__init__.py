@@ -1,1 +1,75 @@
-"""contrastive-service."""
+"""Image data: Parquet discovery and validation, decoding, SimCLR augmentations, two readers.
+
+- PyTorch path (single process, tests, data that fits in memory): :class:`ParquetImageDataset`
+  + :func:`make_dataloader`.
+- Ray Data path (streaming, any size): :func:`read_ray_dataset` → :func:`augment_ray_dataset`
+  → :func:`iter_view_batches` on each Ray Train worker's shard.
+
+Both yield ``(list of n_views tensors [b, 3, H, W], labels [b])`` batches.
+
+Ray is imported lazily (inside :func:`read_ray_dataset`), so importing this package is cheap.
+"""
+
+from service.data.augment import (
+    MultiViewTransform,
+    color_jitter,
+    denormalize,
+    eval_transform,
+    simclr_transform,
+)
+from service.data.decode import DecodeStats, decode_image, to_rgb
+from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
+from service.data.pack import pack_image_folder
+from service.data.parquet import (
+    ParquetSource,
+    inspect_parquet,
+    read_image_table,
+    resolve_parquet_files,
+)
+from service.data.preview import save_augmentation_preview
+from service.data.ray_dataset import (
+    MultiViewBatchFn,
+    augment_ray_dataset,
+    build_ray_train_dataset,
+    iter_view_batches,
+    make_multiview_batch_fn,
+    read_ray_dataset,
+)
+from service.data.torch_dataset import (
+    ParquetImageDataset,
+    build_eval_dataset,
+    build_train_dataset,
+    collate_views,
+    make_dataloader,
+)
+
+__all__ = [
+    "CorruptImageError",
+    "DataError",
+    "DecodeStats",
+    "MultiViewBatchFn",
+    "MultiViewTransform",
+    "ParquetImageDataset",
+    "ParquetSource",
+    "TooManyBadImagesError",
+    "augment_ray_dataset",
+    "build_eval_dataset",
+    "build_ray_train_dataset",
+    "build_train_dataset",
+    "collate_views",
+    "color_jitter",
+    "decode_image",
+    "denormalize",
+    "eval_transform",
+    "inspect_parquet",
+    "iter_view_batches",
+    "make_dataloader",
+    "make_multiview_batch_fn",
+    "pack_image_folder",
+    "read_image_table",
+    "read_ray_dataset",
+    "resolve_parquet_files",
+    "save_augmentation_preview",
+    "simclr_transform",
+    "to_rgb",
+]

@@ -1,0 +1,115 @@
+"""SimCLR augmentations (torchvision ``transforms.v2``), the eval transform, multi-view wrapping.
+
+The colour-jitter strength ``s`` (``augment.strength``) and ``augment.min_scale`` are what Ray Tune
+searches, so they enter the pipeline in exactly one place each: :func:`color_jitter` and the
+``RandomResizedCrop`` in :func:`simclr_transform`. Both readers build their transform here.
+
+Transforms take an RGB ``PIL.Image`` (from :func:`service.data.decode.decode_image`): at 32 px the
+PIL kernels are ~1.5x faster than the tensor ones, so conversion to a tensor happens last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from service.config import AugmentConfig
+from service.data.errors import DataError
+
+# torchvision requires hue jitter <= 0.5, i.e. 0.2 * s <= 0.5.
+MAX_STRENGTH = 2.5
+
+
+def color_jitter(strength: float) -> v2.ColorJitter | None:
+    """SimCLR's ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); ``None`` for s = 0 (no jitter at all)."""
+    if not 0 <= strength <= MAX_STRENGTH:
+        raise DataError(
+            f"augment.strength must be in [0, {MAX_STRENGTH}] (hue jitter 0.2*s <= 0.5), "
+            f"got {strength}"
+        )
+    if strength == 0:
+        return None
+    s = float(strength)
+    return v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """~10% of the image side, odd, at least 3 (SimCLR: 23 px at 224 px)."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DataError(f"augment.mean/std must be 3 values with std > 0, got {mean} / {std}")
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ]
+
+
+def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
+    """One random SimCLR view of an RGB PIL image → normalised ``float32`` tensor ``[3, S, S]``.
+
+    >>> from PIL import Image
+    >>> t = simclr_transform(AugmentConfig(strength=0.5), image_size=32)
+    >>> t(Image.new("RGB", (40, 30))).shape
+    torch.Size([3, 32, 32])
+    """
+    if not 0 < cfg.min_scale <= 1:
+        raise DataError(f"augment.min_scale must be in (0, 1], got {cfg.min_scale}")
+    ops: list[v2.Transform] = [
+        v2.RandomResizedCrop(image_size, scale=(cfg.min_scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    jitter = color_jitter(cfg.strength)
+    if jitter is not None and cfg.jitter_p > 0:
+        ops.append(v2.RandomApply([jitter], p=cfg.jitter_p))
+    if cfg.grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(p=cfg.grayscale_p))
+    if cfg.blur:
+        kernel = blur_kernel_size(image_size)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    return v2.Compose(ops + _normalize(cfg.mean, cfg.std))
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Deterministic transform for kNN / linear eval and embedding: resize the shorter side to
+    ``image_size``, centre-crop to ``image_size`` x ``image_size``, normalise."""
+    return v2.Compose(
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)] + _normalize(mean, std)
+    )
+
+
+class MultiViewTransform:
+    """Apply ``transform`` ``n_views`` times independently; returns the list of views.
+
+    >>> from PIL import Image
+    >>> views = MultiViewTransform(simclr_transform(AugmentConfig(), 32), n_views=3)
+    >>> views = views(Image.new("RGB", (32, 32)))
+    >>> len(views), tuple(views[0].shape)
+    (3, (3, 32, 32))
+    """
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], n_views: int) -> None:
+        if n_views < 1:
+            raise DataError(f"n_views must be >= 1, got {n_views}")
+        self.transform = transform
+        self.n_views = n_views
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        return [self.transform(image) for _ in range(self.n_views)]
+
+    def __repr__(self) -> str:
+        return f"MultiViewTransform(n_views={self.n_views}, transform={self.transform!r})"
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo ``Normalize`` for display: ``[..., 3, H, W]`` → values in [0, 1]."""
+    shape = (3, 1, 1)
+    m = torch.tensor(list(mean), dtype=images.dtype).view(shape)
+    s = torch.tensor(list(std), dtype=images.dtype).view(shape)
+    return (images * s + m).clamp(0, 1)

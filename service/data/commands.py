@@ -1,0 +1,59 @@
+"""Handlers behind ``contrastive data pack`` and ``contrastive data preview``.
+
+Each returns a JSON-able summary for the CLI to print; errors are ``DataError`` / ``ConfigError``
+(both ``ValueError``) with a message naming the offending path or value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from service.config import load_config
+from service.data.pack import pack_image_folder
+from service.data.preview import save_augmentation_preview
+
+
+def pack_command(src: str, out: str) -> dict[str, Any]:
+    """``contrastive data pack SRC OUT.parquet``: image folder → Parquet; returns the summary."""
+    return pack_image_folder(src, out)
+
+
+def preview_command(
+    data: str,
+    out: str,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    n_images: int = 8,
+    n_views: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``contrastive data preview DATA OUT.png``: the config's augmentations on DATA, as a PNG.
+
+    ``--set augment.strength=0.5`` style overrides apply, so a Tune trial's settings can be
+    previewed exactly.
+    """
+    config = load_config(config_path, overrides or [])
+    path = save_augmentation_preview(
+        data,
+        out,
+        config.augment,
+        config.data.image_size,
+        n_images=n_images,
+        n_views=n_views,
+        seed=seed,
+    )
+    return {
+        "out": str(Path(path)),
+        "data": data,
+        "n_images": n_images,
+        "n_views": n_views if n_views is not None else config.augment.n_views,
+        "image_size": config.data.image_size,
+        "augment": {
+            "strength": config.augment.strength,
+            "min_scale": config.augment.min_scale,
+            "jitter_p": config.augment.jitter_p,
+            "grayscale_p": config.augment.grayscale_p,
+            "blur": config.augment.blur,
+        },
+    }

@@ -1,0 +1,237 @@
+"""Ray Data path: ``read_parquet`` → ``map_batches(decode + augment)`` → ``iter_torch_batches``.
+
+The driver builds the lazy dataset (:func:`build_ray_train_dataset`) and hands it to the
+``TorchTrainer``; each Ray Train worker iterates its shard with :func:`iter_view_batches`::
+
+    shard = ray.train.get_dataset_shard("train")
+    for views, labels in iter_view_batches(shard, batch_size=per_worker_batch, n_views=2):
+        ...  # same (list of [b,3,H,W] tensors, [b] labels) as the DataLoader path
+
+Everything streams: Parquet is read block by block and decoded/augmented by Ray tasks ahead of
+the trainer, so data larger than memory (or than the object store) trains without change.
+
+Corrupt images and ``data.max_bad_fraction`` in this path: a map task only sees its own batch,
+so the ceiling is applied **per map batch**, as a count: a batch fails when it holds more than
+``floor(max_bad_fraction * map_batch_size)`` undecodable rows (short tail batches are judged as if
+they were full, so one bad row in a 3-row remainder is not "33%"). With the defaults (1%, 256-row
+map batches) that is more than 2 bad rows among 256 consecutive rows. A dataset whose bad rows
+are spread thinly below the ceiling trains with them skipped; a cluster of them fails fast.
+Skipped rows are logged by the task (forwarded to the driver log, with the bytes' SHA-1 prefix as
+the row id) and counted in an ``n_skipped`` column that :func:`iter_view_batches` sums into a
+:class:`~service.data.decode.DecodeStats` for the training loop to log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.config import AugmentConfig, Config
+from service.data.augment import MultiViewTransform, simclr_transform
+from service.data.decode import DecodeStats, decode_image
+from service.data.errors import CorruptImageError, TooManyBadImagesError
+from service.data.parquet import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    inspect_parquet,
+    limit_indices,
+    read_rows,
+)
+from service.data.torch_dataset import NO_LABEL
+
+MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, bounds memory
+ROWS_PER_BLOCK = 1024  # blocks are split to this size so small files still spread over CPUs
+SKIPPED_COLUMN = "n_skipped"
+
+
+def view_column(index: int) -> str:
+    return f"view{index}"
+
+
+def read_ray_dataset(path: str, limit: int | None = None, seed: int = 0) -> Any:
+    """A lazy ``ray.data.Dataset`` of ``image`` (+ ``label``) rows, validated up front.
+
+    Files, columns and emptiness are checked with pyarrow (footers only) before Ray is touched,
+    so a wrong path fails here with a :class:`DataError`, not inside a remote task. ``limit``
+    selects the same rows as the PyTorch reader does for the same seed (seeded shuffle); it reads
+    those rows eagerly, which is meant for smoke runs.
+    """
+    import ray.data
+
+    source = inspect_parquet(path)
+    columns = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in source.columns]
+    indices = limit_indices(source, limit, seed)
+    if indices is not None:
+        table = read_rows(source, columns, indices)
+        chunks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
+        return ray.data.from_arrow(chunks)
+    ds = ray.data.read_parquet(
+        source.files, filesystem=source.filesystem, file_extensions=None
+    ).select_columns(columns)
+    # A file with one big row group is one block → one map task; split it (streaming, no shuffle).
+    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
+def _row_id(blob: Any) -> str:
+    """Ray rows have no stable index; the bytes' hash finds the row again (``sha1:…`` prefix)."""
+    data = blob if isinstance(blob, bytes | bytearray) else b""
+    return f"sha1:{hashlib.sha1(data).hexdigest()[:12]}"
+
+
+class MultiViewBatchFn:
+    """``map_batches`` function: numpy batch ``{"image", ["label"]}`` →
+    ``{"view0": float32[b,3,S,S], ..., "label": int64[b], "n_skipped": int64[b]}``.
+
+    Corrupt rows are dropped (labels stay with their own images) and their count is carried on
+    the next kept row in ``n_skipped`` (on the last kept row for trailing ones).
+
+    >>> import io, numpy as np; from PIL import Image
+    >>> png = io.BytesIO(); Image.new("RGB", (40, 40)).save(png, "PNG")
+    >>> fn = MultiViewBatchFn(AugmentConfig(), image_size=32, n_views=2, max_bad_fraction=0.5)
+    >>> out = fn({"image": np.array([b"junk", png.getvalue()], dtype=object)})
+    >>> out["view0"].shape, out["label"].tolist(), out["n_skipped"].tolist()
+    ((1, 3, 32, 32), [-1], [1])
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        image_size: int,
+        n_views: int,
+        max_bad_fraction: float = 0.01,
+        map_batch_size: int = MAP_BATCH_SIZE,
+    ) -> None:
+        # Built here, on the driver, so bad augmentation settings fail before any task runs.
+        self.views = MultiViewTransform(simclr_transform(cfg, image_size), n_views)
+        self.image_size = image_size
+        self.n_views = n_views
+        self.max_bad_fraction = max_bad_fraction
+        self.map_batch_size = map_batch_size
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        shape = (0, 3, self.image_size, self.image_size)
+        out = {view_column(v): np.zeros(shape, np.float32) for v in range(self.n_views)}
+        out[LABEL_COLUMN] = np.zeros(0, np.int64)
+        out[SKIPPED_COLUMN] = np.zeros(0, np.int64)
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # torch's default generator starts from the same fixed seed in every process: without
+        # reseeding, every Ray worker process would draw the identical augmentation sequence.
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+        blobs = batch[IMAGE_COLUMN]
+        labels = batch.get(LABEL_COLUMN)
+        if labels is None:
+            labels = np.full(len(blobs), NO_LABEL, dtype=np.int64)
+        stats = DecodeStats()
+        keep: list[int] = []
+        per_view: list[list[torch.Tensor]] = [[] for _ in range(self.n_views)]
+        for i, blob in enumerate(blobs):
+            try:
+                image = decode_image(blob)
+            except CorruptImageError as exc:
+                stats.add_bad(f"{_row_id(blob)} ({exc})")
+                continue
+            stats.add_ok()
+            keep.append(i)
+            for v, view in enumerate(self.views(image)):
+                per_view[v].append(view)
+        where = "Ray Data map batch"
+        stats.warn(where)
+        allowed = math.floor(self.max_bad_fraction * max(len(blobs), self.map_batch_size) + 1e-9)
+        if stats.bad > allowed:
+            raise TooManyBadImagesError(
+                f"{where}: {stats.summary()}; more than {allowed} bad rows in a batch of "
+                f"{self.map_batch_size} (data.max_bad_fraction={self.max_bad_fraction}, applied "
+                "per map batch on the Ray path)"
+            )
+        if not keep:
+            return self._empty()
+        kept = np.asarray(keep)
+        skipped = np.zeros(len(kept), dtype=np.int64)
+        bad_rows = np.setdiff1d(np.arange(len(blobs)), kept)
+        np.add.at(skipped, np.minimum(np.searchsorted(kept, bad_rows), len(kept) - 1), 1)
+        out = {view_column(v): torch.stack(views).numpy() for v, views in enumerate(per_view)}
+        out[LABEL_COLUMN] = np.asarray(labels, dtype=np.int64)[kept]
+        out[SKIPPED_COLUMN] = skipped
+        return out
+
+
+def make_multiview_batch_fn(
+    cfg: AugmentConfig,
+    image_size: int,
+    n_views: int,
+    max_bad_fraction: float = 0.01,
+    map_batch_size: int = MAP_BATCH_SIZE,
+) -> MultiViewBatchFn:
+    """The decode + augment function for ``Dataset.map_batches(fn, batch_format="numpy")``."""
+    return MultiViewBatchFn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
+
+
+def augment_ray_dataset(
+    ds: Any,
+    cfg: AugmentConfig,
+    image_size: int,
+    n_views: int,
+    max_bad_fraction: float = 0.01,
+    map_batch_size: int = MAP_BATCH_SIZE,
+    num_cpus: float = 1.0,
+) -> Any:
+    """Append the decode + multi-view augmentation stage (stateless Ray tasks) to ``ds``."""
+    fn = make_multiview_batch_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
+    return ds.map_batches(fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus)
+
+
+def build_ray_train_dataset(config: Config) -> Any:
+    """The lazy, augmented training dataset a ``Config`` describes (for ``TorchTrainer``)."""
+    ds = read_ray_dataset(config.data.train, limit=config.data.limit, seed=config.train.seed)
+    return augment_ray_dataset(
+        ds,
+        config.augment,
+        config.data.image_size,
+        config.augment.n_views,
+        max_bad_fraction=config.data.max_bad_fraction,
+    )
+
+
+def iter_view_batches(
+    shard_or_dataset: Any,
+    batch_size: int,
+    n_views: int,
+    drop_last: bool = True,
+    stats: DecodeStats | None = None,
+    device: str | torch.device = "cpu",
+    prefetch_batches: int = 1,
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Yield ``([Tensor[b,3,S,S]] * n_views, Tensor[b])`` from an augmented dataset or shard.
+
+    ``drop_last=True`` keeps every batch exactly ``batch_size`` (DDP ranks must gather equal
+    batches). ``stats``, if given, accumulates rows delivered and corrupt rows skipped upstream.
+    Tensors are on ``device`` (CPU by default, as from the DataLoader; with ``stats`` and a GPU
+    device, counting the skipped rows costs one small device sync per batch).
+    """
+    columns = [view_column(v) for v in range(n_views)]
+    for batch in shard_or_dataset.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        device=device,
+        prefetch_batches=prefetch_batches,
+    ):
+        missing = [c for c in columns if c not in batch]
+        if missing:
+            raise ValueError(
+                f"batch has no column(s) {missing} (columns: {sorted(batch)}); was the dataset "
+                f"built with n_views={n_views} by augment_ray_dataset?"
+            )
+        if stats is not None:
+            skipped = int(batch[SKIPPED_COLUMN].sum()) if SKIPPED_COLUMN in batch else 0
+            stats.add_ok(len(batch[LABEL_COLUMN]))
+            if skipped:
+                stats.add_bad(n=skipped)
+        yield [batch[c] for c in columns], batch[LABEL_COLUMN]

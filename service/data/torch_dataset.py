@@ -1,0 +1,200 @@
+"""Map-style PyTorch dataset over image Parquet + the DataLoader that batches its views.
+
+The PyTorch reader holds the *encoded* image bytes in memory (one Arrow buffer: ~46 MB for
+CIFAR-10 train, shared copy-on-write with forked DataLoader workers) and decodes + augments per
+item. It suits data that fits in memory; larger data goes through ``service.data.ray_dataset``.
+
+Corrupt rows: every row is decoded once when the dataset is built (~0.2 ms per 32 px JPEG) and
+only decodable rows are indexed. Items are then always real (image, label) pairs, batches keep
+their exact size (distributed losses need equal per-rank batches), and the corrupt-row ceiling is
+a fraction of the whole dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from service.config import Config
+from service.data.augment import MultiViewTransform, eval_transform, simclr_transform
+from service.data.decode import DecodeStats, decode_image
+from service.data.errors import CorruptImageError
+from service.data.parquet import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    LABEL_NAME_COLUMN,
+    default_columns,
+    inspect_parquet,
+    limit_indices,
+    read_rows,
+)
+
+NO_LABEL = -1  # label of every row when the data has no ``label`` column
+
+
+class ParquetImageDataset(Dataset):
+    """Images (and labels) from Parquet, decoded and transformed per item.
+
+    ``n_views=None`` → items ``(Tensor[3,H,W], label)`` (evaluation / embedding);
+    ``n_views=k``   → items ``([Tensor[3,H,W]] * k, label)``, ``k`` independent draws of
+    ``transform`` (contrastive training). ``label`` is ``-1`` when the data has no label column.
+
+    >>> from service.data.augment import eval_transform
+    >>> ds = ParquetImageDataset("service/data/bundled/cifar10-test-subset.parquet",
+    ...                          eval_transform(32, [0.5] * 3, [0.25] * 3), limit=10)
+    >>> image, label = ds[0]
+    >>> len(ds), tuple(image.shape), 0 <= label < 10
+    (10, (3, 32, 32), True)
+    """
+
+    def __init__(
+        self,
+        path: str,
+        transform: Callable[[Any], torch.Tensor],
+        n_views: int | None = None,
+        limit: int | None = None,
+        max_bad_fraction: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        if n_views is not None and n_views < 1:
+            raise ValueError(f"n_views must be >= 1 or None, got {n_views}")
+        source = inspect_parquet(path)
+        columns = default_columns(source)
+        indices = limit_indices(source, limit, seed)
+        table = read_rows(source, columns, indices)
+
+        self.path = str(path)
+        self.transform = transform
+        self.n_views = n_views
+        self._many = MultiViewTransform(transform, n_views) if n_views is not None else None
+        # One contiguous buffer: forked DataLoader workers share it without per-object refcounts.
+        self._images = table.column(IMAGE_COLUMN).combine_chunks()
+        if source.has_label:
+            self._labels = table.column(LABEL_COLUMN).to_numpy().astype(np.int64)
+        else:
+            self._labels = np.full(table.num_rows, NO_LABEL, dtype=np.int64)
+        self.class_names = _class_names(table) if source.has_label_name else {}
+
+        # Row ids in messages are global 0-based rows over the sorted files, so they can be found.
+        file_rows = indices if indices is not None else np.arange(table.num_rows)
+        self.stats = DecodeStats()
+        good = np.ones(table.num_rows, dtype=bool)
+        for i, blob in enumerate(self._images.to_pylist()):
+            try:
+                decode_image(blob)
+                self.stats.add_ok()
+            except CorruptImageError as exc:
+                good[i] = False
+                self.stats.add_bad(f"row {int(file_rows[i])} ({exc})")
+        where = f"{self.path!r}"
+        self.stats.warn(where)
+        self.stats.check(max_bad_fraction, where)
+        self._rows = np.flatnonzero(good)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of the usable rows, in item order (``-1`` where unlabelled)."""
+        return self._labels[self._rows]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | list[torch.Tensor], int]:
+        row = int(self._rows[index])
+        image = decode_image(self._images[row].as_py())
+        label = int(self._labels[row])
+        if self._many is None:
+            return self.transform(image), label
+        return self._many(image), label
+
+
+def _class_names(table: Any) -> dict[int, str]:
+    pairs = (
+        table.select([LABEL_COLUMN, LABEL_NAME_COLUMN])
+        .group_by([LABEL_COLUMN, LABEL_NAME_COLUMN])
+        .aggregate([])
+    )
+    return dict(
+        zip(
+            pairs.column(LABEL_COLUMN).to_pylist(),
+            pairs.column(LABEL_NAME_COLUMN).to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def collate_views(
+    batch: Sequence[tuple[torch.Tensor | list[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor] | torch.Tensor, torch.Tensor]:
+    """``[(views, label)] * b`` → ``([Tensor[b,3,H,W]] per view, Tensor[b])``.
+
+    Eval items ``(Tensor, label)`` collate to ``(Tensor[b,3,H,W], Tensor[b])``.
+    """
+    first, _ = batch[0]
+    labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+    if isinstance(first, torch.Tensor):
+        return torch.stack([item for item, _ in batch]), labels
+    views = [torch.stack([item[v] for item, _ in batch]) for v in range(len(first))]
+    return views, labels
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int = 0,
+    sampler: Sampler | None = None,
+    pin_memory: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """DataLoader yielding ``(list of view batches, labels)`` (see :func:`collate_views`).
+
+    With a ``sampler`` (e.g. ``DistributedSampler``) shuffling is the sampler's job and
+    ``shuffle`` must be False. ``generator`` seeds shuffling and the workers' augmentation RNG;
+    give each DDP rank a different one, or every rank draws the same augmentation sequence.
+    """
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle=True conflicts with a sampler: let the sampler shuffle")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,  # don't re-fork workers (and re-copy) every epoch
+        generator=generator,
+    )
+
+
+def build_train_dataset(config: Config) -> ParquetImageDataset:
+    """The contrastive training dataset a ``Config`` describes (``data.train``, n views)."""
+    return ParquetImageDataset(
+        config.data.train,
+        simclr_transform(config.augment, config.data.image_size),
+        n_views=config.augment.n_views,
+        limit=config.data.limit,
+        max_bad_fraction=config.data.max_bad_fraction,
+        seed=config.train.seed,
+    )
+
+
+def build_eval_dataset(config: Config, path: str, limit: int | None = None) -> ParquetImageDataset:
+    """A single-view, deterministic dataset (kNN / linear probe / embedding) over ``path``."""
+    return ParquetImageDataset(
+        path,
+        eval_transform(config.data.image_size, config.augment.mean, config.augment.std),
+        n_views=None,
+        limit=limit,
+        max_bad_fraction=config.data.max_bad_fraction,
+        seed=config.train.seed,
+    )

@@ -1,0 +1,64 @@
+"""``ContrastiveModel``: backbone (the encoder that is registered) + projection head (training)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from service.config import ModelConfig
+from service.models.backbones import build_backbone
+from service.models.heads import ProjectionHead
+
+
+class ContrastiveModel(nn.Module):
+    """``forward(x)`` → projections ``z`` for the loss; ``embed(x)`` → backbone features.
+
+    No normalisation and no dtype handling inside: the loss L2-normalises, and autocast (AMP)
+    wraps the forward from outside. With ``channels_last=True`` inputs are converted on the way
+    in, so callers need not remember to.
+
+    >>> model = ContrastiveModel(build_backbone("small_cnn"), ProjectionHead(256, 512, 128))
+    >>> x = torch.zeros(2, 3, 32, 32)
+    >>> model(x).shape, model.embed(x).shape
+    (torch.Size([2, 128]), torch.Size([2, 256]))
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``[b, backbone.out_dim]`` (what evaluation and serving use)."""
+        return self.backbone(self._prepare(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def build_model(cfg: ModelConfig) -> ContrastiveModel:
+    """Backbone ``cfg.arch`` + projection head sized from the config."""
+    backbone = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem)
+    head = ProjectionHead(
+        backbone.out_dim,
+        cfg.proj_hidden_dim,
+        cfg.proj_out_dim,
+        num_layers=cfg.proj_layers,
+        batch_norm=cfg.proj_batch_norm,
+    )
+    return ContrastiveModel(backbone, head, channels_last=cfg.channels_last)
+
+
+def maybe_convert_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
+    """Replace BatchNorm with SyncBatchNorm (statistics over the global batch) when enabled.
+
+    Call before DDP wrapping. Needed when per-worker batches are small: SimCLR's "global BN"
+    stops the model from using batch statistics to cheat the contrastive task.
+    """
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled else model
