@@ -1,0 +1,124 @@
+"""Backbones, projection head and ContrastiveModel: shapes, stems, options, AMP / channels_last."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+from torch import nn
+
+import service.models.backbones
+import service.models.contrastive
+import service.models.heads
+from service.config import ModelConfig
+from service.models import (
+    BACKBONES,
+    ContrastiveModel,
+    ProjectionHead,
+    build_backbone,
+    build_model,
+    maybe_convert_sync_batchnorm,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("arch", "out_dim"), [("small_cnn", 256), ("resnet18", 512)])
+def test_backbone_shapes(arch, out_dim):
+    torch.manual_seed(0)
+    backbone = build_backbone(arch)
+    assert backbone.out_dim == out_dim
+    features = backbone(torch.randn(4, 3, 32, 32))
+    assert features.shape == (4, out_dim) and torch.isfinite(features).all()
+
+
+def test_resnet50_one_tiny_forward():
+    backbone = build_backbone("resnet50").eval()
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
+    assert backbone.out_dim == 2048
+
+
+def test_cifar_stem_vs_imagenet_stem():
+    cifar = build_backbone("resnet18", cifar_stem=True)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, nn.Identity) and isinstance(cifar.fc, nn.Identity)
+    imagenet = build_backbone("resnet18", cifar_stem=False)
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, nn.MaxPool2d)
+    # The CIFAR stem keeps 4x more spatial resolution into layer1 (32x32 instead of 8x8).
+    seen = {}
+    for name, model in (("cifar", cifar), ("imagenet", imagenet)):
+        model.layer1.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    assert seen["cifar"].shape[-1] == 32 and seen["imagenet"].shape[-1] == 8
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit'.*resnet18"):
+        build_backbone("vit")
+    assert set(BACKBONES) == {"small_cnn", "resnet18", "resnet50"}
+
+
+@pytest.mark.parametrize(
+    ("layers", "bn", "n_linear", "n_bn"), [(1, True, 1, 0), (2, True, 2, 1), (3, False, 3, 0)]
+)
+def test_projection_head_depth(layers, bn, n_linear, n_bn):
+    head = ProjectionHead(64, 32, 16, num_layers=layers, batch_norm=bn)
+    modules = list(head.modules())
+    assert sum(isinstance(m, nn.Linear) for m in modules) == n_linear
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in modules) == n_bn
+    assert head(torch.randn(5, 64)).shape == (5, 16)
+    with pytest.raises(ValueError, match="proj_layers must be >= 1"):
+        ProjectionHead(64, 32, 16, num_layers=0)
+
+
+def test_build_model_from_config_and_backward():
+    cfg = ModelConfig(arch="small_cnn", proj_hidden_dim=64, proj_out_dim=32, proj_layers=3)
+    model = build_model(cfg)
+    x = torch.randn(6, 3, 32, 32)
+    z, h = model(x), model.embed(x)
+    assert z.shape == (6, 32) and h.shape == (6, 256)
+    torch.testing.assert_close(model.head(h), z)  # forward = head(backbone(x))
+    z.pow(2).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(arch="resnet18")).eval()
+    fast = build_model(ModelConfig(arch="resnet18", channels_last=True)).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_bf16_forward():
+    model = build_model(ModelConfig(arch="small_cnn"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(torch.randn(4, 3, 32, 32))
+    assert z.dtype == torch.bfloat16 and z.shape == (4, 128) and torch.isfinite(z.float()).all()
+
+
+def test_sync_batchnorm_conversion():
+    model = build_model(ModelConfig(arch="small_cnn"))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in model.modules())
+    assert maybe_convert_sync_batchnorm(model, enabled=False) is model
+    synced = maybe_convert_sync_batchnorm(model, enabled=True)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert isinstance(synced, ContrastiveModel)
+
+
+@pytest.mark.parametrize(
+    "module", [service.models.backbones, service.models.heads, service.models.contrastive]
+)
+def test_docstring_examples(module):
+    assert doctest.testmod(module).failed == 0
