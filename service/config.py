@@ -78,6 +78,7 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
     optimizer: str = "adamw"  # adamw | sgd | lars
     lr: float = 1e-3  # base LR; the effective LR is scaled with the global batch (lr_scaling)
     lr_scaling: str = "linear"  # linear: lr*B/256 | sqrt: lr*sqrt(B/256) | none
@@ -311,6 +312,11 @@ def validate(config: Config) -> None:
     _require(
         t.optimizer in {"adamw", "sgd", "lars"},
         f"train.optimizer must be adamw|sgd|lars, got {t.optimizer!r}",
+    )
+    _require(
+        t.placement_strategy in {"PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"},
+        f"train.placement_strategy must be PACK|SPREAD|STRICT_SPREAD|STRICT_PACK, "
+        f"got {t.placement_strategy!r}",
     )
     _require(
         t.lr_scaling in {"linear", "sqrt", "none"},

@@ -79,7 +79,6 @@ def build_trainer(
     tracking_uri: str | None = None,
     storage_path: str | None = None,
     run_name: str | None = None,
-    placement_strategy: str = "PACK",
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial)."""
     t = config.train
@@ -100,7 +99,7 @@ def build_trainer(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
             resources_per_worker=resources,
-            placement_strategy=placement_strategy,
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
