@@ -1,0 +1,179 @@
+"""Everything a sweep needs decided before Ray starts: metric/mode, searcher, ASHA, resources.
+
+``resolve_settings(config)`` validates ``config.tune`` (and the parts of the Config it depends
+on) and returns a frozen ``SweepSettings``; errors are ``SweepConfigError`` (a ``ConfigError``)
+naming the key and value. No Ray import here, so all of it is unit-testable in milliseconds.
+
+    >>> from service.config import load_config
+    >>> s = resolve_settings(load_config(overrides={"tune.max_concurrent_trials": 2}))
+    >>> s.metric, s.mode, s.resources.cpus_per_trial, s.resources.cpus_needed
+    ('knn_top1', 'max', 2.0, 4.0)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import Config, ConfigError
+from service.tune.space import ParamSpec, parse_space
+
+# Metrics the training loop reports every epoch (knn_top1: when data.val is set) and the
+# direction that is better for each. Other reported values (lr, temperature, global_step) are
+# bookkeeping, not objectives.
+OBJECTIVES = {"knn_top1": "max", "train_loss": "min", "images_per_s": "max"}
+SEARCHERS = ("random", "optuna")
+
+# The Tune trial only drives a Ray Train run (its workers request their own CPUs/GPUs), so it
+# needs no CPU. Tune rejects an all-zero request; a 1-byte memory reservation keeps the trial
+# actor off the CPU ledger, so N trials × W workers × C CPUs fits a cluster of exactly that size.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+class SweepConfigError(ConfigError):
+    """``config.tune`` (or how it combines with the rest of the Config) is invalid."""
+
+
+@dataclass(frozen=True)
+class SweepResources:
+    """Resource math of one sweep: each trial is a full Ray Train run with its own workers."""
+
+    concurrent_trials: int
+    workers_per_trial: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+
+    @property
+    def cpus_per_trial(self) -> float:
+        return self.workers_per_trial * self.cpus_per_worker
+
+    @property
+    def cpus_needed(self) -> float:
+        return self.concurrent_trials * self.cpus_per_trial
+
+    @property
+    def gpus_needed(self) -> int:
+        return self.concurrent_trials * self.workers_per_trial * self.gpus_per_worker
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "concurrent_trials": self.concurrent_trials,
+            "workers_per_trial": self.workers_per_trial,
+            "cpus_per_worker": self.cpus_per_worker,
+            "gpus_per_worker": self.gpus_per_worker,
+            "cpus_needed": self.cpus_needed,
+            "gpus_needed": self.gpus_needed,
+        }
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The validated sweep: what to search, how to search it, what it costs."""
+
+    name: str
+    storage_path: str
+    specs: dict[str, ParamSpec]
+    metric: str
+    mode: str
+    search: str
+    num_samples: int
+    grace_period: int
+    reduction_factor: int
+    max_epochs: int
+    seed: int
+    resources: SweepResources
+
+    @property
+    def experiment_path(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SweepConfigError(message)
+
+
+def _objective(config: Config) -> tuple[str, str]:
+    metric, mode = config.tune.metric, config.tune.mode
+    _require(mode in ("min", "max"), f"tune.mode must be min|max, got {mode!r}")
+    if metric == "knn_top1" and not config.data.val:
+        # No labelled split → no kNN monitor; the loss is the only signal left (documented).
+        print(
+            "[tune] data.val is null, so knn_top1 is never reported; optimising train_loss (min)",
+            file=sys.stderr,
+        )
+        return "train_loss", "min"
+    _require(
+        metric in OBJECTIVES,
+        f"tune.metric={metric!r} is never reported by the training loop; "
+        f"choose one of {sorted(OBJECTIVES)}",
+    )
+    _require(
+        mode == OBJECTIVES[metric],
+        f"tune.mode={mode!r} with tune.metric={metric!r} would pick the worst trial; "
+        f"use tune.mode={OBJECTIVES[metric]}",
+    )
+    return metric, mode
+
+
+def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSettings:
+    """Validate ``config.tune`` and everything derived from it; ``num_samples`` overrides it."""
+    t = config.tune
+    specs = parse_space(config)
+    metric, mode = _objective(config)
+    samples = t.num_samples if num_samples is None else num_samples
+    _require(
+        isinstance(samples, int) and samples >= 1, f"tune.num_samples must be >= 1, got {samples}"
+    )
+    _require(t.search in SEARCHERS, f"tune.search must be one of {SEARCHERS}, got {t.search!r}")
+    _require(
+        t.max_concurrent_trials >= 1,
+        f"tune.max_concurrent_trials must be >= 1, got {t.max_concurrent_trials}",
+    )
+    epochs = config.train.epochs
+    _require(
+        1 <= t.grace_period_epochs <= epochs,
+        f"tune.grace_period_epochs must be in [1, train.epochs={epochs}], "
+        f"got {t.grace_period_epochs}",
+    )
+    _require(
+        t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}"
+    )
+    # tune.name / tune.storage_path are optional newer fields; fall back to the train settings.
+    name = getattr(t, "name", None) or f"{config.train.run_name}-sweep"
+    _require("/" not in name and name not in (".", ".."), f"sweep name {name!r} is not a name")
+    storage = getattr(t, "storage_path", None) or config.train.storage_path
+    resources = SweepResources(
+        concurrent_trials=min(t.max_concurrent_trials, samples),
+        workers_per_trial=config.train.num_workers,
+        cpus_per_worker=float(config.train.cpus_per_worker),
+        gpus_per_worker=1 if config.train.use_gpu else 0,
+    )
+    return SweepSettings(
+        name=name,
+        storage_path=str(Path(storage).expanduser().resolve()),
+        specs=specs,
+        metric=metric,
+        mode=mode,
+        search=t.search,
+        num_samples=samples,
+        grace_period=t.grace_period_epochs,
+        reduction_factor=t.reduction_factor,
+        max_epochs=epochs,
+        seed=config.train.seed,
+        resources=resources,
+    )
+
+
+def trial_base_config(config: Config, settings: SweepSettings) -> Config:
+    """The Config every trial starts from: the metric must be reported every epoch, because
+    ASHA compares trials at epoch milestones and Tune rejects results without the metric."""
+    if settings.metric == "knn_top1" and config.eval.knn_every_epochs != 1:
+        print(
+            f"[tune] eval.knn_every_epochs={config.eval.knn_every_epochs} -> 1 for the sweep "
+            "(ASHA needs knn_top1 at every epoch)",
+            file=sys.stderr,
+        )
+        config.eval.knn_every_epochs = 1
+    return config

@@ -1,0 +1,244 @@
+"""What a finished sweep looks like: one record per trial, the best one, a table and a figure.
+
+Pure functions over Tune ``Result``-like objects (``.metrics``, ``.config``, ``.error``), so they
+are testable without Ray. The sweep driver logs the table (CSV + markdown) and the figure
+(metric vs each searched key) as artifacts of the parent MLflow run.
+
+    >>> rec = TrialRecord("t1", "completed", {"loss.temperature": 0.2}, 3, 0.41, 5.1)
+    >>> pick_best([rec], "max").trial_id
+    't1'
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.tune.space import ParamSpec
+
+OUTCOMES = ("completed", "stopped_early", "failed")
+ERROR_TAG_LEN = 500  # MLflow tag values are capped; the full traceback goes to an artifact
+
+
+@dataclass
+class TrialRecord:
+    """One trial's outcome: what it searched, how far it got, what it scored."""
+
+    trial_id: str
+    outcome: str  # completed | stopped_early | failed
+    params: dict[str, Any]
+    epochs_completed: int
+    metric: float | None  # last reported value of the sweep metric
+    train_loss: float | None
+    error: str = ""
+    checkpoint: str | None = None
+    run_id: str | None = None
+    history: list[float] = field(default_factory=list)  # the metric per epoch
+
+
+def short_reason(error: BaseException | str) -> str:
+    """The line that says what went wrong, out of a (possibly nested, remote) error text."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("NonFiniteLossError", "Error:", "Exception:"):
+        hits = [ln for ln in lines if marker in ln and not ln.startswith("Traceback")]
+        if hits:
+            return hits[-1][:ERROR_TAG_LEN]
+    return (lines[-1] if lines else type(error).__name__)[:ERROR_TAG_LEN]
+
+
+def checkpoint_from_metrics(metrics: dict[str, Any]) -> str | None:
+    """The last Train checkpoint a trial reported (``TuneReportCallback`` adds its path)."""
+    path = metrics.get("checkpoint_path")
+    return str(path) if path else None
+
+
+def classify(error: Any, epochs_completed: int, max_epochs: int) -> str:
+    """completed (all epochs), stopped_early (ASHA cut it), failed (raised / never reported)."""
+    if error is not None:
+        return "failed"
+    if epochs_completed >= max_epochs:
+        return "completed"
+    return "stopped_early" if epochs_completed > 0 else "failed"
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _history(result: Any, metric: str) -> list[float]:
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or metric not in getattr(frame, "columns", ()):
+        return []
+    return [v for v in (_finite(x) for x in frame[metric].tolist()) if v is not None]
+
+
+def record_from_result(
+    result: Any, specs: dict[str, ParamSpec], metric: str, max_epochs: int
+) -> TrialRecord:
+    """A ``TrialRecord`` from a Tune ``Result`` (or anything with metrics/config/error)."""
+    metrics = result.metrics or {}
+    epochs = int(metrics.get("epochs_completed") or 0)
+    outcome = classify(result.error, epochs, max_epochs)
+    error = ""
+    if outcome == "failed":
+        error = short_reason(result.error) if result.error is not None else "no result reported"
+    return TrialRecord(
+        trial_id=str(metrics.get("trial_id", "?")),
+        outcome=outcome,
+        params={key: (result.config or {}).get(key) for key in specs},
+        epochs_completed=epochs,
+        metric=_finite(metrics.get(metric)),
+        train_loss=_finite(metrics.get("train_loss")),
+        error=error,
+        checkpoint=checkpoint_from_metrics(metrics),
+        history=_history(result, metric),
+    )
+
+
+def pick_best(records: list[TrialRecord], mode: str) -> TrialRecord | None:
+    """Best final metric among fully trained trials; early-stopped ones only if none finished
+    (their encoders saw fewer epochs, so their early numbers are not comparable)."""
+    for pool in ("completed", "stopped_early"):
+        scored = [r for r in records if r.outcome == pool and r.metric is not None]
+        if scored:
+            sign = 1.0 if mode == "max" else -1.0
+            return max(scored, key=lambda r: sign * r.metric)
+    return None
+
+
+def count(records: list[TrialRecord], outcome: str) -> int:
+    return sum(r.outcome == outcome for r in records)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table_rows(records: list[TrialRecord], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (best metric first, failed last) shared by the CSV and markdown tables."""
+    keys = list(records[0].params) if records else []
+    header = [
+        "trial_id",
+        "outcome",
+        *keys,
+        "epochs",
+        metric,
+        "train_loss",
+        "mlflow_run_id",
+        "error",
+    ]
+    order = {"completed": 0, "stopped_early": 1, "failed": 2}
+    ranked = sorted(records, key=lambda r: (order[r.outcome], -(r.metric or -math.inf)))
+    rows = [
+        [
+            r.trial_id,
+            r.outcome,
+            *(_fmt(r.params.get(k)) for k in keys),
+            str(r.epochs_completed),
+            _fmt(r.metric),
+            _fmt(r.train_loss),
+            r.run_id or "",
+            r.error,
+        ]
+        for r in ranked
+    ]
+    return header, rows
+
+
+def write_csv(records: list[TrialRecord], metric: str, path: Path) -> Path:
+    header, rows = table_rows(records, metric)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def to_markdown(records: list[TrialRecord], metric: str) -> str:
+    header, rows = table_rows(records, metric)
+    cells = [[c.replace("|", "\\|") for c in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = {
+    "completed": dict(marker="o", color="tab:blue"),
+    "stopped_early": dict(marker="s", color="tab:orange"),
+    "failed": dict(marker="x", color="tab:red"),
+}
+
+
+def plot_sweep(
+    records: list[TrialRecord],
+    specs: dict[str, ParamSpec],
+    metric: str,
+    path: Path,
+    best: TrialRecord | None = None,
+) -> Path:
+    """One panel per searched key: the metric (last reported) against the sampled value.
+
+    Failed trials have no metric: they are drawn as red crosses on the bottom edge so the range
+    that breaks training is visible too.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    keys = [k for k, s in specs.items() if s.kind != "choice" or _numeric(s.values)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.6))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    for ax, key in zip(axes, keys, strict=False):
+        bottom = blended_transform_factory(ax.transData, ax.transAxes)
+        for outcome in OUTCOMES:
+            pts = [r for r in records if r.outcome == outcome and r.params.get(key) is not None]
+            if outcome == "failed":
+                xs = [float(r.params[key]) for r in pts]
+                ax.scatter(xs, [0.03] * len(xs), transform=bottom, label=outcome, **_STYLE[outcome])
+                continue
+            pts = [r for r in pts if r.metric is not None]
+            ax.scatter(
+                [float(r.params[key]) for r in pts],
+                [r.metric for r in pts],
+                label=f"{outcome} ({len(pts)})",
+                **_STYLE[outcome],
+            )
+        if best is not None and best.params.get(key) is not None:
+            ax.scatter(
+                [float(best.params[key])],
+                [best.metric],
+                marker="*",
+                s=220,
+                facecolors="none",
+                edgecolors="black",
+                label="best",
+            )
+        if specs[key].kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"sweep: {metric} (last reported epoch) per trial", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _numeric(values: tuple[Any, ...]) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)

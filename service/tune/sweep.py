@@ -1,0 +1,392 @@
+"""The sweep driver: validate → parent MLflow run → Ray Tune (ASHA + random/Optuna) → summary →
+register the best trial's encoder.
+
+Order matters for cost: everything that can be wrong in the config fails before Ray starts, an
+unreachable MLflow fails before any trial, and a sweep that cannot fit the cluster fails before
+the first worker group is requested (``check_cluster_fits`` with the concurrent trial count).
+
+The sweep lives in ``<storage>/<name>/``: Tune's experiment state, one Ray Train run per trial
+(``train-<trial id>``) and ``sweep.json`` (parent run id, resolved config, what was registered),
+which is what ``resume=True`` needs after the driver died.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from service.config import Config, config_from_dict, load_config
+from service.tune.settings import (
+    TRIAL_DRIVER_RESOURCES,
+    SweepConfigError,
+    SweepSettings,
+    resolve_settings,
+    trial_base_config,
+)
+from service.tune.space import apply_values, to_param_space
+from service.tune.summary import (
+    TrialRecord,
+    count,
+    pick_best,
+    plot_sweep,
+    record_from_result,
+    to_markdown,
+    write_csv,
+)
+
+STATE_FILE = "sweep.json"
+
+
+class SweepFailedError(RuntimeError):
+    """Every trial of the sweep failed; the message carries their reasons."""
+
+
+def _progress(message: str) -> None:
+    print(f"[tune] {message}", file=sys.stderr, flush=True)
+
+
+def _load_state(settings: SweepSettings) -> dict[str, Any]:
+    path = settings.experiment_path / STATE_FILE
+    if not path.exists():
+        raise SweepConfigError(
+            f"nothing to resume: no sweep state at {path}. Start the sweep without --resume "
+            f"(or point tune.storage_path / the sweep name at the existing sweep)"
+        )
+    return json.loads(path.read_text())
+
+
+def _save_state(settings: SweepSettings, state: dict[str, Any]) -> None:
+    settings.experiment_path.mkdir(parents=True, exist_ok=True)
+    path = settings.experiment_path / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(path)  # atomic: a driver dying mid-write never leaves half a state file
+
+
+def _refuse_existing(settings: SweepSettings) -> None:
+    path = settings.experiment_path
+    if (path / STATE_FILE).exists() or (path.is_dir() and any(path.glob("experiment_state*"))):
+        raise SweepConfigError(
+            f"a sweep named {settings.name!r} already exists at {path}; pass --resume to continue "
+            f"it, or choose a new name (--set train.run_name=NEW; the sweep is NEW-sweep)"
+        )
+
+
+def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if settings.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=settings.seed)  # TPE; metric/mode come from TuneConfig
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=settings.seed)
+    scheduler = ASHAScheduler(
+        time_attr="epochs_completed",  # added by EpochReportCallback: rungs are in epochs
+        max_t=settings.max_epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=to_param_space(settings.specs),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.resources.concurrent_trials,
+            reuse_actors=False,  # each trial owns (and tears down) its Train worker group
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=settings.storage_path,
+            # A failed trial is a data point (e.g. a temperature that diverges), not a reason to
+            # stop the sweep; it is not retried either, a NaN would only NaN again.
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+
+
+def _trainable(config: Config, settings: SweepSettings, parent_run_id: str | None) -> Any:
+    from ray import tune
+
+    from service.tune.trial import run_trial
+
+    bound = tune.with_parameters(
+        run_trial,
+        base=config.to_dict(),
+        parent_run_id=parent_run_id,
+        storage_path=str(settings.experiment_path),
+        sweep=settings.name,
+    )
+    return tune.with_resources(bound, TRIAL_DRIVER_RESOURCES)
+
+
+def _reconcile_runs(
+    records: list[TrialRecord], errors: dict[str, str], uri: str, parent_run_id: str
+) -> None:
+    """Give every nested run its final status: ASHA-stopped trials were killed mid-run (their
+    function never returned) and trials whose actor died never got to mark themselves."""
+    from service.train.finalize import Tracking
+    from service.tune.trial import OUTCOME_TAG, _client, mark_failed, trial_runs
+
+    client = _client(uri)
+    runs = trial_runs(uri, parent_run_id)
+    for record in records:
+        run = runs.get(record.trial_id)
+        if run is None:
+            continue
+        record.run_id = run.info.run_id
+        if run.info.status != "RUNNING":
+            continue
+        if record.outcome == "failed":
+            mark_failed(Tracking(uri, record.run_id), errors.get(record.trial_id) or record.error)
+        else:
+            client.set_tag(record.run_id, OUTCOME_TAG, record.outcome)
+            client.set_terminated(record.run_id, status="FINISHED")
+
+
+def _log_parent(
+    tracking: Any,
+    settings: SweepSettings,
+    records: list[TrialRecord],
+    best: TrialRecord | None,
+    workdir: Path,
+) -> None:
+    from service.tune.trial import _client
+
+    logger = tracking.logger()
+    metric = settings.metric
+    logger.log_artifact(write_csv(records, metric, workdir / "sweep_summary.csv"), "sweep")
+    markdown = workdir / "sweep_summary.md"
+    markdown.write_text(to_markdown(records, metric))
+    logger.log_artifact(markdown, "sweep")
+    figure = plot_sweep(records, settings.specs, metric, workdir / "sweep.png", best)
+    logger.log_artifact(figure, "sweep")
+    summary = {
+        "num_trials": len(records),
+        "num_completed": count(records, "completed"),
+        "num_stopped_early": count(records, "stopped_early"),
+        "num_failed": count(records, "failed"),
+    }
+    if best is not None and best.metric is not None:
+        summary[f"best_{metric}"] = best.metric
+    logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
+    logger.flush()
+    if best is not None:
+        client = _client(tracking.uri)
+        client.set_tag(tracking.run_id, "tune_best_trial_id", best.trial_id)
+        if best.run_id:
+            client.set_tag(tracking.run_id, "tune_best_run_id", best.run_id)
+
+
+def _open_parent(config: Config, settings: SweepSettings, state: dict[str, Any] | None) -> Any:
+    """Create the sweep's parent run (or reopen it on resume)."""
+    from service.train.finalize import Tracking, open_tracking
+    from service.tune.trial import _client
+
+    if state is not None and state.get("parent_run_id"):
+        tracking = Tracking(uri=state["tracking_uri"], run_id=state["parent_run_id"])
+        _client(tracking.uri).update_run(tracking.run_id, status="RUNNING")
+        return tracking
+    tracking = open_tracking(config, run_name=settings.name)
+    if tracking is not None:
+        client = _client(tracking.uri)
+        client.set_tag(tracking.run_id, "tune_sweep", settings.name)
+        client.set_tag(tracking.run_id, "tune_role", "parent")
+        client.set_tag(tracking.run_id, "tune_experiment_path", str(settings.experiment_path))
+        from service.tracking.runs import log_params
+
+        resolved = {
+            "sweep.metric": settings.metric,
+            "sweep.mode": settings.mode,
+            "sweep.searched_keys": ",".join(settings.specs),
+            **{f"sweep.{k}": v for k, v in settings.resources.as_dict().items()},
+        }
+        log_params(client, tracking.run_id, resolved)
+    return tracking
+
+
+def run_sweep(
+    config: Config,
+    *,
+    num_samples: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``config.tune``; returns the JSON summary."""
+    from service.train.driver import check_cluster_fits, connect_ray
+
+    settings = resolve_settings(config, num_samples)  # bad input fails here, before Ray
+    state: dict[str, Any] | None = None
+    if resume:
+        state = _load_state(settings)
+        config = config_from_dict(state["config"])  # the sweep's own config, not today's file
+        settings = resolve_settings(config, state["num_samples"])
+        _progress(f"resuming sweep {settings.name!r} from {settings.experiment_path}")
+    else:
+        _refuse_existing(settings)
+    config = trial_base_config(config, settings)
+    if config.mlflow.enabled:
+        from service.tracking.uri import check_tracking_server, resolve_tracking_uri
+
+        # Pin one absolute URI for every trial (a relative SQLite default would follow each
+        # trial actor's working directory), and fail on an unreachable server before Ray starts.
+        config.mlflow.tracking_uri = resolve_tracking_uri(config.mlflow)
+        check_tracking_server(config.mlflow.tracking_uri)
+
+    connect_ray(address, min_cpus=settings.resources.cpus_needed)
+    check_cluster_fits(config, trials=settings.resources.concurrent_trials)
+    tracking = _open_parent(config, settings, state)
+    state = state or {
+        "name": settings.name,
+        "config": config.to_dict(),
+        "num_samples": settings.num_samples,
+        "parent_run_id": tracking.run_id if tracking else None,
+        "tracking_uri": tracking.uri if tracking else None,
+    }
+    _save_state(settings, state)
+
+    try:
+        summary = _run_and_summarise(config, settings, tracking, state, resume)
+    except BaseException:
+        if tracking is not None:
+            tracking.end("FAILED")
+        raise
+    return summary
+
+
+def _run_and_summarise(
+    config: Config,
+    settings: SweepSettings,
+    tracking: Any,
+    state: dict[str, Any],
+    resume: bool,
+) -> dict[str, Any]:
+    from ray import tune
+
+    trainable = _trainable(config, settings, tracking.run_id if tracking else None)
+    if resume:
+        tuner = tune.Tuner.restore(
+            str(settings.experiment_path),
+            trainable,
+            resume_unfinished=True,  # trials cut off with the driver restart from their checkpoint
+            resume_errored=False,  # failed trials stay failed (a NaN would only NaN again)
+            restart_errored=False,
+        )
+    else:
+        tuner = _build_tuner(settings, trainable)
+    _progress(
+        f"{settings.num_samples} trial(s), {settings.resources.concurrent_trials} at a time x "
+        f"{settings.resources.workers_per_trial} workers; {settings.search} search, ASHA on "
+        f"{settings.metric} ({settings.mode}) from epoch {settings.grace_period}"
+    )
+    grid = tuner.fit()
+
+    records = [
+        record_from_result(r, settings.specs, settings.metric, settings.max_epochs) for r in grid
+    ]
+    errors = {
+        str((r.metrics or {}).get("trial_id")): str(r.error) for r in grid if r.error is not None
+    }
+    best = pick_best(records, settings.mode)
+    summary: dict[str, Any] = {
+        "sweep": settings.name,
+        "experiment_path": str(settings.experiment_path),
+        "metric": settings.metric,
+        "mode": settings.mode,
+        "search": settings.search,
+        "best_config": best.params if best else None,
+        "best_metric": best.metric if best else None,
+        "best_trial_id": best.trial_id if best else None,
+        "best_checkpoint": best.checkpoint if best else None,
+        "num_trials": len(records),
+        "num_completed": count(records, "completed"),
+        "num_stopped_early": count(records, "stopped_early"),
+        "num_failed": count(records, "failed"),
+        "parent_run_id": tracking.run_id if tracking else None,
+        "tracking_uri": tracking.uri if tracking else None,
+        "model_uri": None,
+        "resources": settings.resources.as_dict(),
+    }
+    if tracking is not None:
+        _reconcile_runs(records, errors, tracking.uri, tracking.run_id)
+        summary["best_run_id"] = best.run_id if best else None
+        with tempfile.TemporaryDirectory() as tmp:
+            _log_parent(tracking, settings, records, best, Path(tmp))
+            if best is not None:
+                summary.update(_register_best(config, settings, state, best, tracking, Path(tmp)))
+    summary["trials"] = [
+        {
+            "trial_id": r.trial_id,
+            "outcome": r.outcome,
+            "params": r.params,
+            "epochs": r.epochs_completed,
+            settings.metric: r.metric,
+            "error": r.error or None,
+        }
+        for r in records
+    ]
+    if best is None:
+        if tracking is not None:
+            tracking.end("FAILED")
+        reasons = sorted({r.error for r in records if r.error})
+        raise SweepFailedError(
+            f"all {len(records)} trial(s) of sweep {settings.name!r} failed or reported no "
+            f"{settings.metric}; reasons: {reasons}. Details: {settings.experiment_path}"
+        )
+    if tracking is not None:
+        tracking.end("FINISHED")
+    return summary
+
+
+def _register_best(
+    config: Config,
+    settings: SweepSettings,
+    state: dict[str, Any],
+    best: TrialRecord,
+    tracking: Any,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Finalize the best trial's run (plots, test embedding) and register its encoder with the
+    alias rules. Idempotent on resume: the same best trial is not registered twice."""
+    from service.train.finalize import Tracking, finalize_run
+
+    done = state.get("registered") or {}
+    if done.get("trial_id") == best.trial_id:
+        return {k: v for k, v in done.items() if k != "trial_id"}
+    if not best.run_id or not best.checkpoint or not config.mlflow.registered_model_name:
+        return {}
+    _progress(f"registering the best trial {best.trial_id} ({settings.metric}={best.metric})")
+    best_config = apply_values(config.to_dict(), best.params)
+    best_run = Tracking(tracking.uri, best.run_id)
+    result = finalize_run(best_config, best_run, best.checkpoint, workdir)
+    registered = {k: result.get(k) for k in ("model_uri", "version", "champion")}
+    state["registered"] = {"trial_id": best.trial_id, **registered}
+    _save_state(settings, state)
+    return registered
+
+
+def tune_command(
+    config_path: str | Path | None,
+    overrides: list[str] | None = None,
+    num_samples: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """``contrastive tune --config FILE [--num-samples N] [--set k=v] [--address A] [--resume]``.
+
+    Returns the JSON-able summary: best_config (the searched keys), best_metric, num_trials,
+    num_stopped_early, num_failed, parent_run_id, model_uri, ...
+    """
+    config = load_config(config_path, overrides)
+    return run_sweep(config, num_samples=num_samples, address=address, resume=resume)

@@ -1,0 +1,334 @@
+"""Ray Tune sweeps: search-space / settings validation (no Ray), summary helpers, and one real
+sweep on local Ray + MLflow (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from service.config import REPO_ROOT, ConfigError, load_config
+from service.tune.settings import SweepConfigError, resolve_settings, trial_base_config
+from service.tune.space import SearchSpaceError, parse_space
+from service.tune.summary import (
+    TrialRecord,
+    classify,
+    pick_best,
+    plot_sweep,
+    record_from_result,
+    short_reason,
+    to_markdown,
+    write_csv,
+)
+
+SMOKE = REPO_ROOT / "jobs" / "configs" / "tune-smoke.yaml"
+
+
+def _space(**entries):
+    return {"tune.space": entries}
+
+
+# --- search space ------------------------------------------------------------------------------
+
+
+def test_default_space_is_temperature_and_strength() -> None:
+    specs = parse_space(load_config(SMOKE))
+    assert list(specs) == ["loss.temperature", "augment.strength"]
+    temperature = specs["loss.temperature"]
+    assert (temperature.kind, temperature.low, temperature.high) == ("loguniform", 0.05, 1.0)
+    assert specs["augment.strength"].probe_values() == [0.25, 1.5]
+
+
+def test_optional_keys_and_choice_parse() -> None:
+    config = load_config(
+        overrides=_space(
+            **{
+                "augment.min_scale": {"type": "uniform", "low": 0.08, "high": 0.5},
+                "train.lr": {"type": "loguniform", "low": "1e-4", "high": 1.0e-2},  # YAML str
+                "model.proj_out_dim": {"type": "choice", "values": [64, 128]},
+            }
+        )
+    )
+    specs = parse_space(config)
+    assert specs["train.lr"].low == pytest.approx(1e-4)
+    assert specs["model.proj_out_dim"].values == (64, 128)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"loss.temperature": {"type": "uniform", "low": 0.5, "high": 0.5}}, "range is empty"),
+        ({"loss.temperature": {"type": "uniform", "low": 0.9, "high": 0.1}}, "inverted"),
+        ({"loss.temperature": {"type": "loguniform", "low": 0.0, "high": 1.0}}, "must be > 0"),
+        ({"loss.temprature": {"type": "uniform", "low": 0.1, "high": 1.0}}, "not a Config key"),
+        ({"temperature": {"type": "uniform", "low": 0.1, "high": 1.0}}, "loss.temperature"),
+        ({"loss.temperature": {"type": "normal", "low": 0.1, "high": 1.0}}, "type must be"),
+        ({"loss.temperature": {"type": "uniform", "low": 0.1}}, "needs 'high'"),
+        ({"loss.temperature": {"type": "uniform", "low": "a", "high": 1}}, "must be a number"),
+        ({"loss.temperature": {"type": "uniform", "low": 0.1, "hi": 1}}, "unknown field"),
+        ({"model.proj_out_dim": {"type": "uniform", "low": 64, "high": 256}}, "choice"),
+        ({"train.lr": {"type": "choice", "values": []}}, "non-empty list"),
+        ({"train.num_workers": {"type": "choice", "values": [1, 2]}}, "cannot be searched"),
+        ({"tune.metric": {"type": "choice", "values": ["train_loss"]}}, "cannot be searched"),
+        # the endpoint itself is rejected by Config.validate: the sampler must never draw it
+        ({"augment.min_scale": {"type": "uniform", "low": 0.1, "high": 1.5}}, "min_scale"),
+        ({"loss.name": {"type": "choice", "values": ["ntxent", "infonce"]}}, "loss.name"),
+    ],
+)
+def test_bad_space_is_rejected_with_the_key(entries: dict, message: str) -> None:
+    config = load_config(overrides=_space(**entries))
+    with pytest.raises(SearchSpaceError, match=message) as info:
+        parse_space(config)
+    assert isinstance(info.value, ConfigError)  # the CLI prints these as config errors (exit 2)
+    assert next(iter(entries)) in str(info.value)
+
+
+def test_empty_space_is_rejected() -> None:
+    with pytest.raises(SearchSpaceError, match="at least one"):
+        parse_space(load_config(overrides={"tune.space": {}}))
+
+
+# --- sweep settings ----------------------------------------------------------------------------
+
+
+def test_settings_resource_math() -> None:
+    config = load_config(
+        SMOKE, {"tune.max_concurrent_trials": 3, "train.num_workers": 2, "train.cpus_per_worker": 2}
+    )
+    settings = resolve_settings(config, num_samples=8)
+    res = settings.resources
+    assert (res.concurrent_trials, res.workers_per_trial, res.cpus_per_worker) == (3, 2, 2.0)
+    assert res.cpus_needed == 3 * 2 * 2 and res.gpus_needed == 0
+    # never more concurrent trials than there are trials
+    assert resolve_settings(config, num_samples=2).resources.concurrent_trials == 2
+    gpu = resolve_settings(load_config(SMOKE, {"train.use_gpu": True, "train.num_workers": 4}))
+    assert gpu.resources.gpus_needed == 4
+
+
+def test_settings_defaults_and_paths(tmp_path: Path) -> None:
+    config = load_config(SMOKE, {"train.storage_path": str(tmp_path), "train.run_name": "abc"})
+    settings = resolve_settings(config)
+    assert settings.name == "abc-sweep"
+    assert settings.experiment_path == tmp_path / "abc-sweep"
+    assert (settings.metric, settings.mode, settings.num_samples) == ("knn_top1", "max", 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tune.metric": "accuracy"}, "never reported"),
+        ({"tune.metric": "train_loss"}, "use tune.mode=min"),  # mode max would pick the worst
+        ({"tune.mode": "maximize"}, "min\\|max"),
+        ({"tune.search": "bayes"}, "tune.search"),
+        ({"tune.grace_period_epochs": 4}, "grace_period_epochs"),
+        ({"tune.grace_period_epochs": 0}, "grace_period_epochs"),
+        ({"tune.reduction_factor": 1}, "reduction_factor"),
+        ({"tune.max_concurrent_trials": 0}, "max_concurrent_trials"),
+        ({"tune.num_samples": 0}, "num_samples"),
+    ],
+)
+def test_bad_settings_are_rejected(overrides: dict, message: str) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        resolve_settings(load_config(SMOKE, overrides))
+
+
+def test_without_labels_the_sweep_optimises_the_loss() -> None:
+    config = load_config(SMOKE, {"data.val": None})
+    settings = resolve_settings(config)
+    assert (settings.metric, settings.mode) == ("train_loss", "min")
+
+
+def test_trial_config_reports_knn_every_epoch() -> None:
+    config = load_config(SMOKE, {"eval.knn_every_epochs": 2})
+    assert trial_base_config(config, resolve_settings(config)).eval.knn_every_epochs == 1
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+
+def test_classify_outcomes() -> None:
+    assert classify(None, 3, 3) == "completed"
+    assert classify(None, 1, 3) == "stopped_early"
+    assert classify(RuntimeError("nan"), 2, 3) == "failed"
+    assert classify(None, 0, 3) == "failed"  # returned without ever reporting
+
+
+def test_short_reason_finds_the_error_line() -> None:
+    text = (
+        "Training failed due to worker errors:\nTraceback (most recent call last):\n"
+        '  File "loop.py", line 1\nservice.train.loop.NonFiniteLossError: loss became nan at '
+        "epoch 0, step 3\n"
+    )
+    assert short_reason(RuntimeError(text)).startswith("service.train.loop.NonFiniteLossError")
+
+
+def _rec(tid, outcome, temperature, metric, epochs=3, error=""):
+    params = {"loss.temperature": temperature, "augment.strength": 0.5}
+    return TrialRecord(tid, outcome, params, epochs, metric, 5.0, error=error)
+
+
+def test_pick_best_prefers_fully_trained_trials() -> None:
+    records = [
+        _rec("a", "completed", 0.1, 0.40),
+        _rec("b", "completed", 0.2, 0.45),
+        _rec("c", "stopped_early", 0.9, 0.60, epochs=1),  # higher, but after one epoch only
+        _rec("d", "failed", 0.01, None, epochs=0, error="NonFiniteLossError"),
+    ]
+    assert pick_best(records, "max").trial_id == "b"
+    assert pick_best(records, "min").trial_id == "a"
+    assert pick_best(records[2:], "max").trial_id == "c"
+    assert pick_best(records[3:], "max") is None
+
+
+def test_record_from_tune_result() -> None:
+    result = SimpleNamespace(
+        metrics={
+            "trial_id": "t7",
+            "epochs_completed": 2,
+            "knn_top1": 0.31,
+            "train_loss": 5.2,
+            "checkpoint_path": "/x/ckpt",
+        },
+        config={"loss.temperature": 0.3, "augment.strength": 1.1},
+        error=None,
+    )
+    specs = parse_space(load_config(SMOKE))
+    rec = record_from_result(result, specs, "knn_top1", max_epochs=3)
+    assert (rec.trial_id, rec.outcome, rec.metric, rec.checkpoint) == (
+        "t7",
+        "stopped_early",
+        0.31,
+        "/x/ckpt",
+    )
+    nan = SimpleNamespace(metrics={"trial_id": "t8", "knn_top1": math.nan}, config={}, error=None)
+    assert record_from_result(nan, specs, "knn_top1", 3).metric is None
+
+
+def test_table_and_figure(tmp_path: Path) -> None:
+    records = [
+        _rec("a", "completed", 0.1, 0.40),
+        _rec("b", "stopped_early", 0.5, 0.30, epochs=1),
+        _rec("c", "failed", 0.05, None, epochs=0, error="boom | bad"),
+    ]
+    md = to_markdown(records, "knn_top1").splitlines()
+    assert md[0].startswith("| trial_id | outcome | loss.temperature | augment.strength |")
+    assert [line.split("|")[1].strip() for line in md[2:]] == ["a", "b", "c"]
+    assert "boom \\| bad" in md[-1]
+    csv_text = write_csv(records, "knn_top1", tmp_path / "s.csv").read_text().splitlines()
+    assert csv_text[1].startswith("a,completed,0.1,0.5,3,0.4,5,")
+    specs = parse_space(load_config(SMOKE))
+    png = plot_sweep(records, specs, "knn_top1", tmp_path / "s.png", best=records[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- a real sweep (local Ray + MLflow) ---------------------------------------------------------
+
+
+def _pipeline_available() -> bool:
+    try:
+        import service.data  # noqa: F401
+        import service.losses  # noqa: F401
+        import service.models  # noqa: F401
+        import service.registry.register  # noqa: F401
+        import service.tracking.logger  # noqa: F401
+        from service.models import build_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray for this module, unless a session fixture already started one."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _pipeline_available(), reason="data/models/losses not importable yet")
+def test_sweep_end_to_end(tmp_path: Path, local_ray, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from service.tune import tune_command
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    overrides = [
+        f"mlflow.tracking_uri={uri}",
+        "mlflow.experiment=tune-test",
+        "mlflow.registered_model_name=tune-test-encoder",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "train.run_name=t",
+        "data.limit=512",
+        "train.global_batch_size=128",
+        "train.epochs=3",
+        "train.warmup_epochs=0",
+        "eval.knn_max_train=512",
+        "eval.knn_k=20",
+        "tune.grace_period_epochs=1",
+        "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=1",
+        # A lr of 1e30 overflows the weights within a step or two: that trial's loss is NaN, it
+        # must fail alone (FAILED run with the reason) while the sweep goes on.
+        "tune.space={loss.temperature: {type: choice, values: [0.05, 0.2, 1.0]}, "
+        "train.lr: {type: choice, values: [0.002, 1.0e+30]}}",
+    ]
+    summary = tune_command(SMOKE, overrides, num_samples=4)
+    print(json.dumps(summary, default=str))
+
+    assert summary["num_trials"] == 4
+    assert summary["num_failed"] >= 1 and summary["num_stopped_early"] >= 1
+    assert set(summary["best_config"]) == {"loss.temperature", "train.lr"}
+    assert summary["best_config"]["train.lr"] == 0.002
+    for trial in summary["trials"]:
+        failed = trial["params"]["train.lr"] > 1
+        assert (trial["outcome"] == "failed") == failed, trial
+        if failed:
+            assert "NonFiniteLossError" in trial["error"]
+
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/sweep_summary.csv", "sweep/sweep_summary.md", "sweep/sweep.png"} <= artifacts
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert len(children) == 4
+    by_trial = {t["trial_id"]: t for t in summary["trials"]}
+    for child in children:
+        trial = by_trial[child.data.tags["tune_trial_id"]]
+        assert float(child.data.params["loss.temperature"]) == trial["params"]["loss.temperature"]
+        assert float(child.data.params["train.lr"]) == trial["params"]["train.lr"]
+        expected = "FAILED" if trial["outcome"] == "failed" else "FINISHED"
+        assert child.info.status == expected
+        assert child.data.tags["tune_outcome"] == trial["outcome"]
+        if trial["outcome"] == "failed":
+            assert "NonFiniteLossError" in child.data.tags["tune_error"]
+        else:
+            assert "knn_top1" in child.data.metrics  # rank 0 logged per-epoch metrics
+
+    version = client.get_model_version_by_alias("tune-test-encoder", "latest-trained")
+    assert version.run_id == summary["best_run_id"]
+    assert summary["model_uri"]
+
+    # Resuming a finished sweep re-reads it: same trials, same parent, nothing re-registered.
+    again = tune_command(SMOKE, overrides, resume=True)
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    assert again["best_trial_id"] == summary["best_trial_id"]
+    assert again["model_uri"] == summary["model_uri"]
+    assert len(client.search_model_versions("name='tune-test-encoder'")) == 1
+
+    # Starting it again without --resume is refused before any trial runs.
+    with pytest.raises(ConfigError, match="already exists"):
+        tune_command(SMOKE, overrides, num_samples=4)
