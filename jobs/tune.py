@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/tune.py --config jobs/configs/tune-smoke.yaml [--num-samples N]`.
+"""`ray job submit ... -- python jobs/tune.py --config jobs/configs/tune-smoke.yaml [--set k=v]`.
 
 Thin entry point: the job driver joins the cluster the job runs on (RAY_ADDRESS) and runs
 `contrastive tune` (a Ray Tune sweep of distributed pretraining runs, ASHA early stopping, one
