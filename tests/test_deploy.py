@@ -143,7 +143,7 @@ def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
 # ----------------------------------------------------------------------------- KubeRay
 
 
-@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=lambda v: str(v)[:16])
+@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=["raycluster", "rayjob"])
 def test_ray_cluster_spec_is_complete(source: str, spec: dict[str, Any]) -> None:
     assert spec["headGroupSpec"]["template"]["spec"]["containers"], source
     assert spec["workerGroupSpecs"], f"{source}: no worker groups"
@@ -178,7 +178,7 @@ def test_raycluster_has_cpu_and_gpu_worker_groups() -> None:
     assert any(n > 0 for n in gpus.values()), f"no GPU worker group: {gpus}"
 
 
-@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=lambda v: str(v)[:16])
+@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=["raycluster", "rayjob"])
 def test_ray_pods_use_the_project_image_and_shared_checkpoint_volume(
     source: str, spec: dict[str, Any]
 ) -> None:
@@ -200,7 +200,7 @@ def test_ray_pods_use_the_project_image_and_shared_checkpoint_volume(
         assert any(mounts.get(v) for v, c in claims.items() if c == pvc["metadata"]["name"])
 
 
-@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=lambda v: str(v)[:16])
+@pytest.mark.parametrize("source,spec", _ray_cluster_specs(), ids=["raycluster", "rayjob"])
 def test_ray_pods_point_at_the_in_cluster_mlflow_service(source: str, spec: dict[str, Any]) -> None:
     from mlflow.server.security_utils import is_allowed_host_header
 

@@ -50,8 +50,9 @@ host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 workers="${MLFLOW_WORKERS:-2}"
 timeout_s="${MLFLOW_START_TIMEOUT:-60}"
-[[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) \
-    || die "MLFLOW_PORT='$port' is not a port number (1-65535)" 2
+if ! [[ "$port" =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
+    die "MLFLOW_PORT='$port' is not a port number (1-65535)" 2
+fi
 [[ "$timeout_s" =~ ^[0-9]+$ ]] || die "MLFLOW_START_TIMEOUT='$timeout_s' is not a whole number" 2
 command -v mlflow >/dev/null || die "'mlflow' is not on PATH; install the project: pip install -e ." 2
 
@@ -115,9 +116,10 @@ server_pgid=$!
 echo "$server_pgid" >"$pid_file"
 
 stop_server() {
-    kill -TERM -- "-$server_pgid" 2>/dev/null || return 0
-    for _ in $(seq 50); do kill -0 -- "-$server_pgid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-$server_pgid" 2>/dev/null || true
+    if kill -TERM -- "-$server_pgid" 2>/dev/null; then
+        for _ in $(seq 50); do kill -0 -- "-$server_pgid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL -- "-$server_pgid" 2>/dev/null || true
+    fi
     rm -f "$pid_file"
 }
 # Until the server is healthy (and always, in foreground mode) the script owns it: any exit or
