@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,10 +68,20 @@ class RayCluster:
         return proc.stdout + proc.stderr
 
     def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        args = ["start", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", *_port_args()]
+        # Its own temp dir: nodes sharing one would share runtime_resources/, and a node that
+        # sets up a job's working_dir replaces the directory other nodes' processes run in.
+        temp_dir = f"{self.temp_dir}/n{len(self.nodes) + 1}"
+        args = [
+            "start",
+            f"--address={self.gcs_address}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+            *_port_args(),
+        ]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         self.ray(*args)
+        self.nodes.append(temp_dir)
 
     def submit(self, entrypoint: list[str], submission_id: str, env_vars: dict | None = None):
         runtime_env = {"env_vars": env_vars} if env_vars else None
@@ -102,8 +114,47 @@ class RayCluster:
         raise TimeoutError(f"job {submission_id} still running after {timeout} s")
 
     def stop(self) -> None:
-        self.ray("stop", "--force", check=False, timeout=60)
+        """Kill this cluster's processes only. `ray stop` would kill every Ray process on the
+        machine, including other people's clusters and test runs on a shared host."""
+        for _ in range(3):  # raylets respawn nothing, but workers may fork while we kill
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def pids(self) -> set[int]:
+        """Processes of this cluster: those naming its temp dir or GCS port on their command
+        line (GCS, raylets, dashboard, monitors, client server) and all their descendants
+        (workers, agents, job drivers)."""
+        port = self.gcs_address.rsplit(":", 1)[1]
+        own = re.compile(rf"{re.escape(self.temp_dir)}|[\d.]+:{port}\b")
+        parent, roots = {}, set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                )
+                stat = (entry / "stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            pid = int(entry.name)
+            parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            if own.search(cmdline):
+                roots.add(pid)
+        found, grew = set(roots), True
+        while grew:
+            children = {pid for pid, ppid in parent.items() if ppid in found} - found
+            found |= children
+            grew = bool(children)
+        return found
 
 
 def start_cluster(num_cpus: int = 4, resources: dict[str, float] | None = None) -> RayCluster:
@@ -184,9 +235,12 @@ def run_smoke_job(cluster: RayCluster, tracking_uri: str, storage: Path) -> Smok
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster (`ray start --head`, dashboard = job server) per test run."""
+    """One real local Ray cluster per test run: `ray start --head` (4 CPUs, dashboard = job
+    server) plus a second node (`ray start --address`, 2 CPUs) so that multi-node placement is
+    tested for real. PACK runs of up to 4 CPUs stay on the head."""
     cluster = start_cluster(num_cpus=4)
     try:
+        cluster.add_node(num_cpus=2)
         yield cluster
     finally:
         cluster.stop()

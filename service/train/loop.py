@@ -183,6 +183,53 @@ class _KnnMonitor:
         return knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
 
 
+def _node_ids(world_size: int) -> list[str]:
+    """Ray node id of every rank (collective; call on all ranks once the process group is up).
+
+    Ray Train's ``node_rank`` groups workers by IP, which cannot tell two Ray nodes on one host
+    apart; the node id can, so multi-node placement (SPREAD/STRICT_SPREAD) is checkable.
+    """
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not dist.is_initialized():
+        return [node_id]
+    ids: list[Any] = [None] * world_size
+    dist.all_gather_object(ids, node_id)
+    return [str(i) for i in ids]
+
+
+def _log_epoch_metrics(metric_logger: Any, metrics: dict[str, Any]) -> None:
+    """One epoch's metrics at step=epoch, in one batch (so an epoch is in MLflow whole or not)."""
+    metric_logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(metrics["epoch"]))
+
+
+def _backfill_epoch_metrics(
+    loop_config: dict[str, Any], metric_logger: Any, history: list[dict[str, Any]]
+) -> None:
+    """After a restart, log the checkpointed epochs that MLflow lacks.
+
+    A rank 0 that died with epoch metrics still buffered (MLflow was down) or between persisting
+    a checkpoint and logging its epoch would otherwise lose them for good. Best effort: if MLflow
+    cannot be read now, nothing is backfilled (and nothing is duplicated).
+    """
+    from mlflow import MlflowClient
+
+    from service.tracking.uri import fast_fail_http
+
+    try:
+        with fast_fail_http(5.0):
+            client = MlflowClient(loop_config["tracking_uri"])
+            logged = client.get_metric_history(loop_config["mlflow_run_id"], "train_loss")
+    except Exception as exc:  # unreachable server: training must go on
+        log.warning("could not read MLflow to backfill epoch metrics (%s); skipped", exc)
+        return
+    logged_epochs = {m.step for m in logged}
+    missing = [h for h in history if int(h["epoch"]) not in logged_epochs]
+    for metrics in missing:
+        _log_epoch_metrics(metric_logger, metrics)
+    if missing:
+        log.warning("backfilled MLflow metrics of epochs %s", [h["epoch"] for h in missing])
+
+
 def _metric_logger(loop_config: dict[str, Any], rank: int):
     if rank != 0 or not loop_config.get("mlflow_run_id"):
         return None
@@ -213,6 +260,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     key_model = copy.deepcopy(model).requires_grad_(False) if config.loss.name == "moco" else None
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) + device move
+    node_ids = _node_ids(world)
+    num_nodes = len(set(node_ids))
+    if rank == 0:
+        print(f"[train] {world} worker(s) on {num_nodes} Ray node(s): {node_ids}", flush=True)
     if key_model is not None:
         key_model.to(device)
     criterion = build_loss(config.loss, config.model.proj_out_dim).to(device)
@@ -247,6 +298,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
 
     metric_logger = _metric_logger(loop_config, rank)
+    if metric_logger is not None and checkpoint is not None:
+        # Makes each restart (worker failure or resubmitted job) visible in the MLflow run.
+        metric_logger.log_metrics({"resumed_from_epoch": start_epoch - 1}, step=global_step)
+        _backfill_epoch_metrics(loop_config, metric_logger, history)
     knn_monitor = _KnnMonitor(config) if config.data.val and rank == 0 else None
     marker_dir = Path(loop_config.get("fault_marker_dir") or tempfile.gettempdir())
     expected0 = expected_initial_loss(config)
@@ -336,6 +391,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "temperature": float(criterion.temperature),
             "images_per_s": epoch_images / max(time.perf_counter() - epoch_start, 1e-9),
+            "num_nodes": num_nodes,
         }
         last_epoch = epoch == config.train.epochs - 1
         if knn_monitor is not None and (
@@ -368,10 +424,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if metric_logger is not None:
             # Logged after the checkpoint is persisted, so a restart never duplicates an epoch.
-            metric_logger.log_metrics(
-                {k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch
-            )
-            metric_logger.log_metrics({"epoch": float(epoch)}, step=epoch)
+            _log_epoch_metrics(metric_logger, metrics)
         if rank == 0:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
             print(f"[train] epoch {epoch + 1}/{config.train.epochs} {shown}", flush=True)
