@@ -12,7 +12,7 @@ from service.losses.distributed import (
     get_rank,
     get_world_size,
 )
-from service.losses.errors import LossInputError
+from service.losses.errors import LossInputError, NonFiniteEmbeddingError
 from service.losses.factory import LOSS_NAMES, build_loss
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
 from service.losses.moco import MoCoLoss, MomentumEncoder, NegativeQueue, momentum_update
@@ -28,6 +28,7 @@ __all__ = [
     "MomentumEncoder",
     "NTXentLoss",
     "NegativeQueue",
+    "NonFiniteEmbeddingError",
     "SymmetricInfoNCELoss",
     "build_loss",
     "gather_no_grad",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.losses import distributed
-from service.losses.errors import LossInputError
+from service.losses.errors import LossInputError, NonFiniteEmbeddingError
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> float:
@@ -126,7 +126,7 @@ def check_views(
     for r, (_, _, _, view, rows, total) in enumerate(table.tolist()):
         if total:
             where = f" on rank {r}" if world > 1 else ""
-            raise LossInputError(
+            raise NonFiniteEmbeddingError(
                 f"{loss}: non-finite embeddings{where}: view {view} has {rows} row(s) with "
                 f"NaN/inf ({total} such row(s) across all views); check the encoder / AMP scaling"
             )

@@ -28,7 +28,7 @@ from torch import nn
 from service.config import Config, config_from_dict
 from service.eval.features import extract_features
 from service.eval.knn import knn_top1
-from service.losses import build_loss
+from service.losses import NonFiniteEmbeddingError, build_loss
 from service.losses.moco import momentum_update
 from service.models import build_model, maybe_convert_sync_batchnorm
 from service.train.checkpoint import load_state, save_state
@@ -104,6 +104,18 @@ def _maybe_inject_fault(config: Config, rank: int, global_step: int, marker_dir:
         "fault injection: killing rank %d (pid %d) at step %d", rank, os.getpid(), global_step
     )
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _forward_loss(
+    model: nn.Module, key_model: nn.Module | None, criterion: nn.Module, views: list[torch.Tensor]
+) -> torch.Tensor:
+    if key_model is not None:  # MoCo: queries from the online model, keys from the EMA copy
+        queries = model(views[0])
+        with torch.no_grad():
+            keys = key_model(views[1])
+        return criterion(queries, keys)
+    # One forward over all views: BN sees the whole local batch, DDP sees one forward.
+    return criterion(*model(torch.cat(views)).chunk(len(views)))
 
 
 class _TrainData:
@@ -305,7 +317,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     knn_monitor = _KnnMonitor(config) if config.data.val and rank == 0 else None
     marker_dir = Path(loop_config.get("fault_marker_dir") or tempfile.gettempdir())
     expected0 = expected_initial_loss(config)
-    n_views = config.augment.n_views
 
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
@@ -316,16 +327,17 @@ def train_func(loop_config: dict[str, Any]) -> None:
             views = [v.to(device, non_blocking=True) for v in views]
             if config.model.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            with autocast:
-                if key_model is not None:
-                    queries = model(views[0])
-                    with torch.no_grad():
-                        keys = key_model(views[1])
-                    loss = criterion(queries, keys)
-                else:
-                    # One forward over all views: BN sees the whole local batch, one DDP pass.
-                    projections = model(torch.cat(views)).chunk(n_views)
-                    loss = criterion(*projections)
+            try:
+                with autocast:
+                    loss = _forward_loss(model, key_model, criterion, views)
+            except NonFiniteEmbeddingError as exc:
+                # Diverged weights show up as non-finite embeddings before the loss is NaN; the
+                # loss raises on every rank together, so all ranks stop here in the same step.
+                raise NonFiniteLossError(
+                    f"training diverged at epoch {epoch}, step {step} (global step "
+                    f"{global_step}): {exc}. The last good checkpoint (if any) is kept under "
+                    f"{config.train.storage_path}/{config.train.run_name}."
+                ) from exc
             if config.fault.nan_at_step == global_step:
                 loss = loss * float("nan")  # divergence drill: exercises the stop path below
             mean_loss = _global_mean(loss, world)
