@@ -26,6 +26,7 @@ from service.data import (
     augment_ray_dataset,
     build_ray_train_dataset,
     build_train_dataset,
+    decode_image,
     denormalize,
     iter_view_batches,
     make_dataloader,
@@ -234,6 +235,25 @@ def test_ray_reader_skips_counts_and_enforces_ceiling(ray_local, mixed_parquet):
     with pytest.raises(Exception, match="max_bad_fraction") as info:
         list(iter_view_batches(strict, 5, n_views=2))
     assert "TooManyBadImagesError" in str(info.value) or info.errisinstance(TooManyBadImagesError)
+
+
+def test_ray_batch_fn_equals_the_per_image_transform(monkeypatch):
+    """The batch path (PIL ops per view, to-tensor + Normalize per batch) gives the same numbers
+    as the PyTorch reader's per-image transform under the same random draws."""
+    table = pq.read_table(TEST_SUBSET).slice(0, 24)
+    blobs = table.column("image").to_pylist()
+    cfg = AugmentConfig(blur=True)
+    monkeypatch.setattr("service.data.ray_dataset.os.urandom", lambda n: b"\x07" * n)
+    out = make_multiview_batch_fn(cfg, 32, 2)({"image": np.array(blobs, dtype=object)})
+    torch.manual_seed(int.from_bytes(b"\x07" * 8, "little") & (2**63 - 1))
+    transform = simclr_transform(cfg, 32)
+    expected = [[], []]
+    for blob in blobs:
+        image = decode_image(blob)
+        for v in range(2):
+            expected[v].append(transform(image))
+    for v in range(2):
+        torch.testing.assert_close(torch.from_numpy(out[f"view{v}"]), torch.stack(expected[v]))
 
 
 def test_unlabelled_data_gets_minus_one(tmp_path):

@@ -80,7 +80,11 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()  # forces the full decode so truncated files fail here, not later
-            return to_rgb(ImageOps.exif_transpose(opened))  # a copy, independent of the buffer
+            try:
+                image = ImageOps.exif_transpose(opened)  # a copy: survives closing ``opened``
+            except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+                image = opened.copy()
+            return to_rgb(image)
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
         message = str(exc).split(" <_io.")[0]  # drop "<_io.BytesIO object at 0x...>" noise
         raise CorruptImageError(f"{type(exc).__name__}: {message}") from exc

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from service.config import AugmentConfig, Config
-from service.data.augment import MultiViewTransform, simclr_transform
+from service.data.augment import simclr_transform, split_at_to_image
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError, TooManyBadImagesError
 from service.data.parquet import (
@@ -46,7 +46,6 @@ from service.data.parquet import (
 from service.data.torch_dataset import NO_LABEL
 
 MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, bounds memory
-ROWS_PER_BLOCK = 1024  # blocks are split to this size so small files still spread over CPUs
 SKIPPED_COLUMN = "n_skipped"
 
 
@@ -69,13 +68,12 @@ def read_ray_dataset(path: str, limit: int | None = None, seed: int = 0) -> Any:
     indices = limit_indices(source, limit, seed)
     if indices is not None:
         table = read_rows(source, columns, indices)
-        chunks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
+        chunks = [table.slice(i, MAP_BATCH_SIZE) for i in range(0, table.num_rows, MAP_BATCH_SIZE)]
         return ray.data.from_arrow(chunks)
-    ds = ray.data.read_parquet(
+    # No repartition here: it would make ``count()`` execute the read instead of summing footers.
+    return ray.data.read_parquet(
         source.files, filesystem=source.filesystem, file_extensions=None
     ).select_columns(columns)
-    # A file with one big row group is one block → one map task; split it (streaming, no shuffle).
-    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
 def _row_id(blob: Any) -> str:
@@ -108,7 +106,8 @@ class MultiViewBatchFn:
         map_batch_size: int = MAP_BATCH_SIZE,
     ) -> None:
         # Built here, on the driver, so bad augmentation settings fail before any task runs.
-        self.views = MultiViewTransform(simclr_transform(cfg, image_size), n_views)
+        # Per view only the PIL ops run; to-tensor and Normalize run once on the stacked batch.
+        self.pil_ops, self.tensor_ops = split_at_to_image(simclr_transform(cfg, image_size))
         self.image_size = image_size
         self.n_views = n_views
         self.max_bad_fraction = max_bad_fraction
@@ -121,6 +120,11 @@ class MultiViewBatchFn:
         out[SKIPPED_COLUMN] = np.zeros(0, np.int64)
         return out
 
+    def _finish(self, views: list[np.ndarray]) -> np.ndarray:
+        """``[S, S, 3]`` uint8 views → one normalised ``float32 [b, 3, S, S]`` array."""
+        batch = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
+        return self.tensor_ops(batch).contiguous().numpy()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # torch's default generator starts from the same fixed seed in every process: without
         # reseeding, every Ray worker process would draw the identical augmentation sequence.
@@ -131,7 +135,7 @@ class MultiViewBatchFn:
             labels = np.full(len(blobs), NO_LABEL, dtype=np.int64)
         stats = DecodeStats()
         keep: list[int] = []
-        per_view: list[list[torch.Tensor]] = [[] for _ in range(self.n_views)]
+        per_view: list[list[np.ndarray]] = [[] for _ in range(self.n_views)]
         for i, blob in enumerate(blobs):
             try:
                 image = decode_image(blob)
@@ -140,8 +144,8 @@ class MultiViewBatchFn:
                 continue
             stats.add_ok()
             keep.append(i)
-            for v, view in enumerate(self.views(image)):
-                per_view[v].append(view)
+            for v in range(self.n_views):
+                per_view[v].append(np.asarray(self.pil_ops(image)))  # [S, S, 3] uint8
         where = "Ray Data map batch"
         stats.warn(where)
         allowed = math.floor(self.max_bad_fraction * max(len(blobs), self.map_batch_size) + 1e-9)
@@ -157,7 +161,7 @@ class MultiViewBatchFn:
         skipped = np.zeros(len(kept), dtype=np.int64)
         bad_rows = np.setdiff1d(np.arange(len(blobs)), kept)
         np.add.at(skipped, np.minimum(np.searchsorted(kept, bad_rows), len(kept) - 1), 1)
-        out = {view_column(v): torch.stack(views).numpy() for v, views in enumerate(per_view)}
+        out = {view_column(v): self._finish(views) for v, views in enumerate(per_view)}
         out[LABEL_COLUMN] = np.asarray(labels, dtype=np.int64)[kept]
         out[SKIPPED_COLUMN] = skipped
         return out
@@ -183,8 +187,14 @@ def augment_ray_dataset(
     map_batch_size: int = MAP_BATCH_SIZE,
     num_cpus: float = 1.0,
 ) -> Any:
-    """Append the decode + multi-view augmentation stage (stateless Ray tasks) to ``ds``."""
+    """Append the decode + multi-view augmentation stage (stateless Ray tasks) to ``ds``.
+
+    Blocks are first split to ``map_batch_size`` rows (streaming, no shuffle): a Parquet row
+    group is one block, and one block is one task, so a file written as a single row group would
+    otherwise be augmented on one CPU.
+    """
     fn = make_multiview_batch_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
+    ds = ds.repartition(target_num_rows_per_block=map_batch_size)
     return ds.map_batches(fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus)
 
 
