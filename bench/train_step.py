@@ -1,0 +1,107 @@
+"""Throughput of one SimCLR training step (2 views → encoder + head → NT-Xent → AdamW step).
+
+Prints one JSON line per configuration: images/s (source images, 2 views each) and peak memory.
+Runs on CUDA when available (bf16 autocast + channels_last, as the training loop picks there),
+else CPU. Synthetic inputs: this isolates model + loss cost from decoding/augmentation, which
+bench/data.py measures.
+
+    python bench/train_step.py --arch resnet18 --batch 256 512 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+import torch
+
+from service.config import LossConfig, ModelConfig
+from service.losses import build_loss
+from service.models import build_model
+
+
+def measure(
+    arch: str,
+    batch: int,
+    amp: str,
+    channels_last: bool,
+    chunk: int | None,
+    steps: int,
+    device: torch.device,
+) -> dict:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, proj_hidden_dim=2048)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_loss(
+        LossConfig(temperature=0.2, chunk_size=chunk), 128, gather_distributed=False
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    size = 32
+    x = torch.randn(2 * batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+
+    def step() -> float:
+        with autocast:
+            z1, z2 = model(x).chunk(2)
+            loss = criterion(z1, z2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "arch": arch,
+        "batch": batch,
+        "amp": amp,
+        "channels_last": channels_last,
+        "chunk_size": chunk,
+        "step_s": seconds / steps,
+        "images_per_s": batch * steps / seconds,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else None,
+        "loss": loss,
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    modes = [("off", False), ("bf16", True)] if device.type == "cuda" else [("off", False)]
+    for batch in args.batch:
+        for amp, channels_last in modes:
+            for chunk in (None, 1024):
+                print(
+                    json.dumps(
+                        measure(args.arch, batch, amp, channels_last, chunk, args.steps, device)
+                    ),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
