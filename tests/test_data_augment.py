@@ -167,8 +167,8 @@ def test_preview_png(tmp_path):
         assert png.format == "PNG"
         pixels = np.asarray(png.convert("RGB"))
     tile, pad, header, label_w = 96, 4, 22, 96
-    assert pixels.shape == (
-        2 * header + 3 * (tile + pad) + pad,
+    assert pixels.shape == (  # header, 3 rows of tiles, 2 footer lines with the settings
+        3 * header + 3 * (tile + pad) + pad,
         label_w + 3 * (tile + pad) + pad,
         3,
     )

@@ -81,11 +81,17 @@ def save_augmentation_preview(
     if not rows:
         raise DataError(f"none of the {table.num_rows} sampled images in {data_path!r} decode")
 
-    width = _LABEL_WIDTH + columns * (tile + _PAD) + _PAD
-    height = 2 * _HEADER + len(rows) * (tile + _PAD) + _PAD  # header + footer
+    font = ImageFont.load_default(size=14)
+    footer = [
+        f"strength={cfg.strength}  min_scale={cfg.min_scale}  size={image_size}",
+        f"jitter_p={cfg.jitter_p}  grayscale_p={cfg.grayscale_p}  blur={cfg.blur}",
+    ]
+    grid_width = _LABEL_WIDTH + columns * (tile + _PAD) + _PAD
+    width = max(grid_width, *(int(font.getlength(line)) + 2 * _PAD for line in footer))
+    grid_bottom = _HEADER + len(rows) * (tile + _PAD) + _PAD
+    height = grid_bottom + len(footer) * _HEADER
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=14)
     for c, title in enumerate(["original"] + [f"view {v + 1}" for v in range(n_views)]):
         draw.text((_LABEL_WIDTH + _PAD + c * (tile + _PAD), 3), title, fill=(0, 0, 0), font=font)
     for r, (caption, tiles) in enumerate(rows):
@@ -93,11 +99,8 @@ def save_augmentation_preview(
         draw.text((_PAD, y + tile // 2 - 8), caption[:12], fill=(0, 0, 0), font=font)
         for c, t in enumerate(tiles):
             canvas.paste(t, (_LABEL_WIDTH + _PAD + c * (tile + _PAD), y))
-    settings = (
-        f"strength={cfg.strength}  min_scale={cfg.min_scale}  jitter_p={cfg.jitter_p}  "
-        f"grayscale_p={cfg.grayscale_p}  blur={cfg.blur}  size={image_size}"
-    )
-    draw.text((_PAD, height - _HEADER + 2), settings, fill=(90, 90, 90), font=font)
+    for i, line in enumerate(footer):
+        draw.text((_PAD, grid_bottom + i * _HEADER + 2), line, fill=(90, 90, 90), font=font)
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
