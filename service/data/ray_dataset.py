@@ -12,10 +12,11 @@ the trainer, so data larger than memory (or than the object store) trains withou
 
 Corrupt images and ``data.max_bad_fraction`` in this path: a map task only sees its own batch,
 so the ceiling is applied **per map batch**, as a count: a batch fails when it holds more than
-``floor(max_bad_fraction * map_batch_size)`` undecodable rows (short tail batches are judged as if
-they were full, so one bad row in a 3-row remainder is not "33%"). With the defaults (1%, 256-row
-map batches) that is more than 2 bad rows among 256 consecutive rows. A dataset whose bad rows
-are spread thinly below the ceiling trains with them skipped; a cluster of them fails fast.
+``floor(max_bad_fraction * max(rows in the batch, map_batch_size))`` undecodable rows (short tail
+batches are judged as if they were full, so one bad row in a 3-row remainder is not "33%"). With
+the defaults (1%, 256-row map batches) that is more than 2 bad rows among 256 consecutive rows.
+A dataset whose bad rows are spread thinly below the ceiling trains with them skipped; a cluster
+of them fails fast.
 Skipped rows are logged by the task (forwarded to the driver log, with the bytes' SHA-1 prefix as
 the row id) and counted in an ``n_skipped`` column that :func:`iter_view_batches` sums into a
 :class:`~service.data.decode.DecodeStats` for the training loop to log.
