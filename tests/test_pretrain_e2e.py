@@ -66,6 +66,7 @@ def test_resume_after_job_stop(ray_cluster, tmp_path) -> None:
     overrides = [
         *FAST, "train.epochs=3", "train.run_name=resume-drill", f"train.storage_path={tmp_path}",
         "mlflow.enabled=false", "eval.knn_every_epochs=100",
+        "data.reader=ray",  # this drill also covers the streaming Ray Data reader
     ]  # fmt: skip
     entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
     ray_cluster.submit([*entry, *_sets(overrides)], "resume-a")

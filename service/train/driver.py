@@ -50,6 +50,12 @@ def check_cluster_fits(config: Config, trials: int = 1) -> None:
             f"CPUs needed, the Ray cluster has {total.get('CPU', 0)}; lower train.num_workers / "
             f"train.cpus_per_worker (or tune.max_concurrent_trials), or add nodes"
         )
+    # Ray Data's decode/augment tasks need a CPU of their own beside the Train workers.
+    if config.data.reader == "ray" and total.get("CPU", 0) < need_cpu + trials:
+        raise ClusterTooSmallError(
+            f"data.reader=ray needs at least one CPU per run for decoding/augmentation beside the "
+            f"{need_cpu} CPUs of the Train workers; the cluster has {total.get('CPU', 0)}"
+        )
     if t.use_gpu and total.get("GPU", 0) < trials * t.num_workers:
         raise ClusterTooSmallError(
             f"{trials * t.num_workers} GPUs needed (train.use_gpu=true), the cluster has "
@@ -61,15 +67,13 @@ def _train_dataset(config: Config) -> tuple[dict[str, Any], int]:
     """Ray Data reader: a lazily augmented dataset (re-randomised each epoch) and its row count."""
     if config.data.reader != "ray":
         return {}, 0
-    from service.data.ray_dataset import make_multiview_batch_fn, read_ray_dataset
+    from service.data.parquet import inspect_parquet
+    from service.data.ray_dataset import build_ray_train_dataset
 
-    dataset = read_ray_dataset(config.data.train, limit=config.data.limit)
-    rows = dataset.count()
-    augmented = dataset.map_batches(
-        make_multiview_batch_fn(config.augment, config.data.image_size, config.augment.n_views),
-        batch_format="numpy",
-    )
-    return {"train": augmented}, rows
+    rows = inspect_parquet(config.data.train).num_rows  # file footers only
+    if config.data.limit is not None:
+        rows = min(rows, config.data.limit)
+    return {"train": build_ray_train_dataset(config)}, rows
 
 
 def build_trainer(

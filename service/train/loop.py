@@ -139,6 +139,7 @@ class _TrainData:
             n_views=config.augment.n_views,
             limit=config.data.limit,
             max_bad_fraction=config.data.max_bad_fraction,
+            seed=config.train.seed,
         )
         self.sampler = DistributedSampler(
             dataset,
