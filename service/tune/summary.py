@@ -37,6 +37,7 @@ class TrialRecord:
     checkpoint: str | None = None
     run_id: str | None = None
     history: list[float] = field(default_factory=list)  # the metric per epoch
+    epochs: list[dict[str, float]] = field(default_factory=list)  # every reported epoch
 
 
 def short_reason(error: BaseException | str) -> str:
@@ -73,11 +74,22 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _history(result: Any, metric: str) -> list[float]:
+# What the training loop reports per epoch (and rank 0 logs to MLflow at step=epoch).
+EPOCH_METRICS = ("epoch", "global_step", "train_loss", "lr", "temperature", "images_per_s")
+
+
+def _epoch_rows(result: Any, metric: str) -> list[dict[str, float]]:
+    """Per-epoch metrics from Tune's result history (one row per ``ray.train.report``)."""
     frame = getattr(result, "metrics_dataframe", None)
-    if frame is None or metric not in getattr(frame, "columns", ()):
+    if frame is None or "epoch" not in getattr(frame, "columns", ()):
         return []
-    return [v for v in (_finite(x) for x in frame[metric].tolist()) if v is not None]
+    keys = [k for k in (*EPOCH_METRICS, metric, "knn_top1") if k in frame.columns]
+    rows = []
+    for record in frame[list(dict.fromkeys(keys))].to_dict("records"):
+        row = {k: v for k, v in ((k, _finite(x)) for k, x in record.items()) if v is not None}
+        if "epoch" in row:
+            rows.append(row)
+    return rows
 
 
 def record_from_result(
@@ -85,6 +97,7 @@ def record_from_result(
 ) -> TrialRecord:
     """A ``TrialRecord`` from a Tune ``Result`` (or anything with metrics/config/error)."""
     metrics = result.metrics or {}
+    rows = _epoch_rows(result, metric)
     epochs = int(metrics.get("epochs_completed") or 0)
     outcome = classify(result.error, epochs, max_epochs)
     error = ""
@@ -99,7 +112,8 @@ def record_from_result(
         train_loss=_finite(metrics.get("train_loss")),
         error=error,
         checkpoint=checkpoint_from_metrics(metrics),
-        history=_history(result, metric),
+        history=[row[metric] for row in rows if metric in row],
+        epochs=rows,
     )
 
 

@@ -44,6 +44,25 @@ class SweepFailedError(RuntimeError):
     """Every trial of the sweep failed; the message carries their reasons."""
 
 
+def _preload_modules() -> None:
+    """Import everything the driver needs later, before it connects to Ray.
+
+    Under ``ray job submit --working-dir``, Ray's runtime-env agent re-extracts the job's working
+    directory (rmtree + unzip) while the driver connects; a lazy import at that moment fails
+    with ModuleNotFoundError for a file that exists. Modules already in ``sys.modules`` are safe.
+    """
+    import service.data.augment  # noqa: F401
+    import service.data.preview  # noqa: F401
+    import service.eval.features  # noqa: F401
+    import service.registry.register  # noqa: F401
+    import service.tracking.logger  # noqa: F401
+    import service.tracking.plots  # noqa: F401
+    import service.tracking.runs  # noqa: F401
+    import service.train.checkpoint  # noqa: F401
+    import service.train.finalize  # noqa: F401
+    import service.tune.trial  # noqa: F401
+
+
 def _progress(message: str) -> None:
     print(f"[tune] {message}", file=sys.stderr, flush=True)
 
@@ -86,7 +105,10 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=settings.seed)
+        # A SearchGenerator ignores TuneConfig.max_concurrent_trials: limit it here.
+        search_alg = BasicVariantGenerator(
+            random_state=settings.seed, max_concurrent=settings.resources.concurrent_trials
+        )
     scheduler = ASHAScheduler(
         time_attr="epochs_completed",  # added by EpochReportCallback: rungs are in epochs
         max_t=settings.max_epochs,
@@ -146,6 +168,7 @@ def _reconcile_runs(
         if run is None:
             continue
         record.run_id = run.info.run_id
+        _backfill_epochs(client, record)
         if run.info.status != "RUNNING":
             continue
         if record.outcome == "failed":
@@ -153,6 +176,28 @@ def _reconcile_runs(
         else:
             client.set_tag(record.run_id, OUTCOME_TAG, record.outcome)
             client.set_terminated(record.run_id, status="FINISHED")
+
+
+def _backfill_epochs(client: Any, record: TrialRecord) -> None:
+    """Log reported epochs that the nested run lacks. Rank 0 logs an epoch to MLflow right after
+    reporting it to Tune; when ASHA stops the trial on that very report, the workers are killed
+    before they log it. Tune kept every report, so the driver fills the gap (same step=epoch)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if not record.epochs:
+        return
+    logged = {m.step for m in client.get_metric_history(record.run_id, "train_loss")}
+    now = int(time.time() * 1000)
+    missing = [
+        Metric(key, value, now, int(row["epoch"]))
+        for row in record.epochs
+        if int(row["epoch"]) not in logged
+        for key, value in row.items()
+    ]
+    if missing:
+        client.log_batch(record.run_id, metrics=missing)
 
 
 def _log_parent(
@@ -244,6 +289,7 @@ def run_sweep(
         config.mlflow.tracking_uri = resolve_tracking_uri(config.mlflow)
         check_tracking_server(config.mlflow.tracking_uri)
 
+    _preload_modules()
     connect_ray(address, min_cpus=settings.resources.cpus_needed)
     check_cluster_fits(config, trials=settings.resources.concurrent_trials)
     tracking = _open_parent(config, settings, state)
