@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,9 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
     tracking = open_tracking(config)  # unreachable MLflow fails here, before any training
     connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
     check_cluster_fits(config)
-    storage_path = str(Path(config.train.storage_path).expanduser().resolve())
+    storage_path = config.train.storage_path
+    if "://" not in storage_path:  # object-store URIs (s3://, gs://) go to Ray Train unchanged
+        storage_path = str(Path(storage_path).expanduser().resolve())
     trainer = build_trainer(
         config,
         mlflow_run_id=tracking.run_id if tracking else None,
@@ -155,6 +158,9 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
         "train_loss": result.metrics.get("train_loss"),
         "knn_top1": result.metrics.get("knn_top1"),
     }
-    with tempfile.TemporaryDirectory() as workdir:
-        summary.update(finalize_run(config, tracking, checkpoint_dir, Path(workdir)))
+    # finalize reads the checkpoint from local disk: as_directory() is the directory itself on a
+    # local/shared filesystem and a temporary download from an object store.
+    local_checkpoint = result.checkpoint.as_directory() if result.checkpoint else nullcontext()
+    with tempfile.TemporaryDirectory() as workdir, local_checkpoint as local_dir:
+        summary.update(finalize_run(config, tracking, local_dir, Path(workdir)))
     return summary
