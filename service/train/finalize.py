@@ -95,7 +95,6 @@ def finalize_run(
             plot_embeddings(features.numpy(), labels.numpy(), workdir / "test_embeddings.png"),
             "plots",
         )
-    logger.flush()
 
     summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
     name = config.mlflow.registered_model_name
@@ -113,12 +112,18 @@ def finalize_run(
             input_example=example,
             metric_name=config.mlflow.champion_metric if knn is not None else "neg_train_loss",
             metric_value=float(metric),
+            config=config,
         )
         summary.update(
             model_uri=registered["model_uri"],
             version=registered["version"],
             champion=registered["champion"],
         )
+    # Flushed after registration: that call waits out a tracking-server outage with MLflow's
+    # own retries, so buffered plots/metrics get their best chance to land here.
+    report = logger.flush()
+    if not getattr(report, "ok", True):
+        _progress(f"some MLflow records could not be logged: {report}")
     tracking.end("FINISHED")
     return summary
 
