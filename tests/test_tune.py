@@ -256,9 +256,12 @@ def _pipeline_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _pipeline_available(), reason="data/models/losses not importable yet")
 def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
-    """`ray job submit ... python jobs/tune.py` on the session's real Ray cluster: 4 trials one
+    """`ray job submit ... python jobs/tune.py` on the session's real Ray cluster: 3 trials one
     at a time, 2 epochs, ASHA from epoch 1, a lr that forces NaN; MLflow holds the parent +
-    nested runs with the searched params and the best trial's encoder is registered."""
+    nested runs with the searched params and the best trial's encoder is registered.
+
+    The random searcher is seeded (train.seed), so the draws are fixed: a diverging lr, then
+    temperature 0.2 (runs both epochs), then 0.05 (worse after epoch 1: ASHA stops it)."""
     from mlflow import MlflowClient
 
     from service.tune import tune_command
@@ -286,15 +289,16 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
         "train.lr: {type: choice, values: [0.002, 1.0e+30]}}",
     ]
     sets = [arg for o in overrides for arg in ("--set", o)]
-    args = ["--config", str(SMOKE.relative_to(REPO_ROOT)), "--num-samples", "4", *sets]
+    args = ["--config", str(SMOKE.relative_to(REPO_ROOT)), "--num-samples", "3", *sets]
     ray_cluster.submit(["python", "jobs/tune.py", *args], "tune-sweep")
     status, logs = ray_cluster.wait("tune-sweep")
     assert status == "SUCCEEDED", logs[-6000:]
     summary = last_json_line(logs)
     print(logs[-20000:])
 
-    assert summary["num_trials"] == 4
-    assert summary["num_failed"] >= 1 and summary["num_stopped_early"] >= 1
+    assert summary["num_trials"] == 3
+    outcomes = sorted(t["outcome"] for t in summary["trials"])
+    assert outcomes == ["completed", "failed", "stopped_early"], summary["trials"]
     assert set(summary["best_config"]) == {"loss.temperature", "train.lr"}
     assert summary["best_config"]["train.lr"] == 0.002
     for trial in summary["trials"]:
@@ -312,7 +316,7 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
-    assert len(children) == 4
+    assert len(children) == 3
     by_trial = {t["trial_id"]: t for t in summary["trials"]}
     for child in children:
         trial = by_trial[child.data.tags["tune_trial_id"]]
@@ -333,4 +337,4 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
 
     # Starting the same sweep again without --resume is refused before Ray is touched.
     with pytest.raises(ConfigError, match="already exists"):
-        tune_command(SMOKE, overrides, num_samples=4)
+        tune_command(SMOKE, overrides, num_samples=3)
