@@ -98,6 +98,8 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from service.tune.cleanup import PlacementGroupJanitor
+
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -111,7 +113,9 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
         )
     scheduler = ASHAScheduler(
         time_attr="epochs_completed",  # added by EpochReportCallback: rungs are in epochs
-        max_t=settings.max_epochs,
+        # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill a
+        # finished trial before its Train run shuts down cleanly; the loop ends it anyway.
+        max_t=settings.max_epochs + 1,
         grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
     )
@@ -133,6 +137,7 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             # A failed trial is a data point (e.g. a temperature that diverges), not a reason to
             # stop the sweep; it is not retried either, a NaN would only NaN again.
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[PlacementGroupJanitor()],  # frees the workers of ASHA-stopped trials
             verbose=1,
         ),
     )
