@@ -1,3 +1,3 @@
-"""contrastive-service: distributed large-batch contrastive pretraining on Ray, tracked in MLflow."""
+"""contrastive-service: distributed large-batch contrastive pretraining on Ray, with MLflow."""
 
 __version__ = "0.1.0"

@@ -130,17 +130,10 @@ class _TrainData:
             return
         from torch.utils.data import DistributedSampler
 
-        from service.data import ParquetImageDataset, make_dataloader
-        from service.data.augment import simclr_transform
+        from service.data import make_dataloader
+        from service.data.torch_dataset import build_train_dataset
 
-        dataset = ParquetImageDataset(
-            config.data.train,
-            simclr_transform(config.augment, config.data.image_size),
-            n_views=config.augment.n_views,
-            limit=config.data.limit,
-            max_bad_fraction=config.data.max_bad_fraction,
-            seed=config.train.seed,
-        )
+        dataset = build_train_dataset(config)
         self.sampler = DistributedSampler(
             dataset,
             num_replicas=world,
