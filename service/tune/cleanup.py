@@ -25,6 +25,27 @@ from ray.tune import Callback
 log = logging.getLogger(__name__)
 
 
+def is_orphaned(pg: Any, job_id_hex: str) -> bool:
+    """Is this GCS ``PlacementGroupTableData`` a live group of our job whose creator actor died?
+
+    Groups created by a driver (Tune's per-trial groups) have a nil creator actor id, which the
+    GCS also reports as "dead": they are not orphans.
+    """
+    from ray.core.generated import gcs_pb2
+
+    states = gcs_pb2.PlacementGroupTableData.PlacementGroupState
+    live = {states.Value("PENDING"), states.Value("PREPARED"), states.Value("CREATED")}
+    creator = pg.creator_actor_id
+    return (
+        pg.state in live
+        and not pg.is_detached
+        and bool(creator)
+        and creator != b"\xff" * len(creator)
+        and pg.creator_actor_dead
+        and pg.creator_job_id.hex() == job_id_hex
+    )
+
+
 def orphaned_placement_groups(job_id_hex: str) -> list[str]:
     """Ids (hex) of live placement groups of ``job_id_hex`` whose creator actor is dead."""
     import ray
@@ -33,26 +54,10 @@ def orphaned_placement_groups(job_id_hex: str) -> list[str]:
 
     if not ray.is_initialized():
         return []
-    pg_state = gcs_pb2.PlacementGroupTableData.PlacementGroupState
-    live = {pg_state.Value("PENDING"), pg_state.Value("PREPARED"), pg_state.Value("CREATED")}
     # The public placement_group_table() drops the creator fields; read the GCS records instead.
     accessor = state._connect_and_get_accessor()
-    found = []
-    for raw in accessor.get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        creator = pg.creator_actor_id
-        if (
-            pg.state in live
-            and not pg.is_detached
-            # created by an actor (the driver-created trial groups of Tune have a nil creator,
-            # which the GCS also reports as "dead") that has died since
-            and creator
-            and creator != b"\xff" * len(creator)
-            and pg.creator_actor_dead
-            and pg.creator_job_id.hex() == job_id_hex
-        ):
-            found.append(pg.placement_group_id.hex())
-    return found
+    records = map(gcs_pb2.PlacementGroupTableData.FromString, accessor.get_placement_group_table())
+    return [pg.placement_group_id.hex() for pg in records if is_orphaned(pg, job_id_hex)]
 
 
 def release_orphaned_placement_groups() -> int:

@@ -211,6 +211,7 @@ def plot_sweep(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     from matplotlib.transforms import blended_transform_factory
 
     keys = [k for k, s in specs.items() if s.kind != "choice" or _numeric(s.values)]
@@ -221,8 +222,11 @@ def plot_sweep(
         for outcome in OUTCOMES:
             pts = [r for r in records if r.outcome == outcome and r.params.get(key) is not None]
             if outcome == "failed":
-                xs = [float(r.params[key]) for r in pts]
-                ax.scatter(xs, [0.03] * len(xs), transform=bottom, label=outcome, **_STYLE[outcome])
+                if pts:
+                    xs = [float(r.params[key]) for r in pts]
+                    ys = [0.03] * len(xs)  # axes fraction: along the bottom edge
+                    label = f"failed ({len(pts)})"
+                    ax.scatter(xs, ys, transform=bottom, label=label, **_STYLE[outcome])
                 continue
             pts = [r for r in pts if r.metric is not None]
             ax.scatter(
@@ -241,8 +245,16 @@ def plot_sweep(
                 edgecolors="black",
                 label="best",
             )
-        if specs[key].kind == "loguniform":
+        spec = specs[key]
+        if spec.kind == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlim(spec.low / 1.1, spec.high * 1.1)  # the whole range: coverage shows too
+        elif spec.kind == "uniform":
+            pad = 0.03 * (spec.high - spec.low)
+            ax.set_xlim(spec.low - pad, spec.high + pad)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -47,9 +47,10 @@ class SweepFailedError(RuntimeError):
 def _preload_modules() -> None:
     """Import everything the driver needs later, before it connects to Ray.
 
-    Under ``ray job submit --working-dir``, Ray's runtime-env agent re-extracts the job's working
-    directory (rmtree + unzip) while the driver connects; a lazy import at that moment fails
-    with ModuleNotFoundError for a file that exists. Modules already in ``sys.modules`` are safe.
+    Under ``ray job submit --working-dir``, a runtime-env agent that (re)extracts the job's
+    working directory (rmtree + unzip; seen with two Ray nodes on one host sharing a temp dir)
+    makes a lazy import fail with ModuleNotFoundError for a file that exists. Modules already in
+    ``sys.modules`` are immune, so the driver loads them up front.
     """
     import service.data.augment  # noqa: F401
     import service.data.preview  # noqa: F401
@@ -164,7 +165,7 @@ def _reconcile_runs(
     """Give every nested run its final status: ASHA-stopped trials were killed mid-run (their
     function never returned) and trials whose actor died never got to mark themselves."""
     from service.train.finalize import Tracking
-    from service.tune.trial import OUTCOME_TAG, _client, mark_failed, trial_runs
+    from service.tune.trial import ERROR_TAG, OUTCOME_TAG, _client, mark_failed, trial_runs
 
     client = _client(uri)
     runs = trial_runs(uri, parent_run_id)
@@ -174,11 +175,17 @@ def _reconcile_runs(
             continue
         record.run_id = run.info.run_id
         _backfill_epochs(client, record)
-        if run.info.status != "RUNNING":
-            continue
+        tagged = run.data.tags.get(OUTCOME_TAG)
         if record.outcome == "failed":
-            mark_failed(Tracking(uri, record.run_id), errors.get(record.trial_id) or record.error)
-        else:
+            if run.info.status == "RUNNING":
+                mark_failed(
+                    Tracking(uri, record.run_id), errors.get(record.trial_id) or record.error
+                )
+        elif run.info.status == "RUNNING" or tagged != record.outcome:
+            # Tune's view wins: a stopped trial whose run was left RUNNING, or marked failed by
+            # a trial that saw its controller die while Tune was stopping it.
+            if ERROR_TAG in run.data.tags:
+                client.delete_tag(record.run_id, ERROR_TAG)
             client.set_tag(record.run_id, OUTCOME_TAG, record.outcome)
             client.set_terminated(record.run_id, status="FINISHED")
 

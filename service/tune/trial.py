@@ -20,6 +20,7 @@ import sys
 import traceback
 from typing import Any
 
+from ray.exceptions import RayActorError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from service.config import Config
@@ -154,8 +155,11 @@ def run_trial(
             _attach_callbacks(trainer, [EpochReportCallback()])
         fit(trainer)
     except Exception as exc:
-        # ASHA stopping a trial kills this actor (no exception here); any exception is a failure.
-        if tracking is not None:
+        # When Tune stops this trial (ASHA), it removes the trial's placement group, which takes
+        # the Train controller down with it: ray.get() here then raises RayActorError while this
+        # actor is being torn down. That is no training failure; the driver, which knows whether
+        # Tune stopped the trial or it errored, gives the run its final status.
+        if tracking is not None and not isinstance(exc, RayActorError):
             mark_failed(tracking, exc)
         raise
     if tracking is not None:
