@@ -55,7 +55,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from service.tune import tune_command
 
-    _print_json(tune_command(args.config, args.overrides, args.num_samples, args.address))
+    _print_json(
+        tune_command(
+            args.config, args.overrides, args.num_samples, args.address, resume=args.resume
+        )
+    )
     return 0
 
 
@@ -136,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-samples", type=int, default=None, help="trials (default: tune.num_samples)"
     )
     p.add_argument("--address", default=None, help="Ray address (default: embedded local Ray)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the sweep of the same name after a crash"
+    )
     p.set_defaults(func=_cmd_tune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
