@@ -237,6 +237,36 @@ def test_table_and_figure(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# --- placement-group janitor ------------------------------------------------------------------
+
+
+def _pg(state: str, creator: bytes, dead: bool, job: str = "01000000", detached: bool = False):
+    from ray.core.generated import gcs_pb2
+
+    data = gcs_pb2.PlacementGroupTableData
+    return data(
+        state=data.PlacementGroupState.Value(state),
+        creator_actor_id=creator,
+        creator_actor_dead=dead,
+        creator_job_id=bytes.fromhex(job),
+        is_detached=detached,
+    )
+
+
+def test_janitor_only_takes_groups_of_dead_actors_of_this_job() -> None:
+    from service.tune.cleanup import is_orphaned
+
+    controller = bytes.fromhex("757d10a022fa1c5561dbea1401000000")
+    assert is_orphaned(_pg("CREATED", controller, dead=True), "01000000")
+    assert is_orphaned(_pg("PENDING", controller, dead=True), "01000000")
+    assert not is_orphaned(_pg("CREATED", controller, dead=False), "01000000")  # still running
+    assert not is_orphaned(_pg("REMOVED", controller, dead=True), "01000000")
+    assert not is_orphaned(_pg("CREATED", controller, dead=True, job="02000000"), "01000000")
+    assert not is_orphaned(_pg("CREATED", controller, dead=True, detached=True), "01000000")
+    # Tune's own per-trial groups are created by the driver: nil creator, reported "dead"
+    assert not is_orphaned(_pg("CREATED", b"\xff" * 16, dead=True), "01000000")
+
+
 # --- a real sweep (local Ray + MLflow) ---------------------------------------------------------
 
 

@@ -129,7 +129,10 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=settings.num_samples,
-            max_concurrent_trials=settings.resources.concurrent_trials,
+            # the random generator limits itself (above); Tune wraps a Searcher (Optuna) here
+            max_concurrent_trials=(
+                settings.resources.concurrent_trials if settings.search != "random" else None
+            ),
             reuse_actors=False,  # each trial owns (and tears down) its Train worker group
         ),
         run_config=tune.RunConfig(
