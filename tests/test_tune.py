@@ -149,6 +149,20 @@ def test_trial_config_reports_knn_every_epoch() -> None:
     assert trial_base_config(config, resolve_settings(config)).eval.knn_every_epochs == 1
 
 
+def test_bad_input_fails_before_ray_starts(tmp_path: Path) -> None:
+    import ray
+
+    from service.tune import tune_command
+
+    before = ray.is_initialized()
+    bad = [f"train.storage_path={tmp_path}", "tune.metric=accuracy"]
+    with pytest.raises(SweepConfigError, match="never reported"):
+        tune_command(SMOKE, bad, num_samples=2)
+    with pytest.raises(SweepConfigError, match="nothing to resume"):
+        tune_command(SMOKE, [f"train.storage_path={tmp_path}"], resume=True)
+    assert ray.is_initialized() == before  # no Ray was started for a sweep that cannot run
+
+
 # --- summary -----------------------------------------------------------------------------------
 
 
@@ -364,6 +378,17 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     version = client.get_model_version_by_alias("tune-test-encoder", "latest-trained")
     assert version.run_id == summary["best_run_id"]
     assert summary["model_uri"]
+
+    # --resume on the finished sweep re-reads it: same parent run, same best, nothing registered
+    # twice (a resume after a driver crash goes through the same path; see docs/benchmarks.md).
+    ray_cluster.submit(["python", "jobs/tune.py", *args, "--resume"], "tune-sweep-resume")
+    status, logs = ray_cluster.wait("tune-sweep-resume")
+    assert status == "SUCCEEDED", logs[-6000:]
+    again = last_json_line(logs)
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    assert again["best_trial_id"] == summary["best_trial_id"]
+    assert again["model_uri"] == summary["model_uri"]
+    assert len(client.search_model_versions("name='tune-test-encoder'")) == 1
 
     # Starting the same sweep again without --resume is refused before Ray is touched.
     with pytest.raises(ConfigError, match="already exists"):

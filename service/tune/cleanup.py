@@ -74,7 +74,11 @@ def release_orphaned_placement_groups() -> int:
 
 
 class PlacementGroupJanitor(Callback):
-    """Tune callback: every ``interval_s``, release placement groups left by stopped trials."""
+    """Tune callback: every ``interval_s``, release placement groups left by stopped trials.
+
+    >>> from ray import tune
+    >>> run_config = tune.RunConfig(callbacks=[PlacementGroupJanitor(interval_s=5.0)])
+    """
 
     def __init__(self, interval_s: float = 5.0) -> None:
         self.interval_s = interval_s

@@ -168,9 +168,9 @@ def _reconcile_runs(
     """Give every nested run its final status: ASHA-stopped trials were killed mid-run (their
     function never returned) and trials whose actor died never got to mark themselves."""
     from service.train.finalize import Tracking
-    from service.tune.trial import ERROR_TAG, OUTCOME_TAG, _client, mark_failed, trial_runs
+    from service.tune.trial import ERROR_TAG, OUTCOME_TAG, mark_failed, mlflow_client, trial_runs
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     runs = trial_runs(uri, parent_run_id)
     for record in records:
         run = runs.get(record.trial_id)
@@ -222,7 +222,7 @@ def _log_parent(
     best: TrialRecord | None,
     workdir: Path,
 ) -> None:
-    from service.tune.trial import _client
+    from service.tune.trial import mlflow_client
 
     logger = tracking.logger()
     metric = settings.metric
@@ -243,7 +243,7 @@ def _log_parent(
     logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
     logger.flush()
     if best is not None:
-        client = _client(tracking.uri)
+        client = mlflow_client(tracking.uri)
         client.set_tag(tracking.run_id, "tune_best_trial_id", best.trial_id)
         if best.run_id:
             client.set_tag(tracking.run_id, "tune_best_run_id", best.run_id)
@@ -252,15 +252,15 @@ def _log_parent(
 def _open_parent(config: Config, settings: SweepSettings, state: dict[str, Any] | None) -> Any:
     """Create the sweep's parent run (or reopen it on resume)."""
     from service.train.finalize import Tracking, open_tracking
-    from service.tune.trial import _client
+    from service.tune.trial import mlflow_client
 
     if state is not None and state.get("parent_run_id"):
         tracking = Tracking(uri=state["tracking_uri"], run_id=state["parent_run_id"])
-        _client(tracking.uri).update_run(tracking.run_id, status="RUNNING")
+        mlflow_client(tracking.uri).update_run(tracking.run_id, status="RUNNING")
         return tracking
     tracking = open_tracking(config, run_name=settings.name)
     if tracking is not None:
-        client = _client(tracking.uri)
+        client = mlflow_client(tracking.uri)
         client.set_tag(tracking.run_id, "tune_sweep", settings.name)
         client.set_tag(tracking.run_id, "tune_role", "parent")
         client.set_tag(tracking.run_id, "tune_experiment_path", str(settings.experiment_path))

@@ -39,6 +39,10 @@ class EpochReportCallback(TuneReportCallback):
 
     Tune's own ``training_iteration`` restarts at 1 when a trial is restarted, while the Train run
     resumes from its checkpoint at a later epoch; the epoch count from the loop does not drift.
+    Inside a Tune trial only (it connects to the trial's result queue):
+
+        >>> trainer.run_config.callbacks = [EpochReportCallback()]  # doctest: +SKIP
+        >>> trainer.fit()  # each ray.train.report(...) now reaches Tune  # doctest: +SKIP
     """
 
     def after_report(self, run_context, metrics, checkpoint):  # noqa: D102 (Ray callback)
@@ -51,7 +55,8 @@ def train_run_name(trial_id: str) -> str:
     return f"train-{trial_id}"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str) -> Any:
+    """An explicit ``MlflowClient`` (no fluent global run: trials run in parallel processes)."""
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
@@ -59,7 +64,7 @@ def _client(uri: str):
 
 def find_trial_run(uri: str, parent_run_id: str, trial_id: str) -> str | None:
     """The nested run a (previous attempt of this) trial created, if any."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -73,7 +78,7 @@ def find_trial_run(uri: str, parent_run_id: str, trial_id: str) -> str | None:
 
 def trial_runs(uri: str, parent_run_id: str) -> dict[str, Any]:
     """The sweep's nested runs by trial id (MLflow ``Run`` objects)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -92,11 +97,11 @@ def _open_trial_run(
     uri = config.mlflow.tracking_uri  # pinned to an absolute URI by the sweep driver
     existing = find_trial_run(uri, parent_run_id, trial_id) if uri else None
     if existing is not None:
-        _client(uri).update_run(existing, status="RUNNING")
+        mlflow_client(uri).update_run(existing, status="RUNNING")
         return Tracking(uri=uri, run_id=existing)
     tracking = open_tracking(config, parent_run_id=parent_run_id, run_name=f"trial-{trial_id}")
     if tracking is not None:
-        client = _client(tracking.uri)
+        client = mlflow_client(tracking.uri)
         client.set_tag(tracking.run_id, TRIAL_ID_TAG, trial_id)
         client.set_tag(tracking.run_id, SWEEP_TAG, sweep)
         client.set_tag(tracking.run_id, SEARCHED_TAG, json.dumps(searched, sort_keys=True))
@@ -105,7 +110,7 @@ def _open_trial_run(
 
 def mark_failed(tracking, error: BaseException | str) -> None:
     """End a trial's run FAILED with the reason as a tag and the full text as ``error.txt``."""
-    client = _client(tracking.uri)
+    client = mlflow_client(tracking.uri)
     client.set_tag(tracking.run_id, OUTCOME_TAG, "failed")
     client.set_tag(tracking.run_id, ERROR_TAG, short_reason(error))
     text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
@@ -163,5 +168,5 @@ def run_trial(
             mark_failed(tracking, exc)
         raise
     if tracking is not None:
-        _client(tracking.uri).set_tag(tracking.run_id, OUTCOME_TAG, "completed")
+        mlflow_client(tracking.uri).set_tag(tracking.run_id, OUTCOME_TAG, "completed")
         tracking.end("FINISHED")
