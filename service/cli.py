@@ -1,7 +1,12 @@
-"""The ``contrastive`` console script: a thin argparse layer over the library.
+"""The ``contrastive`` console script: argparse parsing, dispatch and error reporting only.
 
-Heavy imports (torch, ray, mlflow) happen inside the handlers so ``contrastive --help`` is instant.
-Commands that produce results print one JSON object as their last stdout line.
+The work happens in :mod:`service.commands` (one typed handler per command; they import torch,
+ray and mlflow only when they run, so ``contrastive --help`` is instant). Every command prints
+its JSON-able result as one JSON object, the last line of stdout.
+
+Exit codes: 0 success; 2 bad input (invalid config, a path that does not exist, bad arguments);
+1 any other error of ours (bad data, unreachable MLflow, NaN loss, ...). Those print one line
+without a traceback unless ``--debug`` is given; an unexpected exception (a bug) always raises.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from service import commands  # light: the handlers import torch/ray/mlflow when they run
+from service.config import ConfigError
 
 
 def _print_json(obj: dict[str, Any]) -> None:
@@ -28,89 +36,64 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
     )
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from service.config import load_config
-    from service.train.driver import run_pretraining
-
-    config = load_config(args.config, args.overrides)
-    summary = run_pretraining(config, address=args.address)
-    _print_json(summary)
-    return 0
+# argparse → typed arguments: the only place a Namespace is read; each returns the JSON summary.
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from service.eval.offline import evaluate_command
-
-    _print_json(evaluate_command(args))
-    return 0
+def _cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.pretrain_command(a.config, a.overrides, address=a.address)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from service.train.demo import run_demo
-
-    _print_json(run_demo(args.config, args.overrides))
-    return 0
-
-
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from service.tune import tune_command
-
-    _print_json(
-        tune_command(
-            args.config, args.overrides, args.num_samples, args.address, resume=args.resume
-        )
+def _cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.evaluate_command(
+        a.train,
+        a.test,
+        checkpoint=a.checkpoint,
+        model=a.model,
+        random_baseline=a.baseline == "random",
+        log_to_run=a.log_to_run,
+        config_path=a.config,
+        overrides=a.overrides,
     )
-    return 0
 
 
-def _cmd_data_pack(args: argparse.Namespace) -> int:
-    from service.data.commands import pack_command
-
-    _print_json(pack_command(args.src, args.out))
-    return 0
+def _cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.demo_command(a.config, a.overrides)
 
 
-def _cmd_data_preview(args: argparse.Namespace) -> int:
-    from service.data.commands import preview_command
-
-    _print_json(preview_command(args.data, args.out, args.config, args.overrides))
-    return 0
+def _cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.tune_command(a.config, a.overrides, a.num_samples, a.address, resume=a.resume)
 
 
-def _cmd_promote(args: argparse.Namespace) -> int:
-    from service.registry.register import promote
-
-    promote(args.name, args.version, args.alias, tracking_uri=args.tracking_uri)
-    _print_json({"name": args.name, "version": args.version, "alias": args.alias})
-    return 0
+def _cmd_data_pack(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.pack_command(a.src, a.out)
 
 
-def _cmd_pull(args: argparse.Namespace) -> int:
-    from service.registry.load import pull
-
-    out = pull(args.spec, args.out, tracking_uri=args.tracking_uri)
-    _print_json({"spec": args.spec, "out": str(out)})
-    return 0
+def _cmd_data_preview(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.preview_command(a.data, a.out, a.config, a.overrides)
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from service.registry.embed import embed_parquet
+def _cmd_promote(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.promote_command(a.name, a.version, a.alias, tracking_uri=a.tracking_uri)
 
-    _print_json(
-        embed_parquet(
-            args.model,
-            args.input,
-            args.output,
-            batch_size=args.batch_size,
-            tracking_uri=args.tracking_uri,
-        )
+
+def _cmd_pull(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.pull_command(a.spec, a.out, tracking_uri=a.tracking_uri)
+
+
+def _cmd_embed(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.embed_command(
+        a.model, a.input, a.output, batch_size=a.batch_size, tracking_uri=a.tracking_uri
     )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="contrastive", description="Distributed contrastive pretraining on Ray + MLflow"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks (default: known errors print one line)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,22 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from service.config import ConfigError
+def _exit_code(exc: Exception) -> int | None:
+    """2 for bad input, 1 for our other errors, None for anything else (a bug: let it raise)."""
+    if isinstance(exc, (ConfigError, FileNotFoundError)):
+        return 2
+    # Our own errors (bad data, unreachable MLflow, NaN loss, ...) carry actionable messages.
+    return 1 if type(exc).__module__.startswith("service.") else None
 
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, ConfigError):
+        return f"config error: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return str(exc)  # names the path (e.g. "no checkpoint at ...")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"contrastive: config error: {exc}", file=sys.stderr)
-        return 2
+        _print_json(args.func(args))
     except Exception as exc:
-        # Our own errors (bad data, unreachable MLflow, NaN loss, ...) carry actionable messages:
-        # print them without a traceback. Anything else is a bug: let it raise.
-        if not type(exc).__module__.startswith("service."):
+        code = _exit_code(exc)
+        if args.debug or code is None:
             raise
-        print(f"contrastive: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        print(f"contrastive: {_message(exc)}", file=sys.stderr)
+        return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Offline evaluation protocol (seeds 004): freeze the encoder, extract features on a labelled
 train/test Parquet pair, report linear-probe and weighted-kNN top-1 — optionally beside the same
-architecture at random init, so a user sees what pretraining bought."""
+architecture at random init, so a user sees what pretraining bought.
+
+The caller hands in the encoder: where it comes from (a training checkpoint, a registered model)
+is the command layer's business, so this module never imports ``service.train``.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.config import Config, EvalConfig
 from service.eval.features import extract_features
 from service.eval.knn import knn_top1
 from service.eval.linear import linear_probe_top1
+
+PROBE_METRICS = ("linear_top1", "knn_top1")
 
 
 def evaluate_encoder(
@@ -44,56 +50,50 @@ def evaluate_encoder(
     }
 
 
-def _load(args: argparse.Namespace):
-    """(encoder, transform, config-or-None, model config for a random baseline)."""
-    from service.data.augment import eval_transform
-
-    if args.checkpoint:
-        from service.train.checkpoint import load_encoder_from_checkpoint
-
-        encoder, config = load_encoder_from_checkpoint(args.checkpoint)
-        transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
-        return encoder, transform, config
-    from service.registry.load import load_encoder
-
-    encoder, transform = load_encoder(args.model)
-    return encoder, transform, None
+def _probe_settings(e: EvalConfig) -> dict[str, Any]:
+    return {
+        "knn_k": e.knn_k,
+        "knn_temperature": e.knn_temperature,
+        "linear_epochs": e.linear_epochs,
+        "linear_lr": e.linear_lr,
+    }
 
 
-def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
-    """``contrastive evaluate``: JSON-able results (+ ``baseline_random`` when asked)."""
-    from service.config import load_config
+def evaluate_beside_random(
+    encoder: nn.Module,
+    transform: Callable,
+    train_path: str,
+    test_path: str,
+    config: Config,
+    *,
+    random_baseline: bool = False,
+) -> dict[str, Any]:
+    """:func:`evaluate_encoder` with ``config.eval``'s probe settings.
 
-    encoder, transform, ckpt_config = _load(args)
-    config = ckpt_config or load_config(args.config, args.overrides)
-    e = config.eval
-    kwargs = dict(
-        knn_k=e.knn_k,
-        knn_temperature=e.knn_temperature,
-        linear_epochs=e.linear_epochs,
-        linear_lr=e.linear_lr,
-    )
-    print(f"[evaluate] extracting features on {args.train} and {args.test}", file=sys.stderr)
-    result = evaluate_encoder(encoder, transform, args.train, args.test, **kwargs)
-    result["source"] = args.checkpoint or args.model
-    if args.baseline == "random":
+    With ``random_baseline``, the same protocol also runs on ``config.model``'s architecture at
+    random init (seeded with ``config.train.seed``); its top-1s land under ``baseline_random``.
+    """
+    settings = _probe_settings(config.eval)
+    print(f"[evaluate] extracting features on {train_path} and {test_path}", file=sys.stderr)
+    result = evaluate_encoder(encoder, transform, train_path, test_path, **settings)
+    if random_baseline:
         from service.models import build_model
 
         torch.manual_seed(config.train.seed)
         random_encoder = build_model(config.model).backbone.eval()
         print("[evaluate] same protocol on the random-init encoder", file=sys.stderr)
-        baseline = evaluate_encoder(random_encoder, transform, args.train, args.test, **kwargs)
-        result["baseline_random"] = {k: baseline[k] for k in ("linear_top1", "knn_top1")}
-    if args.log_to_run:
-        from service.tracking.logger import MetricLogger
-        from service.tracking.uri import resolve_tracking_uri
-
-        logger = MetricLogger(resolve_tracking_uri(config.mlflow), args.log_to_run)
-        metrics = {f"eval_{k}": float(result[k]) for k in ("linear_top1", "knn_top1")}
-        if "baseline_random" in result:
-            metrics.update(
-                {f"eval_random_{k}": float(v) for k, v in result["baseline_random"].items()}
-            )
-        logger.log_metrics(metrics, step=0)
-        logger.flush()
+        baseline = evaluate_encoder(random_encoder, transform, train_path, test_path, **settings)
+        result["baseline_random"] = {k: baseline[k] for k in PROBE_METRICS}
     return result
+
+
+def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of an evaluation result: ``eval_*`` (+ ``eval_random_*``).
+
+    >>> evaluation_metrics({"linear_top1": 0.5, "knn_top1": 0.25, "n_train": 10})
+    {'eval_linear_top1': 0.5, 'eval_knn_top1': 0.25}
+    """
+    metrics = {f"eval_{k}": float(result[k]) for k in PROBE_METRICS}
+    for k, v in result.get("baseline_random", {}).items():
+        metrics[f"eval_random_{k}"] = float(v)
+    return metrics

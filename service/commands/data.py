@@ -1,7 +1,7 @@
-"""Handlers behind ``contrastive data pack`` and ``contrastive data preview``.
+"""``contrastive data pack`` and ``contrastive data preview``: dataset tools.
 
-Each returns a JSON-able summary for the CLI to print; errors are ``DataError`` / ``ConfigError``
-(both ``ValueError``) with a message naming the offending path or value.
+Errors are ``DataError`` / ``ConfigError`` (both ``ValueError``) with a message naming the
+offending path or value.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from service.config import load_config
-from service.data.pack import pack_image_folder
-from service.data.preview import save_augmentation_preview
 
 
 def pack_command(src: str, out: str) -> dict[str, Any]:
     """``contrastive data pack SRC OUT.parquet``: image folder → Parquet; returns the summary."""
+    from service.data.pack import pack_image_folder
+
     return pack_image_folder(src, out)
 
 
@@ -33,6 +33,8 @@ def preview_command(
     ``--set augment.strength=0.5`` style overrides apply, so a Tune trial's settings can be
     previewed exactly.
     """
+    from service.data.preview import save_augmentation_preview
+
     config = load_config(config_path, overrides or [])
     path = save_augmentation_preview(
         data,

@@ -1,0 +1,29 @@
+"""The commands behind the ``contrastive`` console script, one module per command group.
+
+Each handler takes typed arguments (never an ``argparse.Namespace``), resolves what the library
+needs (config files, ``--set`` overrides, where an encoder comes from), calls the library and
+returns the JSON-able summary that ``service.cli`` prints. This is the only layer, beside
+``jobs/``, that may import from every package: it sits above ``train``/``tune``.
+
+Heavy imports (torch, ray, mlflow) happen inside the handlers, so ``contrastive --help`` stays
+instant.
+"""
+
+from service.commands.data import pack_command, preview_command
+from service.commands.demo import demo_command
+from service.commands.evaluate import evaluate_command
+from service.commands.pretrain import pretrain_command
+from service.commands.registry import embed_command, promote_command, pull_command
+from service.commands.tune import tune_command
+
+__all__ = [
+    "demo_command",
+    "embed_command",
+    "evaluate_command",
+    "pack_command",
+    "pretrain_command",
+    "preview_command",
+    "promote_command",
+    "pull_command",
+    "tune_command",
+]
