@@ -24,40 +24,33 @@ from service.config import BUNDLED_DATA_DIR, Config
 from service.data.augment import eval_transform
 from service.data.decode import decode_image
 from service.models import build_model
-from service.registry.embed import embed_parquet
-from service.registry.errors import EncoderSpecError, RegistryError, RegistryLookupError
-from service.registry.load import load_encoder, pull
-from service.registry.lookup import ModelRef, parse_model_ref
-from service.registry.register import (
+from service.registry import (
     CHAMPION_ALIAS,
     DECISION_ARTIFACT,
     LATEST_ALIAS,
+    EncoderSpec,
+    EncoderSpecError,
+    ModelRef,
+    RegistryError,
+    RegistryLookupError,
+    apply_alias_policy,
     decide_champion,
+    embed_parquet,
+    judge,
+    load_encoder,
+    parse_model_ref,
     promote,
+    pull,
     register_encoder,
+    version_tags,
 )
-from service.registry.spec import WEIGHTS_FILE, EncoderSpec
+from service.registry.aliases import metric_tag
+from service.registry.spec import WEIGHTS_FILE
 from service.tracking.runs import start_pretrain_run
 
 torch.set_num_threads(1)
 
 TEST_PARQUET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
-
-
-def _version_tags(config: Config, backbone: torch.nn.Module, knn: float) -> dict[str, str]:
-    """What the training driver passes (service.train.finalize)."""
-    return {
-        "dataset": config.data.train,
-        "method": config.loss.name,
-        "temperature": str(config.loss.temperature),
-        "augment_strength": str(config.augment.strength),
-        "knn_top1": f"{knn:.4f}",
-        "embedding_dim": str(backbone.out_dim),
-        "arch": config.model.arch,
-        "input_size": str(config.data.image_size),
-        "normalize_mean": ",".join(map(str, config.augment.mean)),
-        "normalize_std": ",".join(map(str, config.augment.std)),
-    }
 
 
 def _image_batch(config: Config, rows: int) -> tuple[torch.Tensor, pa.Table]:
@@ -84,13 +77,14 @@ def registry(mlflow_server):
         results.append(
             register_encoder(
                 backbone,
+                config,
                 tracking_uri=mlflow_server.url,
                 run_id=run_id,
-                name=name,
-                tags=_version_tags(config, backbone, knn),
-                input_example=example,
                 metric_name=config.mlflow.champion_metric,
                 metric_value=knn,
+                knn=knn,
+                name=name,
+                input_example=example,
             )
         )
         encoders.append(backbone)
@@ -156,6 +150,7 @@ def test_version_tags_describe_the_encoder(registry):
     assert tags["normalize_mean"] == ",".join(map(str, config.augment.mean))
     assert tags["weights_rebuildable"] == "true"
     assert tags["champion_decision"].startswith("promoted")
+    assert version_tags(config, 0.6, registry.good).items() <= tags.items()
 
 
 def test_decide_champion_rules():
@@ -163,8 +158,102 @@ def test_decide_champion_rules():
     assert decide_champion(0.5, 0.4)[0] is True
     assert decide_champion(0.5, 0.5)[0] is False  # must strictly beat
     assert decide_champion(0.3, 0.4, higher_is_better=False)[0] is True
+    assert decide_champion(0.4, 0.4, higher_is_better=False)[0] is False
     assert decide_champion(math.nan, 0.4)[0] is False
+    assert decide_champion(math.nan, None)[0] is False
     assert decide_champion(0.1, math.nan)[0] is True
+
+
+class _NoAlias(Exception):
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class FakeRegistryClient:
+    """In memory: the MlflowClient calls the alias policy makes, for one registered model."""
+
+    def __init__(self) -> None:
+        self.aliases: dict[str, str] = {}
+        self.version_tags: dict[str, dict[str, str]] = {}
+        self.run_tags: dict[str, dict[str, str]] = {}
+        self.records: dict[str, dict] = {}
+
+    def add_version(self, metric_name: str, value: float | None) -> str:
+        version = str(len(self.version_tags) + 1)
+        self.version_tags[version] = {} if value is None else {metric_tag(metric_name): repr(value)}
+        return version
+
+    def get_model_version_by_alias(self, name, alias):
+        if alias not in self.aliases:
+            raise _NoAlias(f"alias {alias} not found")
+        version = self.aliases[alias]
+        return SimpleNamespace(version=version, tags=self.version_tags[version])
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.aliases[alias] = version
+
+    def set_model_version_tag(self, name, version, key, value):
+        self.version_tags[version][key] = value
+
+    def set_tag(self, run_id, key, value):
+        self.run_tags.setdefault(run_id, {})[key] = value
+
+    def log_text(self, run_id, text, artifact_file):
+        assert artifact_file == DECISION_ARTIFACT
+        self.records[run_id] = json.loads(text)
+
+
+def _register(client: FakeRegistryClient, value: float | None, metric="knn_top1", **kwargs):
+    version = client.add_version(metric, value)
+    decision = apply_alias_policy(
+        client,
+        "enc",
+        version,
+        run_id=f"run{version}",
+        metric_name=metric,
+        metric_value=math.nan if value is None else value,
+        **kwargs,
+    )
+    return version, decision
+
+
+def test_alias_policy_champion_moves_only_on_strict_improvement():
+    client = FakeRegistryClient()
+    # first, worse, barely better, equal: champion after each registration
+    for value, champion in [(0.5, "1"), (0.4, "1"), (0.5000001, "3"), (0.5000001, "3")]:
+        version, decision = _register(client, value)
+        assert client.aliases == {LATEST_ALIAS: version, CHAMPION_ALIAS: champion}, value
+        assert decision.champion is (champion == version)
+    equal = client.records["run4"]
+    assert equal["champion"] is False and equal["previous_champion"] == "3"
+    assert equal["previous_champion_value"] == 0.5000001 and "does not beat" in equal["reason"]
+    assert client.run_tags["run4"]["registry.champion_decision"].startswith("kept-previous")
+    assert client.version_tags["3"]["champion_decision"].startswith("promoted")
+
+    version, decision = _register(client, None)  # NaN metric: latest moves, champion never
+    assert decision.champion is False and client.aliases == {
+        LATEST_ALIAS: version,
+        CHAMPION_ALIAS: "3",
+    }
+
+
+def test_alias_policy_lower_is_better_and_first_version():
+    client = FakeRegistryClient()
+    for value, champion in [(2.0, "1"), (1.5, "2"), (1.5, "2"), (3.0, "2")]:
+        version, _ = _register(client, value, metric="loss", higher_is_better=False)
+        assert client.aliases == {LATEST_ALIAS: version, CHAMPION_ALIAS: champion}, value
+    assert client.records["run1"]["reason"] == "no champion yet"
+    assert client.records["run1"]["previous_champion"] is None
+
+
+def test_alias_policy_keeps_a_champion_without_the_metric():
+    """A champion that never recorded the metric is not replaced: that call is a person's."""
+    client = FakeRegistryClient()
+    _register(client, 0.2, metric="knn_top1")
+    version, decision = _register(client, 0.99, metric="linear_top1")
+    assert decision.champion is False and decision.previous_champion == "1"
+    assert decision.previous_value is None and "has no 'linear_top1'" in decision.reason
+    assert client.aliases == {LATEST_ALIAS: version, CHAMPION_ALIAS: "1"}
+    assert judge("x", 0.1, None).champion is True
 
 
 def test_promote_moves_an_alias_by_hand(registry):
@@ -234,25 +323,29 @@ def test_parse_model_ref():
     assert parse_model_ref("models:/enc@latest-trained").uri == "models:/enc@latest-trained"
 
 
-def test_register_without_normalisation_fails_before_logging(registry):
+def test_bad_registration_inputs_fail_before_logging(registry):
     run = registry.client.create_run(
         registry.client.get_run(registry.run_ids[0]).info.experiment_id
     )
-    versions_before = len(registry.client.search_model_versions(f"name = '{registry.name}'"))
-    with pytest.raises(EncoderSpecError, match="normalisation"):
+
+    def versions() -> int:
+        return len(registry.client.search_model_versions(f"name = '{registry.name}'"))
+
+    before = versions()
+    kwargs = dict(tracking_uri=registry.url, run_id=run.info.run_id, metric_name="knn_top1")
+    with pytest.raises(EncoderSpecError, match=r"does not match the recorded input size"):
+        small = registry.images[:1, :, :16, :16].numpy()
         register_encoder(
             registry.good,
-            tracking_uri=registry.url,
-            run_id=run.info.run_id,
+            registry.config,
             name=registry.name,
-            tags={},
-            input_example=registry.images[:1].numpy(),
-            metric_name="knn_top1",
+            input_example=small,
             metric_value=0.99,
+            **kwargs,
         )
-    assert (
-        len(registry.client.search_model_versions(f"name = '{registry.name}'")) == versions_before
-    )
+    with pytest.raises(RegistryError, match="non-empty"):
+        register_encoder(registry.good, registry.config, name="", metric_value=0.99, **kwargs)
+    assert versions() == before
 
 
 # ----------------------------------------------------------------------------- embed

@@ -2,8 +2,8 @@
 
 Stored next to the pickled MLflow model so an encoder can be rebuilt without unpickling anything:
 the JSON names the architecture (the run's ``model.*`` config), the input size, the normalisation
-and the embedding dimension; ``service.models.build_model(ModelConfig(**model_config)).backbone``
-plus ``safetensors`` weights gives back the same module.
+and the embedding dimension, all taken from the training ``Config``;
+``backbone_from_spec(spec)`` plus the ``safetensors`` weights gives back the same module.
 
     >>> spec = EncoderSpec(image_size=32, mean=[0.5] * 3, std=[0.25] * 3, embedding_dim=512)
     >>> EncoderSpec.from_dict(spec.to_dict()) == spec
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.config import Config, ModelConfig
 from service.registry.errors import EncoderSpecError
 
 SPEC_FILE = "encoder.json"
@@ -58,6 +59,22 @@ class EncoderSpec:
             )
         if not self.input_shape:
             self.input_shape = [3, self.image_size, self.image_size]
+
+    @classmethod
+    def from_config(cls, config: Config, encoder: nn.Module, embedding_dim: int) -> EncoderSpec:
+        """The spec of ``encoder`` trained with ``config``: the Config is the only source of
+        input size, normalisation and architecture (no re-parsing of logged params)."""
+        kind = type(encoder)
+        return cls(
+            image_size=config.data.image_size,
+            mean=[float(v) for v in config.augment.mean],
+            std=[float(v) for v in config.augment.std],
+            embedding_dim=embedding_dim,
+            arch=config.model.arch,
+            model_config=dataclasses.asdict(config.model),
+            class_path=f"{kind.__module__}.{kind.__qualname__}",
+            torch_version=str(torch.__version__),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,16 +127,24 @@ def save_weights(module: nn.Module, directory: str | Path) -> Path:
     return path
 
 
-def build_backbone(model_config: dict[str, Any]) -> nn.Module:
-    """A freshly initialised backbone for ``model_config`` (the run's ``model.*`` values)."""
-    from service.config import ModelConfig
+def backbone_from_spec(spec: EncoderSpec) -> nn.Module:
+    """A freshly initialised backbone of the architecture ``spec.model_config`` records.
+
+    Not ``service.models.build_backbone`` (arch name + stem flag): this rebuilds from the whole
+    stored ``ModelConfig`` of a registered encoder.
+    """
     from service.models import build_model
 
+    if spec.model_config is None:
+        raise EncoderSpecError(
+            f"{SPEC_FILE} records no model_config (class {spec.class_path or 'unknown'}), so the "
+            "encoder cannot be rebuilt from weights; load the pickled model (source='pickle')"
+        )
     try:
-        config = ModelConfig(**model_config)
+        config = ModelConfig(**spec.model_config)
     except TypeError as exc:
         raise EncoderSpecError(
-            f"model_config {model_config} does not match ModelConfig: {exc}"
+            f"model_config {spec.model_config} does not match ModelConfig: {exc}"
         ) from exc
     return build_model(config).backbone
 
@@ -128,12 +153,7 @@ def rebuild_from_weights(spec: EncoderSpec, weights: str | Path) -> nn.Module:
     """Rebuild the architecture from ``spec.model_config`` and load the safetensors weights."""
     from safetensors.torch import load_model
 
-    if spec.model_config is None:
-        raise EncoderSpecError(
-            f"{SPEC_FILE} records no model_config (class {spec.class_path or 'unknown'}), so the "
-            "encoder cannot be rebuilt from weights; load the pickled model (source='pickle')"
-        )
-    module = build_backbone(spec.model_config)
+    module = backbone_from_spec(spec)
     try:
         load_model(module, str(weights), strict=True)
     except (RuntimeError, KeyError) as exc:
