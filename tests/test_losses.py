@@ -6,6 +6,7 @@ Distributed exactness lives in ``test_losses_distributed.py``; the loop referenc
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 
@@ -14,8 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from service.config import LossConfig
+from service.config import LossConfig, ModelConfig
 from service.losses import (
+    LOSS_CLASSES,
+    LOSS_NAMES,
+    ContrastiveLoss,
     DebiasedNTXentLoss,
     HardNegativeNTXentLoss,
     LossInputError,
@@ -25,6 +29,7 @@ from service.losses import (
     NTXentLoss,
     SymmetricInfoNCELoss,
     build_loss,
+    check_loss_config,
     gather_no_grad,
     gather_with_grad,
     get_rank,
@@ -32,6 +37,7 @@ from service.losses import (
     masked_logsumexp,
     momentum_update,
 )
+from service.models import build_model, unwrap
 from tests.test_losses_reference import (
     ref_debiased,
     ref_enqueue,
@@ -518,8 +524,8 @@ def test_build_loss_maps_every_name(name: str, cls: type) -> None:
 def test_build_loss_passes_the_fields_through() -> None:
     ntxent = build_loss(LossConfig(name="ntxent", chunk_size=512), embed_dim=8)
     assert ntxent.chunk_size == 512
-    moco = build_loss(LossConfig(name="moco", moco_queue_size=128), embed_dim=32)
-    assert moco.queue.size == 128 and moco.queue.dim == 32
+    moco = build_loss(LossConfig(name="moco", moco_queue_size=128, moco_momentum=0.9), embed_dim=32)
+    assert moco.queue.size == 128 and moco.queue.dim == 32 and moco.momentum == 0.9
     hard = build_loss(LossConfig(name="hard_negative", top_k=5), embed_dim=8)
     assert hard.top_k == 5
     debiased = build_loss(LossConfig(name="debiased", tau_plus=0.2), embed_dim=8)
@@ -535,3 +541,193 @@ def test_build_loss_rejects_unsupported_combinations() -> None:
         build_loss(LossConfig(name="hard_negative", chunk_size=64), embed_dim=8)
     with pytest.raises(LossInputError, match="loss.name must be one of"):
         build_loss(LossConfig(name="triplet"), embed_dim=8)
+
+
+def test_check_loss_config_rejects_what_the_loss_cannot_run() -> None:
+    for name in LOSS_NAMES:
+        check_loss_config(LossConfig(name=name), n_views=2)
+    check_loss_config(LossConfig(name="ntxent", chunk_size=64), n_views=4)
+    for name in ("symmetric", "moco", "debiased"):
+        with pytest.raises(LossInputError, match="takes exactly 2 views; got augment.n_views=3"):
+            check_loss_config(LossConfig(name=name), n_views=3)
+    with pytest.raises(LossInputError, match="learnable_temperature is not supported"):
+        check_loss_config(LossConfig(name="moco", learnable_temperature=True))
+
+
+def test_loss_names_and_capabilities_are_defined_by_the_classes() -> None:
+    assert LOSS_NAMES == tuple(LOSS_CLASSES)
+    assert all(issubclass(cls, ContrastiveLoss) for cls in LOSS_CLASSES.values())
+    learnable = {n for n, c in LOSS_CLASSES.items() if c.supports_learnable_temperature}
+    chunked = {n for n, c in LOSS_CLASSES.items() if c.supports_chunking}
+    two_views = {n for n, c in LOSS_CLASSES.items() if c.exact_views == 2}
+    assert learnable == {"symmetric"}
+    assert chunked == {"ntxent", "symmetric", "moco"}
+    assert two_views == {"symmetric", "moco", "debiased"}
+    with pytest.raises(LossInputError, match="does not support chunk_size"):
+        ContrastiveLoss(0.5, chunk_size=4)  # a loss must opt in to chunking
+
+
+def test_repr_names_the_hyperparameters() -> None:
+    assert MoCoLoss(0.2, queue_size=16, dim=8, momentum=0.9).extra_repr() == (
+        "temperature=0.2, queue_size=16, dim=8, momentum=0.9, gather_distributed=True, "
+        "chunk_size=None"
+    )
+    assert repr(HardNegativeNTXentLoss(0.5, top_k=3, gather_distributed=False)) == (
+        "HardNegativeNTXentLoss(temperature=0.5, top_k=3, gather_distributed=False)"
+    )
+
+
+# --- training-loop hooks -----------------------------------------------------------------------
+
+
+def _tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+
+def _image_views(step: int, n_views: int = 2, b: int = 6) -> list[Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(b, 6, generator=g) for _ in range(n_views)]
+
+
+def test_default_forward_views_is_one_forward_over_all_views() -> None:
+    model, crit = _tiny_net(), NTXentLoss(0.5)
+    views = _image_views(0, n_views=3)
+    crit.attach(model)  # no-op
+    expected = crit(*model(torch.cat(views)).chunk(3))
+    torch.testing.assert_close(crit.forward_views(model, views), expected)
+    crit.after_step(model)  # no-op
+    assert list(crit.state_dict()) == []
+
+
+def test_moco_hooks_equal_the_explicit_key_encoder_code() -> None:
+    """attach / forward_views / after_step reproduce the loop's former MoCo branch exactly."""
+    momentum, steps = 0.9, 3
+    # Former loop code: a frozen deepcopy as key model, EMA after each optimizer step.
+    old_model = _tiny_net()
+    key_model = copy.deepcopy(old_model).requires_grad_(False)
+    old_crit = MoCoLoss(0.2, queue_size=8, dim=5)
+    old_opt = torch.optim.SGD(old_model.parameters(), lr=0.5)
+    # Hooks.
+    new_model = _tiny_net()
+    crit = MoCoLoss(0.2, queue_size=8, dim=5, momentum=momentum)
+    crit.attach(new_model)
+    new_opt = torch.optim.SGD(
+        [p for m in (new_model, crit) for p in m.parameters() if p.requires_grad], lr=0.5
+    )
+    assert len(new_opt.param_groups[0]["params"]) == len(list(old_model.parameters()))
+    for step in range(steps):
+        views = _image_views(step)
+        queries = old_model(views[0])
+        with torch.no_grad():
+            keys = key_model(views[1])
+        old_loss = old_crit(queries, keys)
+        old_opt.zero_grad()
+        old_loss.backward()
+        old_opt.step()
+        momentum_update(old_model, key_model, momentum)
+
+        new_loss = crit.forward_views(new_model, views)
+        new_opt.zero_grad()
+        new_loss.backward()
+        crit.reduce_gradients()  # not distributed: no-op
+        new_opt.step()
+        crit.after_step(new_model)
+
+        assert torch.equal(new_loss, old_loss)
+    for old, new in (
+        (old_model.state_dict(), new_model.state_dict()),
+        (key_model.state_dict(), crit.key_encoder.target.state_dict()),
+        (old_crit.queue.state_dict(), crit.queue.state_dict()),
+    ):
+        assert old.keys() == new.keys()
+        for name in old:
+            assert torch.equal(old[name], new[name]), name
+
+
+def test_moco_key_encoder_travels_with_the_criterion_state() -> None:
+    model = _tiny_net()
+    crit = MoCoLoss(0.2, queue_size=8, dim=5)
+    with pytest.raises(RuntimeError, match="attach"):
+        crit.forward_views(model, _image_views(0))
+    crit.attach(model)
+    assert not any(p.requires_grad for p in crit.parameters())  # optimizers skip the copy
+    crit.forward_views(model, _image_views(0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    crit.after_step(model)
+    state = crit.state_dict()
+    assert {"queue.keys", "queue.ptr"} < set(state)
+    assert {f"key_encoder.target.{k}" for k in model.state_dict()} < set(state)
+    # Resume: attach to a fresh model first, then load (as the training loop does).
+    resumed = MoCoLoss(0.2, queue_size=8, dim=5)
+    resumed.attach(_tiny_net(seed=1))
+    resumed.load_state_dict(state)
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_moco_attach_copies_the_plain_model_out_of_ddp() -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tempfile.mkdtemp()}/rdzv", rank=0, world_size=1
+    )
+    try:
+        model = nn.parallel.DistributedDataParallel(_tiny_net())
+        assert unwrap(model) is model.module
+        crit = MoCoLoss(0.2, queue_size=8, dim=5, momentum=0.5)
+        crit.attach(model)
+        assert crit.key_encoder is not None
+        assert not isinstance(crit.key_encoder.target, nn.parallel.DistributedDataParallel)
+        crit.forward_views(model, _image_views(0)).backward()
+        crit.reduce_gradients()  # world of one: no-op
+        before = [p.clone() for p in crit.key_encoder.target.parameters()]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        crit.after_step(model)
+        for old, new, online in zip(
+            before, crit.key_encoder.target.parameters(), model.module.parameters(), strict=True
+        ):
+            torch.testing.assert_close(new, 0.5 * old + 0.5 * online)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_gradients_without_a_process_group_keeps_the_gradients() -> None:
+    crit = SymmetricInfoNCELoss(0.2, learnable_temperature=True)
+    crit(torch.randn(6, 4), torch.randn(6, 4)).backward()
+    grad = crit.logit_scale.grad.clone()
+    crit.reduce_gradients()
+    assert torch.equal(crit.logit_scale.grad, grad)
+    NTXentLoss().reduce_gradients()  # no parameters at all
+
+
+def test_expected_initial_loss_formulas() -> None:
+    views, batch = 2, 16
+    expected = {
+        "ntxent": math.log(views * batch - 1),
+        "symmetric": math.log(batch),
+        "moco": math.log(64 + 1),
+        "hard_negative": math.log(min(5, views * batch - 2) + 1),
+        "debiased": None,
+    }
+    cfg = {"temperature": 0.3, "top_k": 5, "moco_queue_size": 64}
+    for name in LOSS_NAMES:
+        crit = build_loss(LossConfig(name=name, **cfg), embed_dim=8)
+        assert crit.expected_initial_loss(views, batch) == expected[name], name
+    hard = HardNegativeNTXentLoss(top_k=1000)
+    assert hard.expected_initial_loss(3, 4) == math.log(3 * 4 - 2 + 1)
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_ntxent_first_loss_of_a_random_model_is_near_the_expected_one(n_views: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="small_cnn", proj_hidden_dim=64, proj_out_dim=32))
+    crit = NTXentLoss(temperature=0.5)
+    batch = 16
+    views = [torch.rand(batch, 3, 32, 32) for _ in range(n_views)]
+    with torch.no_grad():
+        first = float(crit.forward_views(model, views))
+    expected = crit.expected_initial_loss(n_views, batch)
+    assert abs(first - expected) / expected < 0.25, (first, expected)

@@ -191,12 +191,37 @@ def collective_error_checks(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def hook_checks(rank: int, world: int) -> dict[str, Any]:
+    """Training-loop hooks that talk to other ranks."""
+    out: dict[str, Any] = {}
+    # reduce_gradients: the loss's own parameters (outside DDP) get the mean gradient of all ranks.
+    crit = SymmetricInfoNCELoss(0.2, learnable_temperature=True)
+    crit.logit_scale.grad = torch.tensor(float(rank + 1), dtype=crit.logit_scale.dtype)
+    crit.reduce_gradients()
+    out["reduced_grad"] = crit.logit_scale.grad.clone()
+    # ... and a real backward: each rank's local-loss gradient, then the average.
+    g = torch.Generator().manual_seed(11 + rank)
+    crit.logit_scale.grad = None
+    crit(torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)).backward()
+    out["local_grad"] = crit.logit_scale.grad.clone()
+    crit.reduce_gradients()
+    out["averaged_grad"] = crit.logit_scale.grad.clone()
+    # No gradients at all (fixed temperature; MoCo's frozen key encoder): a no-op, not a hang.
+    NTXentLoss().reduce_gradients()
+    moco = MoCoLoss(0.2, queue_size=8, dim=EMB_DIM)
+    moco.attach(nn.Linear(IN_DIM, EMB_DIM))
+    moco.reduce_gradients()
+    out["no_grad_done"] = True
+    return out
+
+
 def _rank_main(rank: int, world: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "scenarios": {name: run_scenario(name, rank, world) for name in SCENARIOS}
     }
     if world == 2:
         results["errors"] = collective_error_checks(rank, world)
+        results["hooks"] = hook_checks(rank, world)
     return results
 
 
@@ -245,10 +270,12 @@ def test_distributed_equals_single_process_reference(world: int, name: str) -> N
 def test_unequal_local_batches_fail_on_every_rank() -> None:
     errors = [r["errors"] for r in results_for(2)]
     assert errors[0]["unequal_batch"] == errors[1]["unequal_batch"]
-    assert "rank 0: 2 views of [3, 5]" in errors[0]["unequal_batch"]
-    assert "rank 1: 2 views of [4, 5]" in errors[0]["unequal_batch"]
+    assert (
+        "rank 0: views=2 batch=3 dim=5, rank 1: views=2 batch=4 dim=5"
+        in (errors[0]["unequal_batch"])
+    )
     assert errors[0]["gather_unequal"] == errors[1]["gather_unequal"]
-    assert "rank 0: batch 3" in errors[0]["gather_unequal"]
+    assert "rank 0: dims=2 batch=3 row_numel=2" in errors[0]["gather_unequal"]
 
 
 def test_non_finite_rows_on_one_rank_fail_on_every_rank() -> None:
@@ -272,3 +299,13 @@ def test_gather_distributed_false_is_a_local_loss() -> None:
     for r in results_for(2):
         ours, ref = r["errors"]["local_only"]
         torch.testing.assert_close(ours, ref)
+
+
+def test_reduce_gradients_averages_the_loss_parameters_over_ranks() -> None:
+    hooks = [r["hooks"] for r in results_for(2)]
+    mean_local = torch.stack([h["local_grad"] for h in hooks]).mean()
+    assert hooks[0]["local_grad"] != hooks[1]["local_grad"]
+    for h in hooks:
+        assert float(h["reduced_grad"]) == 1.5  # (1 + 2) / 2
+        torch.testing.assert_close(h["averaged_grad"], mean_local)
+        assert h["no_grad_done"]

@@ -5,22 +5,32 @@ returns the mean over local anchors; with equal local batches, DDP's gradient av
 single-process gradient of the concatenated batch. See ``distributed.py`` for why.
 """
 
+from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import (
+    average_gradients,
     gather_no_grad,
     gather_with_grad,
     get_rank,
     get_world_size,
 )
 from service.losses.errors import LossInputError, NonFiniteEmbeddingError
-from service.losses.factory import LOSS_NAMES, build_loss
+from service.losses.factory import (
+    LOSS_CLASSES,
+    LOSS_NAMES,
+    build_loss,
+    check_loss_config,
+    loss_class,
+)
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
 from service.losses.moco import MoCoLoss, MomentumEncoder, NegativeQueue, momentum_update
 from service.losses.ntxent import NTXentLoss
 from service.losses.symmetric import SymmetricInfoNCELoss
 
 __all__ = [
+    "LOSS_CLASSES",
     "LOSS_NAMES",
+    "ContrastiveLoss",
     "DebiasedNTXentLoss",
     "HardNegativeNTXentLoss",
     "LossInputError",
@@ -30,11 +40,14 @@ __all__ = [
     "NegativeQueue",
     "NonFiniteEmbeddingError",
     "SymmetricInfoNCELoss",
+    "average_gradients",
     "build_loss",
+    "check_loss_config",
     "gather_no_grad",
     "gather_with_grad",
     "get_rank",
     "get_world_size",
+    "loss_class",
     "masked_logsumexp",
     "momentum_update",
 ]

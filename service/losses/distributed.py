@@ -14,6 +14,8 @@ samples. Use ``drop_last=True`` (or the per-worker batch from ``Config``) upstre
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -55,23 +57,50 @@ def all_gather_ints(values: list[int], like: Tensor) -> Tensor:
     return torch.stack(out).cpu()
 
 
-def check_equal_batches(x: Tensor, what: str = "tensor") -> None:
-    """Raise ``LossInputError`` on every rank if the ranks' ``x`` shapes differ (one all-gather)."""
+def check_equal_shapes(
+    shape: dict[str, int], like: Tensor, what: str, extra: Sequence[int] = ()
+) -> Tensor:
+    """The one cross-rank shape check: raise ``LossInputError`` on every rank if shapes differ.
+
+    ``shape`` names this rank's local sizes (e.g. ``{"views": 2, "batch": 4, "dim": 128}``; every
+    rank passes the same names). ``extra`` ints (e.g. non-finite row counts) ride along in the
+    same all-gather, so a caller needs one collective for all its checks. Returns the gathered
+    ``[world, len(shape) + len(extra)]`` table (one row when not distributed).
+    """
+    values = [*shape.values(), *extra]
+    table = all_gather_ints(values, like)
+    sizes = table[:, : len(shape)]
+    if not bool((sizes == sizes[0]).all()):
+        described = ", ".join(
+            f"rank {rank}: " + " ".join(f"{name}={n}" for name, n in zip(shape, row, strict=True))
+            for rank, row in enumerate(sizes.tolist())
+        )
+        raise LossInputError(
+            f"{what}: ranks have different local shapes ({described}); every rank must hold the "
+            "same local batch (use drop_last=True) so that DDP's gradient average equals the "
+            "global-batch gradient"
+        )
+    return table
+
+
+def _row_layout(x: Tensor) -> dict[str, int]:
+    # What concatenation along dim 0 needs to agree on: the rank of x and the size of one row.
+    return {"dims": x.dim(), "batch": x.shape[0] if x.dim() else 0, "row_numel": x[:1].numel()}
+
+
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """All-reduce and average over ranks the ``.grad`` of ``params`` that have one.
+
+    For parameters that DDP does not see (a learnable temperature in the loss). Every rank must
+    hold gradients for the same parameters, in the same order. No-op when not distributed.
+    """
     if not is_distributed():
         return
-    meta = all_gather_ints([x.dim(), x.shape[0] if x.dim() else 0, x[:1].numel()], x)
-    if not bool((meta == meta[0]).all()):
-        sizes = {rank: list(row) for rank, row in enumerate(meta.tolist())}
-        raise LossInputError(
-            f"{what}: ranks have different local shapes {_describe(sizes)}; every rank must "
-            "hold the same local batch (use drop_last=True) so that DDP's gradient average equals "
-            "the global-batch gradient"
-        )
-
-
-def _describe(sizes: dict[int, list[int]]) -> str:
-    # [dim, batch, row numel] → "rank 0: batch 3 (row numel 8), rank 1: ..."
-    return ", ".join(f"rank {r}: batch {b} (row numel {n})" for r, (_, b, n) in sizes.items())
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world
 
 
 def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
@@ -88,7 +117,7 @@ def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     if not is_distributed():
         return x
     if check_sizes:
-        check_equal_batches(x, "gather_with_grad")
+        check_equal_shapes(_row_layout(x), x, "gather_with_grad")
     from torch.distributed import _functional_collectives as fc
 
     # all_gather_tensor_autograd is a deprecated alias of all_gather_single_autograd in 2.14.
@@ -103,7 +132,7 @@ def gather_no_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     if not is_distributed():
         return x.detach()
     if check_sizes:
-        check_equal_batches(x, "gather_no_grad")
+        check_equal_shapes(_row_layout(x), x, "gather_no_grad")
     x = x.detach().contiguous()
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)

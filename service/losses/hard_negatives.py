@@ -10,22 +10,22 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from service.losses.base import ContrastiveLoss
 from service.losses.chunked import MASKED
 from service.losses.errors import LossInputError
-from service.losses.inputs import as_views, check_temperature, full_precision
-from service.losses.ntxent import local_anchors_and_keys
+from service.losses.inputs import Batch, local_anchors_and_keys
 
 
 def _logits_and_positive_columns(
-    views: tuple[Tensor, ...], gather: bool, temperature: float, loss: str
+    views: tuple[Tensor, ...], batch: Batch, temperature: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's logits ``[V*b, m]``, each anchor's same-sample columns ``[V*b, V]`` (itself
     included, in view order) and a boolean ``[V*b, V]`` marking which of them is the anchor."""
-    z, keys, offset, n_views, b = local_anchors_and_keys(views, gather, loss)
+    z, keys, offset = local_anchors_and_keys(views, batch)
     logits = (z / temperature) @ keys.T
-    device = z.device
+    n_views, b, device = len(views), batch.local, z.device
     sample = torch.arange(b, device=device).repeat(n_views)  # anchor row -> local sample
     view = torch.arange(n_views, device=device).repeat_interleave(b)  # anchor row -> its view
     columns = offset + sample[:, None] + b * torch.arange(n_views, device=device)[None, :]
@@ -33,7 +33,7 @@ def _logits_and_positive_columns(
     return logits, columns, is_self
 
 
-class HardNegativeNTXentLoss(nn.Module):
+class HardNegativeNTXentLoss(ContrastiveLoss):
     """NT-Xent whose denominator keeps only each anchor's ``top_k`` most similar negatives.
 
     For every anchor the denominator is its V-1 positives plus its ``top_k`` highest-logit
@@ -49,43 +49,39 @@ class HardNegativeNTXentLoss(nn.Module):
     def __init__(
         self, temperature: float = 0.5, top_k: int = 64, gather_distributed: bool = True
     ) -> None:
-        super().__init__()
-        self._temperature = check_temperature(temperature)
+        super().__init__(temperature, gather_distributed)
         if int(top_k) < 1:
             raise LossInputError(f"top_k must be >= 1, got {top_k}")
         self.top_k = int(top_k)
-        self.gather_distributed = gather_distributed
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
-
-    def forward(self, *views: Tensor) -> Tensor:
-        views = as_views(views)
-        with full_precision(views):
-            logits, columns, is_self = _logits_and_positive_columns(
-                views, self.gather_distributed, self._temperature, "HardNegativeNTXentLoss"
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        logits, columns, is_self = _logits_and_positive_columns(
+            views, self.check(views), self.temperature
+        )
+        n_views = columns.shape[1]
+        n_negatives = logits.shape[1] - n_views
+        if self.top_k > n_negatives:
+            raise LossInputError(
+                f"HardNegativeNTXentLoss: top_k={self.top_k} exceeds the {n_negatives} "
+                f"negatives per anchor of this global batch ({logits.shape[1]} embeddings, "
+                f"{n_views} views); lower loss.top_k or raise the batch size"
             )
-            n_views = columns.shape[1]
-            n_negatives = logits.shape[1] - n_views
-            if self.top_k > n_negatives:
-                raise LossInputError(
-                    f"HardNegativeNTXentLoss: top_k={self.top_k} exceeds the {n_negatives} "
-                    f"negatives per anchor of this global batch ({logits.shape[1]} embeddings, "
-                    f"{n_views} views); lower loss.top_k or raise the batch size"
-                )
-            # The anchor's own column and its positives are never negatives.
-            negatives = logits.scatter(1, columns, MASKED)
-            hard = negatives.topk(self.top_k, dim=1).values
-            positives = logits.gather(1, columns[~is_self].view(-1, n_views - 1))
-            lse = torch.logsumexp(torch.cat([positives, hard], dim=1), dim=1)
-            return (lse - positives.mean(dim=1)).mean()
+        # The anchor's own column and its positives are never negatives.
+        negatives = logits.scatter(1, columns, MASKED)
+        hard = negatives.topk(self.top_k, dim=1).values
+        positives = logits.gather(1, columns[~is_self].view(-1, n_views - 1))
+        lse = torch.logsumexp(torch.cat([positives, hard], dim=1), dim=1)
+        return (lse - positives.mean(dim=1)).mean()
 
-    def extra_repr(self) -> str:
-        return f"temperature={self._temperature}, top_k={self.top_k}"
+    def repr_fields(self) -> dict[str, object]:
+        return {"top_k": self.top_k}
+
+    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+        # The positive among min(top_k, negatives) equally scored hard negatives.
+        return math.log(min(self.top_k, n_views * global_batch - 2) + 1)
 
 
-class DebiasedNTXentLoss(nn.Module):
+class DebiasedNTXentLoss(ContrastiveLoss):
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020), two views.
 
     Corrects the negatives' partition sum for same-class "negatives" with class prior
@@ -100,45 +96,37 @@ class DebiasedNTXentLoss(nn.Module):
     >>> loss = crit(torch.randn(8, 16), torch.randn(8, 16))
     """
 
+    exact_views = 2
+
     def __init__(
         self, temperature: float = 0.5, tau_plus: float = 0.1, gather_distributed: bool = True
     ) -> None:
-        super().__init__()
-        self._temperature = check_temperature(temperature)
+        super().__init__(temperature, gather_distributed)
         if not 0.0 <= float(tau_plus) < 1.0:
             raise LossInputError(f"tau_plus must be in [0, 1), got {tau_plus}")
         self.tau_plus = float(tau_plus)
-        self.gather_distributed = gather_distributed
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        logits, columns, is_self = _logits_and_positive_columns(
+            views, self.check(views), self.temperature
+        )
+        positive = logits.gather(1, columns[~is_self].view(-1, 1)).squeeze(1)
+        negatives = logits.scatter(1, columns, MASKED)
+        n_neg = logits.shape[1] - 2
+        # Shift by the row max (constant per row: detached, it cancels exactly).
+        shift = torch.maximum(negatives.amax(dim=1), positive).detach()
+        neg_sum = (negatives - shift[:, None]).exp().sum(dim=1)
+        pos_exp = (positive - shift).exp()
+        debiased = (neg_sum - self.tau_plus * n_neg * pos_exp) / (1.0 - self.tau_plus)
+        log_floor = math.log(n_neg) - 1.0 / self.temperature
+        tiny = torch.finfo(debiased.dtype).tiny
+        # log(max(debiased, floor)) without log of a non-positive number (NaN-free grads).
+        log_ng = torch.where(
+            debiased > 0,
+            torch.clamp(shift + debiased.clamp_min(tiny).log(), min=log_floor),
+            torch.full_like(shift, log_floor),
+        )
+        return (torch.logaddexp(positive, log_ng) - positive).mean()
 
-    def forward(self, *views: Tensor) -> Tensor:
-        views = as_views(views)
-        if len(views) != 2:
-            raise LossInputError(f"DebiasedNTXentLoss takes exactly 2 views, got {len(views)}")
-        with full_precision(views):
-            logits, columns, is_self = _logits_and_positive_columns(
-                views, self.gather_distributed, self._temperature, "DebiasedNTXentLoss"
-            )
-            positive = logits.gather(1, columns[~is_self].view(-1, 1)).squeeze(1)
-            negatives = logits.scatter(1, columns, MASKED)
-            n_neg = logits.shape[1] - 2
-            # Shift by the row max (constant per row: detached, it cancels exactly).
-            shift = torch.maximum(negatives.amax(dim=1), positive).detach()
-            neg_sum = (negatives - shift[:, None]).exp().sum(dim=1)
-            pos_exp = (positive - shift).exp()
-            debiased = (neg_sum - self.tau_plus * n_neg * pos_exp) / (1.0 - self.tau_plus)
-            log_floor = math.log(n_neg) - 1.0 / self._temperature
-            tiny = torch.finfo(debiased.dtype).tiny
-            # log(max(debiased, floor)) without log of a non-positive number (NaN-free grads).
-            log_ng = torch.where(
-                debiased > 0,
-                torch.clamp(shift + debiased.clamp_min(tiny).log(), min=log_floor),
-                torch.full_like(shift, log_floor),
-            )
-            return (torch.logaddexp(positive, log_ng) - positive).mean()
-
-    def extra_repr(self) -> str:
-        return f"temperature={self._temperature}, tau_plus={self.tau_plus}"
+    def repr_fields(self) -> dict[str, object]:
+        return {"tau_plus": self.tau_plus}

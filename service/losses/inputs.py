@@ -90,6 +90,10 @@ def check_views(
     Raises ``LossInputError`` for: fewer than two views (or not ``exact_views``), non-2-D views,
     views with different shapes, unequal local batches across ranks, non-finite rows (naming the
     view, the rank and the row count) and a global batch below ``min_global_batch``.
+
+    >>> import torch
+    >>> check_views([torch.randn(4, 8), torch.randn(4, 8)], loss="demo", gather=True)
+    Batch(rank=0, world=1, local=4)
     """
     if len(views) < 2:
         raise LossInputError(f"{loss} needs at least two views, got {len(views)}")
@@ -111,19 +115,14 @@ def check_views(
     use_world = gather and distributed.is_distributed()
     rank, world = (distributed.get_rank(), distributed.get_world_size()) if use_world else (0, 1)
 
-    # One small all-gather: [batch, dim, n_views, first bad view, its bad rows, total bad rows].
-    stats = [b, d, len(views), first_bad, bad[first_bad] if first_bad >= 0 else 0, sum(bad)]
-    table = distributed.all_gather_ints(stats, views[0]) if use_world else torch.tensor([stats])
-    shapes_by_rank = table[:, :3].tolist()
-    if any(row != shapes_by_rank[0] for row in shapes_by_rank):
-        described = ", ".join(
-            f"rank {r}: {nv} views of [{rb}, {rd}]" for r, (rb, rd, nv) in enumerate(shapes_by_rank)
-        )
-        raise LossInputError(
-            f"{loss}: ranks disagree on the local batch ({described}); every rank must hold the "
-            "same local batch (use drop_last=True) so DDP's gradient average is the global one"
-        )
-    for r, (_, _, _, view, rows, total) in enumerate(table.tolist()):
+    # One small all-gather: the shape check plus [first bad view, its bad rows, total bad rows].
+    shape = {"views": len(views), "batch": b, "dim": d}
+    bad_stats = [first_bad, bad[first_bad] if first_bad >= 0 else 0, sum(bad)]
+    if use_world:
+        table = distributed.check_equal_shapes(shape, views[0], loss, extra=bad_stats)
+    else:
+        table = torch.tensor([[*shape.values(), *bad_stats]])
+    for r, (view, rows, total) in enumerate(table[:, len(shape) :].tolist()):
         if total:
             where = f" on rank {r}" if world > 1 else ""
             raise NonFiniteEmbeddingError(
@@ -142,3 +141,16 @@ def check_views(
 def normalized(v: Tensor) -> Tensor:
     """L2-normalise rows in at least float32."""
     return F.normalize(v.to(compute_dtype(v)), dim=1)
+
+
+def local_anchors_and_keys(views: Sequence[Tensor], batch: Batch) -> tuple[Tensor, Tensor, int]:
+    """Normalise and stack the (checked) views; gather them from every rank as keys.
+
+    The NT-Xent family's layout. Returns ``(z, keys, self_offset)``: ``z`` is ``[V*b, d]``
+    view-major (row ``v*b + i`` is view v of local sample i), ``keys`` is the rank-major
+    concatenation of every rank's ``z`` (``[W*V*b, d]``), and this rank's rows start at
+    ``self_offset = rank * V*b``. ``batch`` is what ``check_views`` returned for ``views``.
+    """
+    z = torch.cat([normalized(v) for v in views])
+    keys = distributed.gather_with_grad(z, check_sizes=False) if batch.world > 1 else z
+    return z, keys, batch.rank * z.shape[0]

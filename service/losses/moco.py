@@ -14,29 +14,26 @@ un-permute with ``gather_no_grad``).
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import gather_no_grad, is_distributed
 from service.losses.errors import LossInputError
-from service.losses.inputs import (
-    as_views,
-    check_chunk_size,
-    check_temperature,
-    check_views,
-    full_precision,
-    normalized,
-)
+from service.losses.inputs import normalized
+from service.models import unwrap
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside DDP (or DataParallel); other modules are returned as they are."""
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
+def check_momentum(momentum: float) -> float:
+    """``momentum`` as a float in [0, 1] (1 freezes the key encoder), or raise."""
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise LossInputError(f"momentum must be in [0, 1], got {momentum}")
+    return float(momentum)
 
 
 @torch.no_grad()
@@ -46,8 +43,7 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     ``online`` may be DDP-wrapped (its ``.module`` is used). Buffers (BatchNorm running stats,
     ``num_batches_tracked``) are copied, not averaged, as in MoCo/BYOL implementations.
     """
-    if not 0.0 <= m <= 1.0:
-        raise LossInputError(f"momentum m must be in [0, 1], got {m}")
+    m = check_momentum(m)
     online, target = unwrap(online), unwrap(target)
     for kind, o_named, t_named in (
         ("parameter", online.named_parameters(), target.named_parameters()),
@@ -82,9 +78,7 @@ class MomentumEncoder(nn.Module):
 
     def __init__(self, online: nn.Module, momentum: float = 0.99) -> None:
         super().__init__()
-        if not 0.0 <= momentum <= 1.0:
-            raise LossInputError(f"momentum must be in [0, 1], got {momentum}")
-        self.momentum = momentum
+        self.momentum = check_momentum(momentum)
         self.target = copy.deepcopy(unwrap(online))
         self.target.requires_grad_(False)
 
@@ -155,7 +149,7 @@ class NegativeQueue(nn.Module):
         self.ptr = (self.ptr + n) % self.size
 
 
-class MoCoLoss(nn.Module):
+class MoCoLoss(ContrastiveLoss):
     """InfoNCE of queries against their momentum keys, with a queue of past keys as negatives.
 
     ``loss = crit(q, k)``: ``q`` ``[b, dim]`` from the online encoder, ``k`` ``[b, dim]`` from the
@@ -165,12 +159,27 @@ class MoCoLoss(nn.Module):
     queue. The loss itself has no cross-rank term: queries only meet their own key and the
     queue, so DDP's gradient average is already the global-batch gradient.
 
+    In training the key encoder lives here too: ``attach(model)`` copies the model into
+    ``key_encoder`` (a ``MomentumEncoder``, so it is in ``state_dict`` and moves with ``.to``),
+    ``forward_views`` runs queries through the model and keys through the key encoder, and
+    ``after_step`` moves the key encoder towards the model by EMA with ``momentum``.
+
     >>> import torch
     >>> crit = MoCoLoss(temperature=0.2, queue_size=32, dim=8)
     >>> loss = crit(torch.randn(4, 8), torch.randn(4, 8))
     >>> int(crit.queue.ptr)
     4
+    >>> model = torch.nn.Linear(3, 8)
+    >>> crit.attach(model)
+    >>> loss = crit.forward_views(model, [torch.randn(4, 3), torch.randn(4, 3)])
+    >>> loss.backward()  # ... optimizer.step()
+    >>> crit.after_step(model)
+    >>> int(crit.queue.ptr)
+    8
     """
+
+    supports_chunking = True
+    exact_views = 2
 
     def __init__(
         self,
@@ -179,45 +188,55 @@ class MoCoLoss(nn.Module):
         dim: int = 128,
         gather_distributed: bool = True,
         chunk_size: int | None = None,
+        momentum: float = 0.99,
     ) -> None:
-        super().__init__()
-        self._temperature = check_temperature(temperature)
-        self.gather_distributed = gather_distributed
-        self.chunk_size = check_chunk_size(chunk_size)
+        super().__init__(temperature, gather_distributed, chunk_size)
+        self.momentum = check_momentum(momentum)
         self.queue = NegativeQueue(dim=dim, size=queue_size)
+        self.key_encoder: MomentumEncoder | None = None  # set by attach()
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
-
-    def forward(self, *views: Tensor) -> Tensor:
-        views = as_views(views)
-        with full_precision(views):
-            check_views(
-                views,
-                loss="MoCoLoss",
-                gather=self.gather_distributed,
-                exact_views=2,
-                min_global_batch=1,  # the negatives come from the queue
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        self.check(views, min_global_batch=1)  # the negatives come from the queue
+        q, k = views
+        if q.shape[1] != self.queue.dim:
+            raise LossInputError(
+                f"MoCoLoss: embeddings have dim {q.shape[1]} but the queue holds dim "
+                f"{self.queue.dim}; set dim= to the projection output size"
             )
-            q, k = views
-            if q.shape[1] != self.queue.dim:
-                raise LossInputError(
-                    f"MoCoLoss: embeddings have dim {q.shape[1]} but the queue holds dim "
-                    f"{self.queue.dim}; set dim= to the projection output size"
-                )
-            qn, kn = normalized(q), normalized(k.detach())
-            x = qn / self._temperature
-            positive = (x * kn).sum(dim=1)
-            negatives = self.queue.keys.to(x.dtype)
-            lse = torch.logaddexp(positive, masked_logsumexp(x, negatives, None, self.chunk_size))
-            loss = (lse - positive).mean()
-            if self.training:
-                self.queue.enqueue(kn, self.gather_distributed, check_sizes=False)
-            return loss
+        qn, kn = normalized(q), normalized(k.detach())
+        x = qn / self.temperature
+        positive = (x * kn).sum(dim=1)
+        negatives = self.queue.keys.to(x.dtype)
+        lse = torch.logaddexp(positive, masked_logsumexp(x, negatives, None, self.chunk_size))
+        loss = (lse - positive).mean()
+        if self.training:
+            self.queue.enqueue(kn, self.gather_distributed, check_sizes=False)
+        return loss
 
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self._temperature}, queue_size={self.queue.size}, dim={self.queue.dim}, "
-            f"gather_distributed={self.gather_distributed}"
-        )
+    def repr_fields(self) -> dict[str, object]:
+        return {"queue_size": self.queue.size, "dim": self.queue.dim, "momentum": self.momentum}
+
+    # --- training-loop hooks ------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        """Copy ``model`` (frozen) into ``key_encoder``; its keys are then the queue's entries."""
+        self.key_encoder = MomentumEncoder(model, self.momentum)
+
+    def _attached(self) -> MomentumEncoder:
+        if self.key_encoder is None:
+            raise RuntimeError("MoCoLoss has no key encoder: call attach(model) before training")
+        return self.key_encoder
+
+    def forward_views(self, model: nn.Module, views: Sequence[Tensor]) -> Tensor:
+        """Queries from ``model`` on view 0, keys from the key encoder on view 1 (no grad)."""
+        key_encoder = self._attached()
+        queries = model(views[0])
+        keys = key_encoder(views[1])  # MomentumEncoder.forward runs under no_grad
+        return self(queries, keys)
+
+    def after_step(self, model: nn.Module) -> None:
+        """EMA step of the key encoder towards ``model`` (DDP-wrapped is fine)."""
+        self._attached().update(model, self.momentum)
+
+    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+        return math.log(self.queue.size + 1)  # the positive among queue_size + 1 candidates

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+import math
 
+from torch import Tensor
+
+from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
-from service.losses.distributed import gather_with_grad
-from service.losses.inputs import (
-    as_views,
-    check_chunk_size,
-    check_temperature,
-    check_views,
-    full_precision,
-    normalized,
-)
-
-
-def local_anchors_and_keys(
-    views: tuple[Tensor, ...], gather: bool, loss: str
-) -> tuple[Tensor, Tensor, int, int, int]:
-    """Validate, normalise and stack the views; gather them as keys.
-
-    Returns ``(z, keys, self_offset, n_views, local_batch)``: ``z`` is ``[V*b, d]`` view-major
-    (row ``v*b + i`` is view v of local sample i), ``keys`` is the rank-major concatenation of every
-    rank's ``z`` (``[W*V*b, d]``), and this rank's rows start at ``self_offset = rank * V*b``.
-    """
-    batch = check_views(views, loss=loss, gather=gather)
-    z = torch.cat([normalized(v) for v in views])
-    keys = gather_with_grad(z, check_sizes=False) if batch.world > 1 else z
-    return z, keys, batch.rank * z.shape[0], len(views), batch.local
+from service.losses.inputs import local_anchors_and_keys
 
 
 def multi_positive_logits(x: Tensor, z: Tensor, n_views: int) -> Tensor:
@@ -42,7 +21,7 @@ def multi_positive_logits(x: Tensor, z: Tensor, n_views: int) -> Tensor:
     return (x.view_as(zv) * others).sum(dim=-1).reshape(-1) / (n_views - 1)
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(ContrastiveLoss):
     """SimCLR's NT-Xent with any number of views and negatives from every rank.
 
     ``loss = crit(z1, z2, ...)``: each view is ``[b, d]`` (this rank's batch), row i of every view
@@ -72,33 +51,23 @@ class NTXentLoss(nn.Module):
     (torch.Size([]), 0.5)
     """
 
+    supports_chunking = True
+
     def __init__(
         self,
         temperature: float = 0.5,
         gather_distributed: bool = True,
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self._temperature = check_temperature(temperature)
-        self.gather_distributed = gather_distributed
-        self.chunk_size = check_chunk_size(chunk_size)
+        super().__init__(temperature, gather_distributed, chunk_size)
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        z, keys, offset = local_anchors_and_keys(views, self.check(views))
+        x = z / self.temperature
+        lse = masked_logsumexp(x, keys, self_offset=offset, chunk_size=self.chunk_size)
+        return (lse - multi_positive_logits(x, z, len(views))).mean()
 
-    def forward(self, *views: Tensor) -> Tensor:
-        views = as_views(views)
-        with full_precision(views):
-            z, keys, offset, n_views, _ = local_anchors_and_keys(
-                views, self.gather_distributed, "NTXentLoss"
-            )
-            x = z / self._temperature
-            lse = masked_logsumexp(x, keys, self_offset=offset, chunk_size=self.chunk_size)
-            return (lse - multi_positive_logits(x, z, n_views)).mean()
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self._temperature}, gather_distributed={self.gather_distributed}, "
-            f"chunk_size={self.chunk_size}"
-        )
+    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+        # Indistinguishable embeddings: every anchor's V-1 positives and its V*B-V negatives score
+        # alike, so each InfoNCE term is log of the V*B-1 candidates.
+        return math.log(n_views * global_batch - 1)

@@ -7,20 +7,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import gather_with_grad
 from service.losses.errors import LossInputError
-from service.losses.inputs import (
-    as_views,
-    check_chunk_size,
-    check_temperature,
-    check_views,
-    full_precision,
-    normalized,
-)
+from service.losses.inputs import check_temperature, normalized
 
 
-class SymmetricInfoNCELoss(nn.Module):
+class SymmetricInfoNCELoss(ContrastiveLoss):
     """Symmetric cross-entropy between two aligned batches, as in CLIP.
 
     ``loss = crit(a, b)``: row i of ``a`` and row i of ``b`` are a positive pair; every other row
@@ -42,6 +36,10 @@ class SymmetricInfoNCELoss(nn.Module):
     0.07
     """
 
+    supports_learnable_temperature = True
+    supports_chunking = True
+    exact_views = 2
+
     def __init__(
         self,
         temperature: float = 0.07,
@@ -50,27 +48,22 @@ class SymmetricInfoNCELoss(nn.Module):
         gather_distributed: bool = True,
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        temperature = check_temperature(temperature)
-        max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
+        super().__init__(temperature, gather_distributed, chunk_size)
         self.learnable_temperature = learnable_temperature
-        self.max_logit_scale = max_logit_scale
-        self.gather_distributed = gather_distributed
-        self.chunk_size = check_chunk_size(chunk_size)
-        if learnable_temperature and 1.0 / temperature > max_logit_scale:
+        self.max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
+        if learnable_temperature and 1.0 / self._temperature > self.max_logit_scale:
             raise LossInputError(
-                f"temperature={temperature} is below 1/max_logit_scale={1.0 / max_logit_scale:g}; "
-                "a learnable temperature would start clamped"
+                f"temperature={self._temperature} is below 1/max_logit_scale="
+                f"{1.0 / self.max_logit_scale:g}; a learnable temperature would start clamped"
             )
-        self._fixed_temperature = temperature
         self.logit_scale: nn.Parameter | None = None
         if learnable_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self._temperature)))
 
     def scale(self, dtype: torch.dtype | None = None) -> Tensor | float:
         """The multiplicative logit scale 1/T: a clamped, differentiable tensor when learnable."""
         if self.logit_scale is None:
-            return 1.0 / self._fixed_temperature  # a fixed temperature is used as given
+            return 1.0 / self._temperature  # a fixed temperature is used as given
         log_scale = self.logit_scale if dtype is None else self.logit_scale.to(dtype)
         return log_scale.clamp(max=math.log(self.max_logit_scale)).exp()
 
@@ -79,30 +72,26 @@ class SymmetricInfoNCELoss(nn.Module):
         scale = self.scale()
         return 1.0 / float(scale.detach() if isinstance(scale, Tensor) else scale)
 
-    def forward(self, *views: Tensor) -> Tensor:
-        views = as_views(views)
-        with full_precision(views):
-            batch = check_views(
-                views, loss="SymmetricInfoNCELoss", gather=self.gather_distributed, exact_views=2
-            )
-            a, b = (normalized(v) for v in views)
-            n, d = a.shape
-            if batch.world > 1:
-                # One collective for both sides: rank-major [W, 2, n, d].
-                both = gather_with_grad(torch.cat([a, b]), check_sizes=False).view(-1, 2, n, d)
-                keys_a, keys_b = both[:, 0].reshape(-1, d), both[:, 1].reshape(-1, d)
-            else:
-                keys_a, keys_b = a, b
-            scale = self.scale(a.dtype)
-            xa, xb = a * scale, b * scale
-            positive = (xa * b).sum(dim=1)
-            # a -> b: cross-entropy over all b keys; the positive sits at rank*n + i.
-            lse_ab = masked_logsumexp(xa, keys_b, chunk_size=self.chunk_size)
-            lse_ba = masked_logsumexp(xb, keys_a, chunk_size=self.chunk_size)
-            return 0.5 * ((lse_ab - positive).mean() + (lse_ba - positive).mean())
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        batch = self.check(views)
+        a, b = (normalized(v) for v in views)
+        n, d = a.shape
+        if batch.world > 1:
+            # One collective for both sides: rank-major [W, 2, n, d].
+            both = gather_with_grad(torch.cat([a, b]), check_sizes=False).view(-1, 2, n, d)
+            keys_a, keys_b = both[:, 0].reshape(-1, d), both[:, 1].reshape(-1, d)
+        else:
+            keys_a, keys_b = a, b
+        scale = self.scale(a.dtype)
+        xa, xb = a * scale, b * scale
+        positive = (xa * b).sum(dim=1)
+        # a -> b: cross-entropy over all b keys; the positive sits at rank*n + i.
+        lse_ab = masked_logsumexp(xa, keys_b, chunk_size=self.chunk_size)
+        lse_ba = masked_logsumexp(xb, keys_a, chunk_size=self.chunk_size)
+        return 0.5 * ((lse_ab - positive).mean() + (lse_ba - positive).mean())
 
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature:.4g}, learnable={self.learnable_temperature}, "
-            f"max_logit_scale={self.max_logit_scale}, gather_distributed={self.gather_distributed}"
-        )
+    def repr_fields(self) -> dict[str, object]:
+        return {"learnable": self.learnable_temperature, "max_logit_scale": self.max_logit_scale}
+
+    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+        return math.log(global_batch)  # each row's positive among the B keys of the other side

@@ -3,6 +3,7 @@
 from service.models.backbones import BACKBONES, SmallCNN, build_backbone
 from service.models.contrastive import ContrastiveModel, build_model, maybe_convert_sync_batchnorm
 from service.models.heads import ProjectionHead
+from service.models.wrap import unwrap
 
 __all__ = [
     "BACKBONES",
@@ -12,4 +13,5 @@ __all__ = [
     "build_backbone",
     "build_model",
     "maybe_convert_sync_batchnorm",
+    "unwrap",
 ]

@@ -1,0 +1,143 @@
+"""``ContrastiveLoss``: what every loss shares, and the hooks the training loop calls.
+
+A loss subclass sets its temperature through ``super().__init__`` and writes its maths in
+``compute(views)``; ``forward(*views)`` does the shared prologue (accept a list or separate
+tensors, autocast off so the logits are computed in at least float32).
+
+The hooks let one training step serve every method without ``if loss == ...`` branches. The loop
+calls, per worker::
+
+    criterion.attach(model)                      # once, unwrapped model, before DDP/device move
+    criterion.to(device)
+    loss = criterion.forward_views(model, views)  # every step, under autocast
+    loss.backward()
+    criterion.reduce_gradients()                 # before clipping and the optimizer step
+    optimizer.step()
+    criterion.after_step(model)                  # after the optimizer step
+
+Anything a hook creates (MoCo's key encoder) is a submodule, so ``criterion.state_dict()``
+checkpoints it and ``criterion.to(device)`` moves it; ``attach`` must therefore run before a
+checkpoint is loaded into the criterion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from service.losses import distributed
+from service.losses.errors import LossInputError
+from service.losses.inputs import (
+    Batch,
+    as_views,
+    check_chunk_size,
+    check_temperature,
+    check_views,
+    full_precision,
+)
+
+
+class ContrastiveLoss(nn.Module):
+    """Base of the contrastive losses: temperature, ``gather_distributed``, hooks (no-ops).
+
+    Class attributes say what a loss supports, so config validation can ask the loss:
+    ``supports_learnable_temperature``, ``supports_chunking`` (``chunk_size=k`` streams the keys)
+    and ``exact_views`` (None: any number >= 2).
+
+    >>> import torch
+    >>> class Alignment(ContrastiveLoss):  # a toy loss: mean distance of the positive pairs
+    ...     def compute(self, views):
+    ...         return (views[0] - views[1]).pow(2).sum(dim=1).mean() / self.temperature
+    >>> Alignment(temperature=0.5)(torch.ones(4, 3), torch.zeros(4, 3))
+    tensor(6.)
+    >>> Alignment(temperature=0.5)
+    Alignment(temperature=0.5, gather_distributed=True)
+    """
+
+    supports_learnable_temperature: ClassVar[bool] = False
+    supports_chunking: ClassVar[bool] = False
+    exact_views: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        temperature: float,
+        gather_distributed: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._temperature = check_temperature(temperature)
+        self.gather_distributed = gather_distributed
+        if chunk_size is not None and not self.supports_chunking:
+            raise LossInputError(f"{type(self).__name__} does not support chunk_size")
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    @property
+    def temperature(self) -> float:
+        """The current temperature (a float, also when it is learnable)."""
+        return self._temperature
+
+    def forward(self, *views: Tensor) -> Tensor:
+        """The mean loss over this rank's anchors; ``crit(z1, z2)`` or ``crit([z1, z2])``."""
+        views = as_views(views)
+        with full_precision(views):
+            return self.compute(views)
+
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        """The loss maths: ``views`` as given (autocast is off); return a scalar."""
+        raise NotImplementedError
+
+    def check(self, views: Sequence[Tensor], **kwargs) -> Batch:
+        """``check_views`` with this loss's name, gather flag and ``exact_views``."""
+        kwargs.setdefault("exact_views", self.exact_views)
+        return check_views(
+            views, loss=type(self).__name__, gather=self.gather_distributed, **kwargs
+        )
+
+    def repr_fields(self) -> dict[str, object]:
+        """The loss's own hyperparameters for ``repr`` (between temperature and the gather flag)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        fields: dict[str, object] = {
+            "temperature": f"{self.temperature:.4g}",
+            **self.repr_fields(),
+            "gather_distributed": self.gather_distributed,
+        }
+        if self.supports_chunking:
+            fields["chunk_size"] = self.chunk_size
+        return ", ".join(f"{name}={value}" for name, value in fields.items())
+
+    # --- training-loop hooks (no-ops unless a method needs them) -----------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once per worker with the unwrapped model, before DDP wrapping and device move."""
+
+    def forward_views(self, model: nn.Module, views: Sequence[Tensor]) -> Tensor:
+        """The loss of one batch of views (each ``[b, ...]`` images) through ``model``.
+
+        One forward over all views concatenated: BatchNorm sees the whole local batch and DDP
+        sees one forward per backward.
+        """
+        return self(*model(torch.cat(list(views))).chunk(len(views)))
+
+    def reduce_gradients(self) -> None:
+        """Average over ranks the gradients of this loss's own parameters (DDP does not see them).
+
+        Call after ``backward`` and before clipping / the optimizer step; no-op when not
+        distributed or when the loss has no gradients (e.g. a fixed temperature).
+        """
+        distributed.average_gradients(self.parameters())
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step with the (possibly DDP-wrapped) model."""
+
+    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+        """The step-0 loss when all embeddings are indistinguishable (None: no simple formula).
+
+        A first loss far from it (say more than 25% off) points at a broken setup: wrong
+        temperature, collapsed or non-normalised embeddings, labels not offset per rank.
+        """
+        return None
