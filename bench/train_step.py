@@ -1,4 +1,5 @@
-"""Throughput of one SimCLR training step (2 views → encoder + head → NT-Xent → AdamW step).
+"""Throughput of the training loop's own step (``service.train.train_step``: 2 views → encoder +
+head → NT-Xent → AdamW step → LR schedule).
 
 Prints one JSON line per configuration: images/s (source images, 2 views each) and peak memory.
 Runs on CUDA when available (bf16 autocast + channels_last, as the training loop picks there),
@@ -13,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import nullcontext
-
 import torch
 
-from service.config import LossConfig, ModelConfig
-from service.losses import build_loss
-from service.models import build_model
+from service.config import Config, LossConfig, ModelConfig, TrainConfig
+from service.train import build_state, train_step
 
 
 def measure(
@@ -32,36 +30,26 @@ def measure(
     device: torch.device,
 ) -> dict:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, proj_hidden_dim=2048)).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = build_loss(
-        LossConfig(temperature=0.2, chunk_size=chunk), 128, gather_distributed=False
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = Config(
+        model=ModelConfig(arch=arch, proj_hidden_dim=2048, channels_last=channels_last),
+        loss=LossConfig(temperature=0.2, chunk_size=chunk),
+        train=TrainConfig(
+            global_batch_size=batch, num_workers=1, optimizer="adamw", lr=1e-3,
+            lr_scaling="none", amp=amp, epochs=1,
+        ),
+    )  # fmt: skip
+    state = build_state(config, device, steps_per_epoch=steps + 3, gather_distributed=False)
     size = 32
-    x = torch.randn(2 * batch, 3, size, size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
-
-    def step() -> float:
-        with autocast:
-            z1, z2 = model(x).chunk(2)
-            loss = criterion(z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+    views = list(torch.randn(2 * batch, 3, size, size, device=device).chunk(2))
 
     for _ in range(3):
-        step()
+        train_step(state, views)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = step()
+        loss = train_step(state, views)  # the training loop's own step (it syncs on the loss)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

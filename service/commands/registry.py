@@ -10,7 +10,7 @@ def promote_command(
     name: str, version: str, alias: str, tracking_uri: str | None = None
 ) -> dict[str, Any]:
     """Point ``alias`` (e.g. ``champion``) at version ``version`` of registered model ``name``."""
-    from service.registry.register import promote
+    from service.registry import promote
 
     promote(name, version, alias, tracking_uri=tracking_uri)
     return {"name": name, "version": version, "alias": alias}

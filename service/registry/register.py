@@ -41,7 +41,6 @@ from service.models import unwrap
 from service.registry.aliases import apply_alias_policy, metric_tag
 
 # Old import path of promote (service/commands/registry.py); use service.registry.promote.
-from service.registry.aliases import promote as promote
 from service.registry.errors import EncoderSpecError, RegistryError
 from service.registry.lookup import ModelRef
 from service.registry.spec import EncoderSpec, backbone_from_spec, save_weights

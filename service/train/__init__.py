@@ -1,1 +1,34 @@
-"""contrastive-service."""
+"""Training: the per-worker step and state (no Ray needed), and the Ray Train loop/driver.
+
+``service.train.loop.train_func`` (per worker) and ``service.train.driver`` (builds the
+``TorchTrainer``) import Ray; they are not imported here so the step can be used without it.
+"""
+
+from service.train.amp import Amp, amp_policy
+from service.train.checkpoint import (
+    STATE_FILE,
+    load_encoder_from_checkpoint,
+    load_state,
+    restore_training_state,
+    training_state_dict,
+)
+from service.train.inputs import WorkerInputs, resolve_storage_path, steps_per_epoch
+from service.train.state import TrainState, build_state
+from service.train.step import NonFiniteLossError, train_step
+
+__all__ = [
+    "STATE_FILE",
+    "Amp",
+    "NonFiniteLossError",
+    "TrainState",
+    "WorkerInputs",
+    "amp_policy",
+    "build_state",
+    "load_encoder_from_checkpoint",
+    "load_state",
+    "resolve_storage_path",
+    "restore_training_state",
+    "steps_per_epoch",
+    "train_step",
+    "training_state_dict",
+]

@@ -1,17 +1,23 @@
-"""Training checkpoints: one ``state.pt`` per checkpoint directory, loaded with weights_only=True.
+"""Training checkpoints: the schema, written once — what is saved, restored and read back.
 
-A checkpoint holds everything needed to resume exactly (model incl. projection head, MoCo key
-encoder and queue, loss parameters such as a learnable temperature, optimizer, scheduler, AMP
-scaler, epoch, global step, metric history) plus the resolved config, so ``evaluate --checkpoint``
-can rebuild the encoder without any other file.
+One ``state.pt`` per checkpoint directory, loaded with ``weights_only=True`` (no code is
+unpickled). It holds everything needed to resume exactly — model incl. projection head, the
+loss's state (MoCo key encoder and queue, a learnable temperature), optimizer, scheduler, AMP
+scaler, epoch, global step, metric history — plus the resolved config, so ``evaluate
+--checkpoint`` can rebuild the encoder without any other file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from service.config import Config, config_from_dict
+
+if TYPE_CHECKING:
+    from service.train.state import TrainState
 
 STATE_FILE = "state.pt"
 
@@ -39,13 +45,50 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_encoder_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Any]:
+def training_state_dict(s: TrainState) -> dict[str, Any]:
+    """The checkpoint of a worker's state after epoch ``s.epoch`` (the schema)."""
+    from service.models import unwrap
+
+    scaler = s.amp.scaler
+    return {
+        "model": unwrap(s.model).state_dict(),
+        "criterion": s.criterion.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": s.epoch,
+        "global_step": s.global_step,
+        "history": s.history,
+        "config": s.config.to_dict(),
+    }
+
+
+def restore_training_state(s: TrainState, saved: dict[str, Any]) -> None:
+    """Load a checkpoint into ``s``; training continues with the epoch after the saved one."""
+    from service.models import unwrap
+
+    unwrap(s.model).load_state_dict(saved["model"])
+    s.criterion.load_state_dict(saved["criterion"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    if s.amp.scaler is not None and saved.get("scaler"):
+        s.amp.scaler.load_state_dict(saved["scaler"])
+    s.epoch = saved["epoch"] + 1
+    s.global_step = saved["global_step"]
+    s.history = list(saved["history"])
+
+
+def checkpoint_config(saved: dict[str, Any]) -> Config:
+    """The resolved config a checkpoint was trained with."""
+    return config_from_dict(saved["config"])
+
+
+def load_encoder_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Config]:
     """Rebuild the trained backbone (projection head dropped) and its Config from a checkpoint."""
-    from service.config import config_from_dict
     from service.models import build_model
 
-    state = load_state(directory)
-    config = config_from_dict(state["config"])
+    saved = load_state(directory)
+    config = checkpoint_config(saved)
     model = build_model(config.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(saved["model"])
     return model.backbone.eval(), config

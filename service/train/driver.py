@@ -7,6 +7,7 @@ augmentation preview into MLflow, and registration of the backbone under the con
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,6 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.config import Config
+from service.tracking.run import TrackedRun, ending_on_error
+from service.train.finalize import finalize_run
+from service.train.identity import RunPlan, latest_checkpoint, plan_run, write_record
+from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.loop import train_func
 
 
@@ -64,10 +69,10 @@ def check_cluster_fits(config: Config, trials: int = 1) -> None:
         )
 
 
-def _train_dataset(config: Config) -> tuple[dict[str, Any], int]:
+def _train_dataset(config: Config) -> tuple[dict[str, Any], int | None]:
     """Ray Data reader: a lazily augmented dataset (re-randomised each epoch) and its row count."""
     if config.data.reader != "ray":
-        return {}, 0
+        return {}, None
     from service.data.parquet import inspect_parquet
     from service.data.ray_dataset import build_ray_train_dataset
 
@@ -80,35 +85,33 @@ def _train_dataset(config: Config) -> tuple[dict[str, Any], int]:
 def build_trainer(
     config: Config,
     *,
-    mlflow_run_id: str | None = None,
-    tracking_uri: str | None = None,
+    run: TrackedRun | None = None,
     storage_path: str | None = None,
     run_name: str | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial)."""
     t = config.train
     datasets, rows = _train_dataset(config)
-    storage_path = storage_path or t.storage_path
-    run_name = run_name or t.run_name
-    resources = {"CPU": t.cpus_per_worker}
+    inputs = WorkerInputs(
+        config=config,
+        storage_path=resolve_storage_path(storage_path or t.storage_path),
+        run_name=run_name or t.run_name,
+        rows=rows,
+        mlflow_run_id=run.run_id if run else None,
+        tracking_uri=run.uri if run else None,
+    )
     return TorchTrainer(
         train_func,
-        train_loop_config={
-            "config": config.to_dict(),
-            "rows": rows,
-            "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": tracking_uri,
-            "fault_marker_dir": str(Path(storage_path) / run_name / "faults"),
-        },
+        train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker={"CPU": t.cpus_per_worker},
             placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
+            name=inputs.run_name,
+            storage_path=inputs.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -125,42 +128,80 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
 
 
 def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any]:
-    """Pretrain end to end; returns the JSON summary printed by ``contrastive pretrain``."""
-    from service.train.finalize import finalize_run, open_tracking
+    """Pretrain end to end; returns the JSON summary printed by ``contrastive pretrain``.
 
-    tracking = open_tracking(config)  # unreachable MLflow fails here, before any training
-    connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
-    check_cluster_fits(config)
-    storage_path = config.train.storage_path
-    if "://" not in storage_path:  # object-store URIs (s3://, gs://) go to Ray Train unchanged
-        storage_path = str(Path(storage_path).expanduser().resolve())
-    trainer = build_trainer(
-        config,
-        mlflow_run_id=tracking.run_id if tracking else None,
-        tracking_uri=tracking.uri if tracking else None,
-        storage_path=storage_path,
-    )
-    try:
-        result = fit(trainer)
-    except BaseException:
-        if tracking:
-            tracking.end("FAILED")
-        raise
-    checkpoint_dir = result.checkpoint.path if result.checkpoint else None
-    summary: dict[str, Any] = {
+    Run identity is settled first (new / resume / already done, see ``identity.plan_run``), then
+    the MLflow run is opened — or the recorded one reopened — so an unreachable server fails
+    before any training; it ends FAILED on any error after that, FINISHED once the encoder is
+    evaluated and registered.
+    """
+    plan = plan_run(config)
+    if plan.kind == "done":
+        return _already_done(config, plan)
+    with ending_on_error(_open_or_reopen(config, plan)) as run:
+        write_record(plan.run_dir, _record(config, run))
+        connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
+        check_cluster_fits(config)
+        result = fit(build_trainer(config, run=run))
+        summary = _summary(config, result)
+        # finalize reads the checkpoint from local disk: as_directory() is the directory itself
+        # on a local/shared filesystem and a temporary download from an object store.
+        local = result.checkpoint.as_directory() if result.checkpoint else nullcontext()
+        with tempfile.TemporaryDirectory() as workdir, local as local_dir:
+            summary.update(finalize_run(config, run, local_dir, Path(workdir)))
+    return summary
+
+
+def _open_or_reopen(config: Config, plan: RunPlan) -> TrackedRun | None:
+    from service.tracking.run import open_run
+    from service.tracking.uri import check_tracking_server
+
+    if plan.kind == "resume" and plan.mlflow_run_id and plan.tracking_uri:
+        check_tracking_server(plan.tracking_uri)
+        run = TrackedRun(plan.tracking_uri, plan.mlflow_run_id).reopen()
+        run.set_tags({"resumed_with_epochs": str(config.train.epochs)})
+        print(f"[pretrain] resuming run {config.train.run_name!r} after epoch "
+              f"{plan.last_epoch} (MLflow run {run.run_id})", file=sys.stderr)  # fmt: skip
+        return run
+    return open_run(config)
+
+
+def _record(config: Config, run: TrackedRun | None) -> dict[str, Any]:
+    return {
         "run_name": config.train.run_name,
-        "checkpoint": checkpoint_dir,
-        "storage_path": storage_path,
+        "mlflow_run_id": run.run_id if run else None,
+        "tracking_uri": run.uri if run else None,
+        "config": config.to_dict(),
+    }
+
+
+def _already_done(config: Config, plan: RunPlan) -> dict[str, Any]:
+    """Resuming a finished run with unchanged epochs: nothing to train, nothing registered."""
+    message = (
+        f"run {config.train.run_name!r} already trained all {config.train.epochs} epochs; nothing "
+        f"to do (raise train.epochs to train more)"
+    )
+    print(f"[pretrain] {message}", file=sys.stderr)
+    return {
+        "run_name": config.train.run_name,
+        "status": "already_finished",
+        "message": message,
+        "checkpoint": latest_checkpoint(plan.run_dir),
+        "run_id": plan.mlflow_run_id,
         "epochs": config.train.epochs,
-        "world_size": config.train.num_workers,
-        "global_batch_size": config.train.global_batch_size,
+    }
+
+
+def _summary(config: Config, result: ray.train.Result) -> dict[str, Any]:
+    t = config.train
+    return {
+        "run_name": t.run_name,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "storage_path": resolve_storage_path(t.storage_path),
+        "epochs": t.epochs,
+        "world_size": t.num_workers,
+        "global_batch_size": t.global_batch_size,
         "per_worker_batch_size": config.per_worker_batch_size,
         "train_loss": result.metrics.get("train_loss"),
         "knn_top1": result.metrics.get("knn_top1"),
     }
-    # finalize reads the checkpoint from local disk: as_directory() is the directory itself on a
-    # local/shared filesystem and a temporary download from an object store.
-    local_checkpoint = result.checkpoint.as_directory() if result.checkpoint else nullcontext()
-    with tempfile.TemporaryDirectory() as workdir, local_checkpoint as local_dir:
-        summary.update(finalize_run(config, tracking, local_dir, Path(workdir)))
-    return summary

@@ -1,56 +1,16 @@
-"""MLflow side of a pretraining run on the driver: open the run before training, and after it
-log plots / preview / final evaluation and register the backbone with the alias rules."""
+"""After pretraining, on the driver: plots, augmentation preview and test-split embeddings into
+the MLflow run, then registration of the backbone with the alias rules.
+
+The run's lifecycle (open, FINISHED/FAILED) belongs to the caller (``service.tracking.run``)."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from service.config import Config
-
-
-@dataclass
-class Tracking:
-    """An MLflow run owned by the driver; workers log into it by id (rank 0 only)."""
-
-    uri: str
-    run_id: str
-
-    def end(self, status: str = "FINISHED") -> None:
-        from service.tracking.runs import end_run
-
-        end_run(self.run_id, status, tracking_uri=self.uri)
-
-    def logger(self):
-        from service.tracking.logger import MetricLogger
-
-        return MetricLogger(self.uri, self.run_id)
-
-
-def open_tracking(
-    config: Config, *, parent_run_id: str | None = None, run_name: str | None = None
-) -> Tracking | None:
-    """Resolve + check the tracking URI (fails fast when unreachable), then create the run."""
-    if not config.mlflow.enabled:
-        return None
-    from service.tracking.runs import start_pretrain_run
-    from service.tracking.uri import check_tracking_server, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(config.mlflow)
-    check_tracking_server(uri)
-    run_id = start_pretrain_run(
-        config,
-        uri,
-        run_name=run_name or config.train.run_name,
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-    )
-    return Tracking(uri=uri, run_id=run_id)
+from service.tracking.run import TrackedRun
 
 
 def _progress(message: str) -> None:
@@ -58,12 +18,10 @@ def _progress(message: str) -> None:
 
 
 def finalize_run(
-    config: Config, tracking: Tracking | None, checkpoint_dir: str | None, workdir: Path
+    config: Config, tracking: TrackedRun | None, checkpoint_dir: str | None, workdir: Path
 ) -> dict[str, Any]:
-    """Evaluate the final encoder, log artifacts and register it. Returns summary additions."""
+    """Log plots of the final encoder and register it. Returns summary additions."""
     if tracking is None or checkpoint_dir is None:
-        if tracking is not None:
-            tracking.end("FINISHED")
         return {}
     from service.data.augment import eval_transform
     from service.data.preview import save_augmentation_preview
@@ -97,47 +55,37 @@ def finalize_run(
         )
 
     summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
-    name = config.mlflow.registered_model_name
-    if name:
-        _progress(f"registering the backbone as {name!r}")
-        size = config.data.image_size
-        example = np.zeros((1, 3, size, size), dtype=np.float32)
-        metric = knn if knn is not None else -float(history[-1]["train_loss"])
+    if config.mlflow.registered_model_name:
+        _progress(f"registering the backbone as {config.mlflow.registered_model_name!r}")
+        metric_name, metric_value = champion_metric(config, history)
         registered = register_encoder(
             backbone,
+            config,
             tracking_uri=tracking.uri,
             run_id=tracking.run_id,
-            name=name,
-            tags=_version_tags(config, knn, backbone),
-            input_example=example,
-            metric_name=config.mlflow.champion_metric if knn is not None else "neg_train_loss",
-            metric_value=float(metric),
-            config=config,
+            knn=knn,
+            metric_name=metric_name,
+            metric_value=metric_value,
+            higher_is_better=not metric_name.endswith("loss"),
         )
-        summary.update(
-            model_uri=registered["model_uri"],
-            version=registered["version"],
-            champion=registered["champion"],
-        )
+        summary.update({k: registered[k] for k in ("model_uri", "version", "champion")})
     # Flushed after registration: that call waits out a tracking-server outage with MLflow's
     # own retries, so buffered plots/metrics get their best chance to land here.
     report = logger.flush()
     if not getattr(report, "ok", True):
         _progress(f"some MLflow records could not be logged: {report}")
-    tracking.end("FINISHED")
     return summary
 
 
-def _version_tags(config: Config, knn: float | None, backbone: torch.nn.Module) -> dict[str, str]:
-    return {
-        "dataset": config.data.train,
-        "method": config.loss.name,
-        "temperature": str(config.loss.temperature),
-        "augment_strength": str(config.augment.strength),
-        "knn_top1": "" if knn is None else f"{knn:.4f}",
-        "embedding_dim": str(getattr(backbone, "out_dim", "")),
-        "arch": config.model.arch,
-        "input_size": str(config.data.image_size),
-        "normalize_mean": ",".join(map(str, config.augment.mean)),
-        "normalize_std": ",".join(map(str, config.augment.std)),
-    }
+def champion_metric(config: Config, history: list[dict[str, Any]]) -> tuple[str, float]:
+    """The value of ``mlflow.champion_metric`` (latest epoch that has it) that the champion
+    alias compares; a metric the run never logged is an error, never a relabelled other one."""
+    name = config.mlflow.champion_metric
+    value = next((h[name] for h in reversed(history) if name in h), None)
+    if value is None:
+        logged = sorted({k for h in history for k in h})
+        raise ValueError(
+            f"mlflow.champion_metric={name!r} was never logged by this run (it logged {logged}); "
+            f"choose one of those, e.g. knn_top1 (needs data.val) or train_loss"
+        )
+    return name, float(value)

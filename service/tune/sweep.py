@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Config, config_from_dict, load_config
+from service.tracking.run import TrackedRun, ending_on_error
 from service.tune.settings import (
     TRIAL_DRIVER_RESOURCES,
     SweepConfigError,
@@ -167,8 +168,8 @@ def _reconcile_runs(
 ) -> None:
     """Give every nested run its final status: ASHA-stopped trials were killed mid-run (their
     function never returned) and trials whose actor died never got to mark themselves."""
-    from service.train.finalize import Tracking
-    from service.tune.trial import ERROR_TAG, OUTCOME_TAG, mark_failed, mlflow_client, trial_runs
+    from service.tracking.run import backfill_epochs, mlflow_client
+    from service.tune.trial import ERROR_TAG, OUTCOME_TAG, mark_failed, trial_runs
 
     client = mlflow_client(uri)
     runs = trial_runs(uri, parent_run_id)
@@ -177,12 +178,15 @@ def _reconcile_runs(
         if run is None:
             continue
         record.run_id = run.info.run_id
-        _backfill_epochs(client, record)
+        if record.epochs:
+            # ASHA may stop a trial on the very report that rank 0 was about to log to MLflow;
+            # Tune kept every report, so the driver fills the gap.
+            backfill_epochs(client, record.run_id, record.epochs)
         tagged = run.data.tags.get(OUTCOME_TAG)
         if record.outcome == "failed":
             if run.info.status == "RUNNING":
                 mark_failed(
-                    Tracking(uri, record.run_id), errors.get(record.trial_id) or record.error
+                    TrackedRun(uri, record.run_id), errors.get(record.trial_id) or record.error
                 )
         elif run.info.status == "RUNNING" or tagged != record.outcome:
             # Tune's view wins: a stopped trial whose run was left RUNNING, or marked failed by
@@ -193,36 +197,14 @@ def _reconcile_runs(
             client.set_terminated(record.run_id, status="FINISHED")
 
 
-def _backfill_epochs(client: Any, record: TrialRecord) -> None:
-    """Log reported epochs that the nested run lacks. Rank 0 logs an epoch to MLflow right after
-    reporting it to Tune; when ASHA stops the trial on that very report, the workers are killed
-    before they log it. Tune kept every report, so the driver fills the gap (same step=epoch)."""
-    import time
-
-    from mlflow.entities import Metric
-
-    if not record.epochs:
-        return
-    logged = {m.step for m in client.get_metric_history(record.run_id, "train_loss")}
-    now = int(time.time() * 1000)
-    missing = [
-        Metric(key, value, now, int(row["epoch"]))
-        for row in record.epochs
-        if int(row["epoch"]) not in logged
-        for key, value in row.items()
-    ]
-    if missing:
-        client.log_batch(record.run_id, metrics=missing)
-
-
 def _log_parent(
-    tracking: Any,
+    tracking: TrackedRun | None,
     settings: SweepSettings,
     records: list[TrialRecord],
     best: TrialRecord | None,
     workdir: Path,
 ) -> None:
-    from service.tune.trial import mlflow_client
+    from service.tracking.run import mlflow_client
 
     logger = tracking.logger()
     metric = settings.metric
@@ -251,14 +233,11 @@ def _log_parent(
 
 def _open_parent(config: Config, settings: SweepSettings, state: dict[str, Any] | None) -> Any:
     """Create the sweep's parent run (or reopen it on resume)."""
-    from service.train.finalize import Tracking, open_tracking
-    from service.tune.trial import mlflow_client
+    from service.tracking.run import mlflow_client, open_run
 
     if state is not None and state.get("parent_run_id"):
-        tracking = Tracking(uri=state["tracking_uri"], run_id=state["parent_run_id"])
-        mlflow_client(tracking.uri).update_run(tracking.run_id, status="RUNNING")
-        return tracking
-    tracking = open_tracking(config, run_name=settings.name)
+        return TrackedRun(uri=state["tracking_uri"], run_id=state["parent_run_id"]).reopen()
+    tracking = open_run(config, run_name=settings.name)
     if tracking is not None:
         client = mlflow_client(tracking.uri)
         client.set_tag(tracking.run_id, "tune_sweep", settings.name)
@@ -308,28 +287,22 @@ def run_sweep(
     connect_ray(address, min_cpus=settings.resources.cpus_needed)
     check_cluster_fits(config, trials=settings.resources.concurrent_trials)
     tracking = _open_parent(config, settings, state)
-    state = state or {
-        "name": settings.name,
-        "config": config.to_dict(),
-        "num_samples": settings.num_samples,
-        "parent_run_id": tracking.run_id if tracking else None,
-        "tracking_uri": tracking.uri if tracking else None,
-    }
-    _save_state(settings, state)
-
-    try:
-        summary = _run_and_summarise(config, settings, tracking, state, resume)
-    except BaseException:
-        if tracking is not None:
-            tracking.end("FAILED")
-        raise
-    return summary
+    with ending_on_error(tracking):  # FAILED on any error, incl. "every trial failed"
+        state = state or {
+            "name": settings.name,
+            "config": config.to_dict(),
+            "num_samples": settings.num_samples,
+            "parent_run_id": tracking.run_id if tracking else None,
+            "tracking_uri": tracking.uri if tracking else None,
+        }
+        _save_state(settings, state)
+        return _run_and_summarise(config, settings, tracking, state, resume)
 
 
 def _run_and_summarise(
     config: Config,
     settings: SweepSettings,
-    tracking: Any,
+    tracking: TrackedRun | None,
     state: dict[str, Any],
     resume: bool,
 ) -> dict[str, Any]:
@@ -398,15 +371,11 @@ def _run_and_summarise(
         for r in records
     ]
     if best is None:
-        if tracking is not None:
-            tracking.end("FAILED")
         reasons = sorted({r.error for r in records if r.error})
         raise SweepFailedError(
             f"all {len(records)} trial(s) of sweep {settings.name!r} failed or reported no "
             f"{settings.metric}; reasons: {reasons}. Details: {settings.experiment_path}"
         )
-    if tracking is not None:
-        tracking.end("FINISHED")
     return summary
 
 
@@ -415,12 +384,12 @@ def _register_best(
     settings: SweepSettings,
     state: dict[str, Any],
     best: TrialRecord,
-    tracking: Any,
+    tracking: TrackedRun | None,
     workdir: Path,
 ) -> dict[str, Any]:
     """Finalize the best trial's run (plots, test embedding) and register its encoder with the
     alias rules. Idempotent on resume: the same best trial is not registered twice."""
-    from service.train.finalize import Tracking, finalize_run
+    from service.train.finalize import finalize_run
 
     done = state.get("registered") or {}
     if done.get("trial_id") == best.trial_id:
@@ -429,7 +398,7 @@ def _register_best(
         return {}
     _progress(f"registering the best trial {best.trial_id} ({settings.metric}={best.metric})")
     best_config = apply_values(config.to_dict(), best.params)
-    best_run = Tracking(tracking.uri, best.run_id)
+    best_run = TrackedRun(tracking.uri, best.run_id)
     result = finalize_run(best_config, best_run, best.checkpoint, workdir)
     registered = {k: result.get(k) for k in ("model_uri", "version", "champion")}
     state["registered"] = {"trial_id": best.trial_id, **registered}

@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from service.config import Config
+from service.tracking.run import mlflow_client
 from service.tune.space import apply_values
 from service.tune.summary import short_reason
 
@@ -53,13 +54,6 @@ class EpochReportCallback(TuneReportCallback):
 def train_run_name(trial_id: str) -> str:
     """Ray Train run name of a trial: stable across trial restarts, so Train resumes."""
     return f"train-{trial_id}"
-
-
-def mlflow_client(uri: str) -> Any:
-    """An explicit ``MlflowClient`` (no fluent global run: trials run in parallel processes)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
 
 
 def find_trial_run(uri: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -92,14 +86,13 @@ def _open_trial_run(
     config: Config, parent_run_id: str, trial_id: str, sweep: str, searched: dict[str, Any]
 ):
     """Create (or, on a restart, reopen) this trial's nested MLflow run."""
-    from service.train.finalize import Tracking, open_tracking
+    from service.tracking.run import TrackedRun, open_run
 
     uri = config.mlflow.tracking_uri  # pinned to an absolute URI by the sweep driver
     existing = find_trial_run(uri, parent_run_id, trial_id) if uri else None
     if existing is not None:
-        mlflow_client(uri).update_run(existing, status="RUNNING")
-        return Tracking(uri=uri, run_id=existing)
-    tracking = open_tracking(config, parent_run_id=parent_run_id, run_name=f"trial-{trial_id}")
+        return TrackedRun(uri=uri, run_id=existing).reopen()
+    tracking = open_run(config, parent_run_id=parent_run_id, run_name=f"trial-{trial_id}")
     if tracking is not None:
         client = mlflow_client(tracking.uri)
         client.set_tag(tracking.run_id, TRIAL_ID_TAG, trial_id)
@@ -150,8 +143,7 @@ def run_trial(
             kwargs["callbacks"] = [EpochReportCallback()]
         trainer = build_trainer(
             config,
-            mlflow_run_id=tracking.run_id if tracking else None,
-            tracking_uri=tracking.uri if tracking else None,
+            run=tracking,
             storage_path=storage_path,
             run_name=train_run_name(trial_id),
             **kwargs,

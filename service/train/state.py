@@ -1,0 +1,80 @@
+"""The training state of one worker: model, loss, optimizer, schedule and position.
+
+:func:`build_state` builds it from a Config without Ray (``bench/train_step.py`` and the unit
+tests use it); the Ray worker passes ``wrap=ray.train.torch.prepare_model`` (DDP + device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.config import Config
+from service.losses import build_loss
+from service.models import build_model, maybe_convert_sync_batchnorm, unwrap
+from service.train.amp import Amp, amp_policy
+from service.train.optim import build_optimizer, warmup_cosine
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes, plus where training stands (``epoch`` is the current one)."""
+
+    config: Config
+    device: torch.device
+    model: nn.Module  # DDP-wrapped in a Ray worker
+    criterion: Any  # a service.losses loss with the method hooks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: Amp
+    rank: int = 0
+    world: int = 1
+    run_dir: str = "."
+    num_nodes: int = 1
+    epoch: int = 0
+    epoch_step: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.config.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def build_state(
+    config: Config,
+    device: torch.device,
+    steps_per_epoch: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    run_dir: str = ".",
+    gather_distributed: bool = True,
+) -> TrainState:
+    """Model (→ ``wrap``, default: move to ``device``), loss, optimizer and warmup-cosine LR."""
+    model = maybe_convert_sync_batchnorm(build_model(config.model), config.model.sync_batchnorm)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap(model) if wrap is not None else model.to(device)
+    criterion = build_loss(config.loss, config.model.proj_out_dim, gather_distributed)
+    # After wrapping: DDP has broadcast rank 0's weights, so e.g. MoCo's key encoder starts as
+    # the same copy of the online model on every rank.
+    criterion.attach(unwrap(model))
+    criterion = criterion.to(device)
+    optimizer = build_optimizer([model, criterion], config.train)
+    t = config.train
+    scheduler = warmup_cosine(
+        optimizer, t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
+    )
+    return TrainState(
+        config=config, device=device, model=model, criterion=criterion, optimizer=optimizer,
+        scheduler=scheduler, amp=amp_policy(t.amp, device), rank=rank, world=world,
+        run_dir=run_dir,
+    )  # fmt: skip
