@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
 import torch
 
 from service.config import Config, LossConfig, ModelConfig, TrainConfig
