@@ -93,6 +93,9 @@ class TrainConfig:
     max_failures: int = 0
     run_name: str = "contrastive-pretrain"
     storage_path: str = str(Path.home() / "ray_results")
+    # Continue the run storage_path/run_name (same MLflow run) instead of starting a new one;
+    # refused when a key that changes what is trained differs (service/train/identity.py).
+    resume: bool = False
 
 
 @dataclass

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
+from service.config import ModelConfig
+
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [
@@ -81,3 +83,14 @@ def build_backbone(arch: str, cifar_stem: bool = True) -> nn.Module:
     if arch not in BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[arch](cifar_stem)
+
+
+def model_config_problems(cfg: ModelConfig) -> list[str]:
+    """What is wrong with the ``model`` section (empty when nothing)."""
+    problems = []
+    if cfg.arch not in BACKBONES:
+        problems.append(f"model.arch must be one of {'|'.join(BACKBONES)}, got {cfg.arch!r}")
+    for key in ("proj_hidden_dim", "proj_out_dim", "proj_layers"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
+    return problems
