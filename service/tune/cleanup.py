@@ -12,6 +12,14 @@ then waits forever for resources that a dead trial holds.
 ``PlacementGroupJanitor`` is a Tune callback on the driver: every few seconds it removes the
 placement groups of *this job* whose creator actor is dead. Nothing alive can use such a group
 (only its creator could hand it out), so removing it is always safe.
+
+``TrialExitBarrier`` makes the end of the experiment mean "no trial process is left": Tune's
+``fit()`` returns as soon as it has *asked* the stopped trials' actors to go, while the Train
+controllers and workers they own are still being torn down. A stopped trial can meanwhile finish
+the epoch it was in (Tune decides on a report while the workers already run the next epoch), log
+it, mark its run completed, or see its controller die and mark the run failed. The driver gives
+every nested MLflow run its final status from Tune's (deterministic) view, so it must do that
+after the last such write: the barrier waits until every actor the experiment started has exited.
 """
 
 from __future__ import annotations
@@ -107,3 +115,74 @@ class PlacementGroupJanitor(Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._sweep()
+
+
+def is_lingering(actor: Any, job_id_hex: str) -> bool:
+    """Is this GCS ``ActorTableData`` a non-detached actor of our job that has not exited yet?
+
+    Detached actors (Ray Train's placement-group cleaner, its state actor) outlive any trial by
+    design and write nothing to a trial's run: they are not waited for.
+    """
+    from ray.core.generated import gcs_pb2
+
+    dead = gcs_pb2.ActorTableData.ActorState.Value("DEAD")
+    return actor.state != dead and not actor.is_detached and actor.job_id.hex() == job_id_hex
+
+
+def lingering_actors(job_id_hex: str) -> dict[str, str]:
+    """Actor id (hex) -> class name of the actors of ``job_id_hex`` that have not exited."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    if not ray.is_initialized():
+        return {}
+    accessor = state._connect_and_get_accessor()
+    table = accessor.get_actor_table(ray.JobID.from_hex(job_id_hex), None)
+    records = map(gcs_pb2.ActorTableData.FromString, table)
+    return {a.actor_id.hex(): a.class_name for a in records if is_lingering(a, job_id_hex)}
+
+
+class TrialExitBarrier(Callback):
+    """Tune callback: the experiment ends once every actor it started (trial actors, their Train
+    controllers and workers) has exited, so nothing writes to a trial's MLflow run afterwards.
+
+    Waits at most ``timeout_s`` (then warns with the class names of what is left); actors that
+    were alive before the experiment started are not waited for.
+
+    >>> from ray import tune
+    >>> run_config = tune.RunConfig(callbacks=[TrialExitBarrier(timeout_s=300.0)])
+    """
+
+    def __init__(self, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self._before: set[str] = set()
+
+    def _lingering(self) -> dict[str, str] | None:
+        import ray
+
+        try:
+            job_id = ray.get_runtime_context().get_job_id()
+            return {k: v for k, v in lingering_actors(job_id).items() if k not in self._before}
+        except Exception as exc:  # private Ray API: never crash the sweep over it
+            log.warning("trial exit barrier disabled (%s: %s)", type(exc).__name__, exc)
+            return None
+
+    def setup(self, **info: Any) -> None:
+        self._before = set(self._lingering() or {})
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        left = self._lingering()
+        while left and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+            left = self._lingering()
+        if left:
+            log.warning(
+                "%d actor(s) of stopped trials still alive after %.0f s: %s; the final MLflow "
+                "state of their runs may still change",
+                len(left),
+                self.timeout_s,
+                sorted(set(left.values())),
+            )

@@ -100,7 +100,7 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from service.tune.cleanup import PlacementGroupJanitor
+    from service.tune.cleanup import PlacementGroupJanitor, TrialExitBarrier
 
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -142,7 +142,9 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             # A failed trial is a data point (e.g. a temperature that diverges), not a reason to
             # stop the sweep; it is not retried either, a NaN would only NaN again.
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[PlacementGroupJanitor()],  # frees the workers of ASHA-stopped trials
+            # The janitor frees the workers of ASHA-stopped trials; the barrier makes fit()
+            # return only once no trial process can still write to its MLflow run.
+            callbacks=[PlacementGroupJanitor(), TrialExitBarrier()],
             verbose=1,
         ),
     )
