@@ -96,6 +96,14 @@ class TrainConfig:
     # Continue the run storage_path/run_name (same MLflow run) instead of starting a new one;
     # refused when a key that changes what is trained differs (service/train/identity.py).
     resume: bool = False
+    # Cached-gradient steps (service/train/gradcache.py): each worker embeds its local batch in
+    # micro-batches of this many samples (all views together) without a graph, computes the loss
+    # over the global batch once, then replays each micro-batch with a graph; same loss and
+    # gradients as the plain step for models without batch statistics, memory bounded by the
+    # micro-batch. BatchNorm: each micro-batch is normalised by its own statistics (SyncBN: over
+    # the k-th micro-batches of all ranks) in both passes; running stats update once per sample.
+    # null or >= the per-worker batch: the plain step.
+    micro_batch_size: int | None = None
 
 
 @dataclass

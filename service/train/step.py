@@ -2,7 +2,9 @@
 
 Method-specific parts sit behind the loss's hooks (``forward_views``, ``reduce_gradients``,
 ``after_step``: MoCo's key encoder and EMA, a learnable temperature), so this reads the same for
-SimCLR, MoCo and CLIP-style losses. ``bench/train_step.py`` times this very function.
+SimCLR, MoCo and CLIP-style losses. With ``train.micro_batch_size`` below the local batch the
+forward and backward run as cached-gradient micro-batches (``service/train/gradcache.py``).
+``bench/train_step.py`` times this very function.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from service.losses import NonFiniteEmbeddingError
 from service.train.faults import maybe_poison
+from service.train.gradcache import cached_forward_backward, uses_gradcache
 from service.train.state import TrainState
 
 
@@ -35,8 +38,10 @@ def _where(s: TrainState) -> str:
     return f"epoch {s.epoch}, step {s.epoch_step} (global step {s.global_step})"
 
 
-def _forward(s: TrainState, views: list[torch.Tensor]) -> torch.Tensor:
+def _forward(s: TrainState, views: list[torch.Tensor], cached: bool) -> torch.Tensor:
     try:
+        if cached:  # forward *and* backward in micro-batches; returns the detached loss
+            return cached_forward_backward(s, views)
         with s.amp.autocast():
             return s.criterion.forward_views(s.model, views)
     except NonFiniteEmbeddingError as exc:
@@ -60,16 +65,18 @@ def _check_finite(s: TrainState, mean_loss: float) -> None:
 def train_step(s: TrainState, views: list[torch.Tensor]) -> float:
     """Forward all views, loss over the global batch, backward, optimizer step; the mean loss."""
     views = [s.to_device(v) for v in views]
-    loss = maybe_poison(s.config.fault, s.global_step, _forward(s, views))
+    cached = uses_gradcache(s, views[0].shape[0])  # train.micro_batch_size < local batch
+    if cached:
+        s.optimizer.zero_grad(set_to_none=True)  # the cached passes accumulate into .grad
+    loss = maybe_poison(s.config.fault, s.global_step, _forward(s, views, cached))
     mean_loss = global_mean(loss, s.world)
     _check_finite(s, mean_loss)
-    s.optimizer.zero_grad(set_to_none=True)
     scaler = s.amp.scaler
+    if not cached:
+        s.optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(s.optimizer)
-    else:
-        loss.backward()
     s.criterion.reduce_gradients()  # parameters outside DDP (a learnable temperature)
     if s.config.train.grad_clip_norm:
         params = list(s.model.parameters()) + list(s.criterion.parameters())
