@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TERMINAL_JOB_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
 def free_port() -> int:
@@ -96,20 +97,37 @@ class RayCluster:
         ]
         if runtime_env:
             args.append(f"--runtime-env-json={json.dumps(runtime_env)}")
-        return self.ray(*args, "--", *entrypoint)
+        # Packing and uploading the working dir takes a while on a loaded box: be generous.
+        return self.ray(*args, "--", *entrypoint, timeout=300)
 
-    def wait(self, submission_id: str, timeout: float = 900) -> tuple[str, str]:
-        """Poll until the job ends; return (status, logs)."""
+    def jobs(self):
+        """A ``JobSubmissionClient`` for this cluster's job server (with its auth token)."""
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(
+        return JobSubmissionClient(
             self.dashboard_url, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
         )
+
+    def status(self, submission_id: str) -> str:
+        """PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED."""
+        return str(self.jobs().get_job_status(submission_id)).split(".")[-1]
+
+    def stop_job(self, submission_id: str) -> None:
+        """Ask the job server to stop the job (the SDK call, not the CLI: no interpreter start-up
+        between deciding to stop and stopping)."""
+        self.jobs().stop_job(submission_id)
+
+    def wait(self, submission_id: str, timeout: float = 1800) -> tuple[str, str]:
+        """Poll until the job ends; return (status, logs). A busy dashboard that fails a poll now
+        and then is polled again: only the deadline ends the wait."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            status = str(client.get_job_status(submission_id)).split(".")[-1]
-            if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
-                return status, client.get_job_logs(submission_id)
+            try:
+                status = self.status(submission_id)
+                if status in TERMINAL_JOB_STATES:
+                    return status, self.jobs().get_job_logs(submission_id)
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                print(f"[cluster] polling {submission_id}: {type(exc).__name__}: {exc}")
             time.sleep(2)
         raise TimeoutError(f"job {submission_id} still running after {timeout} s")
 

@@ -1,4 +1,7 @@
-"""Shared pytest fixtures. Each block below is owned by one area; keep blocks self-contained."""
+"""Shared pytest fixtures. Each block below is owned by one area; keep blocks self-contained.
+
+Plain helper functions (no fixtures) shared by several test modules live in tests/helpers.py.
+"""
 
 # ==================== BEGIN mlflow_server fixture (owner: tracking/registry) ====================
 # A real `mlflow server` (SQLite backend store, local artifact store served over HTTP) on a free
@@ -102,4 +105,36 @@ def mlflow_server(tmp_path_factory):
 
 # ============== BEGIN Ray cluster + smoke pretraining fixtures (owner: train) ==============
 from tests.cluster import ray_cluster, smoke_run  # noqa: E402,F401
+
 # =============== END Ray cluster + smoke pretraining fixtures (owner: train) ===============
+
+
+# ==================== BEGIN shared fixtures and slow marking (owner: tests) ====================
+# Fixtures that start a real Ray cluster or MLflow server (or a `ray job submit` on one): a test
+# that uses one is slow, whether or not its module remembered the marker. Tests that start one
+# themselves (a local `ray.init`, a server subprocess) carry `@pytest.mark.slow` explicitly.
+SLOW_FIXTURES = frozenset({"ray_cluster", "smoke_run", "mlflow_server"})
+
+import pytest as _pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames) and not item.get_closest_marker("slow"):
+            item.add_marker(_pytest.mark.slow)
+
+
+@_pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors (fastest on the shared 2-core CI box), the
+    previous count restored afterwards. Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ===================== END shared fixtures and slow marking (owner: tests) =====================

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from service.commands.data import pack_command, preview_command
 from service.config import REPO_ROOT, AugmentConfig
 from service.data import (
     DataError,
@@ -24,18 +23,12 @@ from service.data import (
     save_augmentation_preview,
     simclr_transform,
 )
-from service.data.commands import pack_command, preview_command
+from tests.helpers import solid_png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +105,13 @@ def test_eval_transform_is_deterministic_and_normalised():
     assert wide.shape == (3, 24, 24)
 
 
-def _png(colour, size=(10, 12)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def test_pack_round_trip(tmp_path):
     src = tmp_path / "folder"
     files = {
-        "zebra/a.png": _png((0, 0, 0)),
-        "cat/b.png": _png((255, 0, 0)),
-        "cat/nested/c.PNG": _png((0, 255, 0), size=(40, 7)),
-        "dog/d.jpg": _png((0, 0, 255)),  # PNG bytes under a .jpg name: stored as is
+        "zebra/a.png": solid_png((0, 0, 0)),
+        "cat/b.png": solid_png((255, 0, 0)),
+        "cat/nested/c.PNG": solid_png((0, 255, 0), size=(40, 7)),
+        "dog/d.jpg": solid_png((0, 0, 255)),  # PNG bytes under a .jpg name: stored as is
         "dog/broken.jpg": b"not an image",
     }
     for name, data in files.items():
@@ -155,7 +142,7 @@ def test_pack_errors(tmp_path):
         pack_image_folder(tmp_path / "nope", tmp_path / "o.parquet")
     (tmp_path / "src" / "empty_class").mkdir(parents=True)
     (tmp_path / "src" / "ok").mkdir()
-    (tmp_path / "src" / "ok" / "a.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "src" / "ok" / "a.png").write_bytes(solid_png((1, 2, 3)))
     with pytest.raises(DataError, match=r"without images.*\['empty_class'\]"):
         pack_image_folder(tmp_path / "src", tmp_path / "o.parquet")
 
@@ -192,15 +179,3 @@ def test_preview_command_applies_overrides(tmp_path):
     assert summary["augment"]["strength"] == 0.25 and summary["n_views"] == 3
     with Image.open(summary["out"]) as png:
         assert png.width == 96 + 4 * (96 + 4) + 4  # original + 3 views
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["augment", "decode", "pack", "parquet", "preview", "ray_dataset", "torch_dataset"],
-)
-def test_docstring_examples(module, monkeypatch):
-    import doctest
-    import importlib
-
-    monkeypatch.chdir(REPO_ROOT)  # examples use repo-relative paths to the bundled data
-    assert doctest.testmod(importlib.import_module(f"service.data.{module}")).failed == 0

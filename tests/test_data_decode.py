@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
@@ -10,12 +9,7 @@ import pytest
 from PIL import Image
 
 from service.data import CorruptImageError, DecodeStats, TooManyBadImagesError, decode_image
-
-
-def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
+from tests.helpers import encode_image
 
 
 @pytest.mark.parametrize(
@@ -38,7 +32,7 @@ def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
 )
 def test_modes_convert_to_rgb_with_their_colours(image, fmt, expected):
     kwargs = {"lossless": True} if fmt == "WEBP" else {}
-    decoded = decode_image(_encode(image, fmt, **kwargs))
+    decoded = decode_image(encode_image(image, fmt, **kwargs))
     assert decoded.mode == "RGB" and decoded.size == (5, 4)
     assert np.asarray(decoded)[0, 0].tolist() == list(expected)
 
@@ -46,15 +40,15 @@ def test_modes_convert_to_rgb_with_their_colours(image, fmt, expected):
 def test_transparency_composites_on_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black → white
-    pixels = np.asarray(decode_image(_encode(rgba)))
+    pixels = np.asarray(decode_image(encode_image(rgba)))
     assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[1, 1].tolist() == [255, 0, 0]
     la = Image.new("LA", (4, 4), (100, 255))
-    assert np.asarray(decode_image(_encode(la)))[0, 0].tolist() == [100, 100, 100]
+    assert np.asarray(decode_image(encode_image(la)))[0, 0].tolist() == [100, 100, 100]
 
 
 def test_cmyk_jpeg():
     cmyk = Image.new("RGB", (8, 8), (0, 0, 255)).convert("CMYK")
-    pixels = np.asarray(decode_image(_encode(cmyk, "JPEG", quality=100))).astype(int)
+    pixels = np.asarray(decode_image(encode_image(cmyk, "JPEG", quality=100))).astype(int)
     assert np.abs(pixels[4, 4] - [0, 0, 255]).max() <= 3
 
 
@@ -62,7 +56,7 @@ def test_exif_orientation_is_applied():
     image = Image.new("RGB", (6, 2), (0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° CW to display"
-    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    decoded = decode_image(encode_image(image, "JPEG", exif=exif.tobytes()))
     assert decoded.size == (2, 6)
 
 
@@ -71,8 +65,8 @@ def test_exif_orientation_is_applied():
     [
         b"",
         b"<html>404 not found</html>",
-        _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")[:150],  # truncated
-        _encode(Image.new("RGB", (64, 64)), "PNG")[:60],
+        encode_image(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")[:150],  # truncated
+        encode_image(Image.new("RGB", (64, 64)), "PNG")[:60],
     ],
 )
 def test_corrupt_bytes_raise_corrupt_image_error(blob):

@@ -7,7 +7,6 @@ label shifts onto another row's image.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 
@@ -35,6 +34,7 @@ from service.data import (
     read_ray_dataset,
     simclr_transform,
 )
+from tests.helpers import encode_image
 
 TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -45,12 +45,7 @@ HIGH = max((1 - m) / s for m, s in zip(CFG.mean, CFG.std, strict=True))
 LIMIT, BATCH = 192, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +94,7 @@ def test_torch_reader_with_a_worker_process():
     assert Counter(torch.cat([b[1] for b in batches]).tolist()) == Counter(ds.labels.tolist())
 
 
+@pytest.mark.slow  # starts a local Ray instance (ray_local)
 def test_ray_reader_on_real_images(ray_local):
     ds = augment_ray_dataset(read_ray_dataset(str(TEST_SUBSET), limit=LIMIT, seed=0), CFG, 32, 2)
     stats = DecodeStats()
@@ -111,6 +107,7 @@ def test_ray_reader_on_real_images(ray_local):
     assert stats.total == LIMIT and stats.bad == 0
 
 
+@pytest.mark.slow  # starts a local Ray instance (ray_local)
 def test_ray_reader_streams_files_from_config(ray_local, tmp_path):
     """The path a TorchTrainer uses: read_parquet over a directory (no limit) → map_batches →
     a streaming shard, as ``ray.train.get_dataset_shard`` hands to each worker."""
@@ -127,12 +124,6 @@ def test_ray_reader_streams_files_from_config(ray_local, tmp_path):
 # ----------------------------------------------------------------- corrupt and unusual images
 
 
-def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
 def _grey(label: int) -> int:
     return 20 * label + 10  # every good test image is one solid grey that encodes its label
 
@@ -143,19 +134,19 @@ def _mixed_rows() -> list[tuple[bytes, int]]:
         return Image.new(mode, size, {"RGB": (g,) * 3, "RGBA": (g, g, g, 255), "L": g}[mode])
 
     good = [
-        _encode(solid(0)),
-        _encode(solid(1, mode="L")),  # greyscale
-        _encode(solid(2, mode="RGBA")),  # RGBA
-        _encode(solid(3).convert("CMYK"), "JPEG", quality=100),  # CMYK JPEG
-        _encode(solid(4).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),  # palette
-        _encode(solid(5, size=(7, 50))),  # odd size
-        _encode(solid(6, size=(200, 3))),  # extreme aspect ratio
-        _encode(Image.fromarray(np.full((9, 9), _grey(7) * 257, np.uint16))),  # 16-bit
-        _encode(solid(8), "WEBP", lossless=True),
-        _encode(solid(9), "BMP"),
+        encode_image(solid(0)),
+        encode_image(solid(1, mode="L")),  # greyscale
+        encode_image(solid(2, mode="RGBA")),  # RGBA
+        encode_image(solid(3).convert("CMYK"), "JPEG", quality=100),  # CMYK JPEG
+        encode_image(solid(4).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),  # palette
+        encode_image(solid(5, size=(7, 50))),  # odd size
+        encode_image(solid(6, size=(200, 3))),  # extreme aspect ratio
+        encode_image(Image.fromarray(np.full((9, 9), _grey(7) * 257, np.uint16))),  # 16-bit
+        encode_image(solid(8), "WEBP", lossless=True),
+        encode_image(solid(9), "BMP"),
     ]
     rows = [(blob, label) for label, blob in enumerate(good)]
-    truncated = _encode(solid(0, size=(64, 64)), "JPEG")[:200]
+    truncated = encode_image(solid(0, size=(64, 64)), "JPEG")[:200]
     for at, blob in zip((2, 6, 11), (b"garbage, not an image", b"", truncated), strict=True):
         rows.insert(at, (blob, 100 + at))  # labels 100+ would show if a bad row leaked
     return rows
@@ -221,6 +212,7 @@ def test_ray_batch_fn_skips_and_carries_counts(mixed_parquet, caplog):
         strict(batch)
 
 
+@pytest.mark.slow  # starts a local Ray instance (ray_local)
 def test_ray_reader_skips_counts_and_enforces_ceiling(ray_local, mixed_parquet):
     ds = augment_ray_dataset(read_ray_dataset(str(mixed_parquet)), PLAIN, 16, 2, 0.02)
     stats = DecodeStats()
@@ -258,7 +250,7 @@ def test_ray_batch_fn_equals_the_per_image_transform(monkeypatch):
 
 def test_unlabelled_data_gets_minus_one(tmp_path):
     path = tmp_path / "nolabel.parquet"
-    blob = _encode(Image.new("RGB", (8, 8)))
+    blob = encode_image(Image.new("RGB", (8, 8)))
     pq.write_table(pa.table({"image": pa.array([blob] * 4, pa.binary())}), path)
     ds = ParquetImageDataset(str(path), simclr_transform(CFG, 8), n_views=2)
     assert ds.labels.tolist() == [-1] * 4

@@ -1,7 +1,7 @@
 """Fault drills on the real session Ray cluster and MLflow server: a training worker SIGKILLed
 mid-epoch, an MLflow outage mid-run, and no secret leaking into a run's params or tags.
 
-(The driver/job restart — `ray job stop` + resubmit — is covered in test_pretrain_e2e.py.)
+(The driver/job restart — job stop + resubmit — is covered in test_pretrain_e2e.py.)
 Each drill prints one JSON line with what it measured; docs/benchmarks.md "Fault drills".
 """
 
@@ -18,8 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from service.train.checkpoint import load_state
-from service.train.loop import _backfill_epoch_metrics
-from tests.cluster import last_json_line
+from tests.cluster import TERMINAL_JOB_STATES, last_json_line
 
 ENTRY = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
 # 512 rows / global batch 128 → 4 steps per epoch; 3 epochs = global steps 0..11.
@@ -46,12 +45,7 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def _job_ended(cluster, job_id: str) -> bool:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(
-        cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
-    )
-    return str(client.get_job_status(job_id)).split(".")[-1] in {"SUCCEEDED", "FAILED", "STOPPED"}
+    return cluster.status(job_id) in TERMINAL_JOB_STATES
 
 
 def _wait_until(condition, what: str, timeout: float = 600, poll: float = 0.5) -> None:
@@ -260,24 +254,21 @@ def test_no_secret_env_value_in_params_tags_or_config(outage_drill) -> None:
 # ----------------------------------------------------------------------------- backfill
 
 
+@pytest.mark.slow
 def test_backfill_logs_only_checkpointed_epochs_missing_from_mlflow(mlflow_server) -> None:
     """A restarted rank 0 re-logs epochs whose metrics died in the old rank 0's buffer."""
-    from service.tracking.logger import MetricLogger
+    from service.tracking.run import backfill_epochs
 
-    uri = mlflow_server.url
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_server.url)
     experiment = client.create_experiment(f"backfill-{uuid.uuid4().hex[:8]}")
     run_id = client.create_run(experiment).info.run_id
     history = [
         {"epoch": e, "global_step": 4 * (e + 1), "train_loss": 5.0 - e, "num_nodes": 1}
         for e in range(3)
     ]
-    logger = MetricLogger(uri, run_id)
-    logger.log_metrics({"train_loss": 5.0, "epoch": 0}, step=0)  # epoch 0 reached MLflow
-    loop_config = {"tracking_uri": uri, "mlflow_run_id": run_id}
-    _backfill_epoch_metrics(loop_config, logger, history)
-    _backfill_epoch_metrics(loop_config, logger, history)  # idempotent
-    assert logger.flush().ok
+    client.log_metric(run_id, "train_loss", 5.0, step=0)  # epoch 0 reached MLflow
+    assert backfill_epochs(client, run_id, history) == [1, 2]
+    assert backfill_epochs(client, run_id, history) == []  # idempotent
     logged = client.get_metric_history(run_id, "train_loss")
     assert sorted((m.step, m.value) for m in logged) == [(0, 5.0), (1, 4.0), (2, 3.0)]
     assert _steps(client, run_id, "global_step") == [1, 2]

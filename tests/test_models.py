@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 from torch import nn
 
-import service.models.backbones
-import service.models.contrastive
-import service.models.heads
 from service.config import ModelConfig
 from service.models import (
     BACKBONES,
@@ -21,13 +16,7 @@ from service.models import (
     maybe_convert_sync_batchnorm,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("arch", "out_dim"), [("small_cnn", 256), ("resnet18", 512)])
@@ -115,10 +104,3 @@ def test_sync_batchnorm_conversion():
     synced = maybe_convert_sync_batchnorm(model, enabled=True)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
     assert isinstance(synced, ContrastiveModel)
-
-
-@pytest.mark.parametrize(
-    "module", [service.models.backbones, service.models.heads, service.models.contrastive]
-)
-def test_docstring_examples(module):
-    assert doctest.testmod(module).failed == 0

@@ -7,7 +7,6 @@ from importlib import metadata
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -31,7 +30,7 @@ from service.tracking.uri import (
     resolve_tracking_uri,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _closed_port_uri() -> str:
@@ -84,6 +83,7 @@ def test_credentials_are_not_echoed_in_errors():
     assert "hunter22" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_reachable_server_passes(mlflow_server):
     check_tracking_server(mlflow_server.url)
 
@@ -129,6 +129,7 @@ def test_stringify_params_json_and_truncation():
 # ----------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_start_pretrain_run_logs_config_tags_and_artifact(mlflow_server, monkeypatch):
     secret = "s3cr3t-bucket-name-xyz"
     monkeypatch.setenv("CONTRASTIVE_TEST_API_TOKEN", secret)
@@ -167,6 +168,7 @@ def test_start_pretrain_run_logs_config_tags_and_artifact(mlflow_server, monkeyp
     assert child.data.tags["mlflow.parentRunId"] == run_id
 
 
+@pytest.mark.slow
 def test_end_run_rejects_unknown_status(mlflow_server):
     with pytest.raises(ValueError, match="DONE"):
         end_run("whatever", "done", tracking_uri=mlflow_server.url)
@@ -179,6 +181,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_metric_logger_survives_server_outage(mlflow_server):
     """Log, kill the server, keep logging (no exception), restart it on the same port and store,
     flush: every (metric, step) is stored exactly once."""
@@ -282,3 +285,29 @@ def test_plot_embeddings_writes_png(tmp_path, method):
     assert _png_pixels(out).std() > 10
     with pytest.raises(ValueError, match="rows"):
         plot_embeddings(features, labels[:10], tmp_path / "bad.png")
+
+
+# ----------------------------------------------------------------------------- package exports
+
+
+def test_packages_export_their_public_names_and_stay_light():
+    """`from service.tracking import TrackedRun` etc.; importing the library packages pulls in
+    neither Ray nor MLflow (commands stay fast, workers import what they use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from service.registry import load_encoder, pull, promote, register_encoder\n"
+        "from service.eval import evaluate_encoder, extract_features, knn_top1\n"
+        "from service.data import ParquetImageDataset, read_image_table\n"
+        "from service.tracking import (TrackedRun, open_run, tracked_run, ending_on_error,\n"
+        "    backfill_epochs, log_epoch, mlflow_client, MetricLogger, resolve_tracking_uri,\n"
+        "    check_tracking_server, plot_training_curves, plot_embeddings, start_pretrain_run)\n"
+        "import service.tracking, service.registry, service.eval\n"
+        "for m in (service.tracking, service.registry, service.eval):\n"
+        "    assert all(hasattr(m, n) for n in m.__all__), m\n"
+        "print(sorted(n for n in ('ray', 'mlflow') if n in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
