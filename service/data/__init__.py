@@ -7,6 +7,12 @@
 
 Both yield ``(list of n_views tensors [b, 3, H, W], labels [b])`` batches.
 
+Batched augmentation (:mod:`service.data.batch_augment`): the same SimCLR pipeline on a whole
+uint8 batch ``[B, 3, H, W]`` on its device (CPU or CUDA), seeded per instance::
+
+    augment = BatchSimCLRAugment(config.augment, image_size=32, seed=rank_seed)
+    views = augment(uint8_batch)  # n_views float32 tensors [B, 3, 32, 32], normalised
+
 Ray is imported lazily (inside :func:`read_ray_dataset`), so importing this package is cheap.
 """
 
@@ -17,6 +23,7 @@ from service.data.augment import (
     eval_transform,
     simclr_transform,
 )
+from service.data.batch_augment import BatchSimCLRAugment, ViewParams
 from service.data.decode import DecodeStats, decode_image, to_rgb
 from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
 from service.data.pack import pack_image_folder
@@ -44,6 +51,7 @@ from service.data.torch_dataset import (
 )
 
 __all__ = [
+    "BatchSimCLRAugment",
     "CorruptImageError",
     "DataError",
     "DecodeStats",
@@ -52,6 +60,7 @@ __all__ = [
     "ParquetImageDataset",
     "ParquetSource",
     "TooManyBadImagesError",
+    "ViewParams",
     "augment_ray_dataset",
     "build_eval_dataset",
     "build_ray_train_dataset",

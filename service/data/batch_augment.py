@@ -1,0 +1,385 @@
+"""SimCLR augmentation of a whole uint8 batch at once, on plain torch ops (CPU or CUDA tensors).
+
+The per-image pipeline in :mod:`service.data.augment` pays ~70 µs of Python dispatch per op per
+32 px image; here every op is a handful of tensor calls for the whole batch, with independent
+random parameters per sample and per view. It is the same pipeline, op for op and in
+distribution: crop+resize → flip → colour jitter (p = ``jitter_p``, the four ops in a random
+order per sample, as torchvision) → grayscale (p = ``grayscale_p``) → Gaussian blur (p = 0.5,
+only with ``augment.blur``) → normalise.
+
+Randomness: all parameters are drawn on the **CPU** from one ``torch.Generator`` (a few numbers
+per view), in a fixed order, then moved to the batch's device with the image work. So the same
+seed and the same input give the same parameters on every device: identical output on the same
+device, and CPU vs CUDA equal up to float rounding. Drawing on the CPU also keeps the data-
+dependent choices (which rows get jitter, blur, ...) off the GPU, so nothing waits for it.
+
+Where it differs from the PIL pipeline (all within ~1/255, see tests/test_batch_augment.py):
+intermediate results stay ``float32`` instead of being rounded to uint8 after every op, and the
+hue shift is computed in float instead of PIL's 8-bit HSV.
+
+>>> import torch
+>>> from service.config import AugmentConfig
+>>> augment = BatchSimCLRAugment(AugmentConfig(), image_size=32, seed=0)
+>>> images = torch.randint(0, 256, (8, 3, 40, 36), dtype=torch.uint8)
+>>> views = augment(images)  # n_views = augment.n_views (AugmentConfig.n_views = 2)
+>>> len(views), tuple(views[0].shape), views[0].dtype
+(2, (8, 3, 32, 32), torch.float32)
+>>> torch.equal(views[0], BatchSimCLRAugment(AugmentConfig(), 32, seed=0)(images)[0])
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from service.config import AugmentConfig
+from service.data.augment import blur_kernel_size, simclr_transform
+from service.data.errors import DataError
+
+# SimCLR / torchvision RandomResizedCrop defaults.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_TRIES = 10
+BLUR_P = 0.5
+# Rows augmented together: cache-sized on the CPU (3 x 32 x 32 float32 = 12 KiB a row).
+CHUNK_ROWS = 256
+BLUR_SIGMA = (0.1, 2.0)
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+LUMA = (0.2989, 0.587, 0.114)
+# Column order of ViewParams.factors and the op ids in ViewParams.order (torchvision's fn_idx).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Random parameters of ``n`` views, one row per view (CPU tensors).
+
+    ``boxes`` are torchvision's crop parameters ``(top, left, height, width)`` in source pixels.
+    ``factors`` are (brightness, contrast, saturation, hue) and ``order`` the permutation of the
+    four ops applied to that row; both are ignored where ``jitter`` is False.
+    """
+
+    boxes: torch.Tensor  # [n, 4] int64
+    flip: torch.Tensor  # [n] bool
+    jitter: torch.Tensor  # [n] bool
+    factors: torch.Tensor  # [n, 4] float32
+    order: torch.Tensor  # [n, 4] int64
+    grayscale: torch.Tensor  # [n] bool
+    blur: torch.Tensor  # [n] bool
+    sigma: torch.Tensor  # [n] float32
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> ViewParams:
+        return ViewParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+# ---------------------------------------------------------------------------- parameter draws
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> torch.Tensor:
+    """``[n, 4]`` crop boxes ``(top, left, h, w)``: ``RandomResizedCrop.make_params`` for ``n``
+    draws at once (its 10 tries in parallel, the first valid one kept, else its centre crop)."""
+    area = height * width
+    f64 = dict(dtype=torch.float64)
+    target = torch.empty(n, CROP_TRIES, **f64).uniform_(*scale, generator=generator) * area
+    log_ratio = torch.empty(n, CROP_TRIES, **f64)
+    aspect = log_ratio.uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w = (target * aspect).sqrt().round().long()  # round half to even, as Python's round
+    h = (target / aspect).sqrt().round().long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
+    offsets = torch.rand(n, 2, generator=generator, **f64)
+    top = (offsets[:, 0] * (height - h + 1)).long()
+    left = (offsets[:, 1] * (width - w + 1)).long()
+    fh, fw = _centre_crop_size(height, width, ratio)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+    return torch.where(found[:, None], boxes, fallback)
+
+
+def _centre_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def sample_view_params(
+    cfg: AugmentConfig, n: int, height: int, width: int, generator: torch.Generator
+) -> ViewParams:
+    """Draw the parameters of ``n`` independent views of ``height x width`` images.
+
+    Every draw is made whatever the config (disabled ops are masked off afterwards), so one
+    seed gives the same crops whether or not e.g. blur is on."""
+    boxes = sample_crop_boxes(n, height, width, (cfg.min_scale, 1.0), generator)
+
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < p
+
+    flip = coin(0.5)
+    jitter = coin(cfg.jitter_p) & (cfg.strength > 0)
+    s = float(cfg.strength)
+    low = torch.tensor([max(0.0, 1 - 0.8 * s)] * 3 + [-0.2 * s])
+    high = torch.tensor([1 + 0.8 * s] * 3 + [0.2 * s])
+    factors = low + (high - low) * torch.rand(n, 4, generator=generator)
+    order = torch.rand(n, 4, generator=generator).argsort(dim=1)  # uniform random permutation
+    grayscale = coin(cfg.grayscale_p)
+    blur = coin(BLUR_P) & cfg.blur
+    sigma = torch.empty(n).uniform_(*BLUR_SIGMA, generator=generator)
+    return ViewParams(boxes, flip, jitter, factors, order, grayscale, blur, sigma)
+
+
+# ------------------------------------------------------------------------ crop, resize, flip
+
+
+def resize_weights(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int
+) -> torch.Tensor:
+    """``[n, out_size, in_size]`` matrices that crop ``[start, start + length)`` out of an axis of
+    ``in_size`` pixels and resize it to ``out_size``: torch's antialiased bilinear
+    (``interpolate(antialias=True)``, PIL's BILINEAR) - a triangle filter whose support widens
+    with the downscale factor, renormalised over the pixels inside the crop (which also gives
+    plain bilinear's edge clamping when upscaling)."""
+    start, length = start.float()[:, None, None], length.float()[:, None, None]
+    device = start.device
+    scale = length / out_size
+    support = scale.clamp(min=1.0)
+    centre = start + scale * (torch.arange(out_size, device=device)[:, None] + 0.5)
+    pixel = torch.arange(in_size, device=device, dtype=torch.float32) + 0.5
+    weights = (1 - ((pixel - centre) / support).abs()).clamp_(min=0)
+    weights *= (pixel >= start) & (pixel < start + length)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def resized_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Crop each image of ``[n, 3, H, W]`` (uint8 → scaled to [0, 1], or float) to its box
+    (``[n, 4]`` top, left, h, w), resize to ``size x size`` and flip the rows where ``flip``:
+    ``F.horizontal_flip(F.resized_crop(..., antialias=True))`` per row, as float32.
+
+    Two batched matmuls with per-row interpolation matrices (flip = reversed columns): exact,
+    and on the CPU faster than ``roi_align`` (no antialias) or ``grid_sample`` (no antialias,
+    samples outside the crop at its edges); see bench/augment.py. The channels ride along in
+    the matrix rows (``[n, H, 3·W]``) so each matmul is one larger product per image.
+    """
+    n, c, height, width = images.shape
+    boxes = boxes.to(images.device)
+    wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
+    wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size)
+    if flip is not None:
+        wx = torch.where(flip.to(images.device)[:, None, None], wx.flip(1), wx)
+    if not images.is_floating_point():
+        wy = wy / 255.0  # uint8 → [0, 1] folded into the matrix
+    rows = images.float().transpose(1, 2).reshape(n, height, c * width)
+    out = torch.bmm(wy, rows).view(n, size * c, width)  # [n, S, 3·W]
+    out = torch.bmm(out, wx.transpose(1, 2)).view(n, size, c, size)
+    return out.transpose(1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------ colour ops
+# Float images in [0, 1], one factor per row: torchvision's float kernels, batched. The ops end
+# in ``_``: they may overwrite their input (in-place passes are ~2x faster on the CPU); use
+# ``x = op_(x, f)``.
+
+
+def _per_row(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend``: ``clamp(f·x + (1 - f)·other, 0, 1)`` (``other`` None = 0)."""
+    f = _per_row(factor, x)
+    x.mul_(f)
+    if other is not None:
+        x.add_(other * (1 - f))
+    return x.clamp_(0, 1)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """``[n, 1, H, W]`` grayscale of ``[n, 3, H, W]`` (ITU-R 601-2, torchvision's weights and
+    order of operations)."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
+
+
+def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, None, factor)
+
+
+def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, luma(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, luma(x), factor)
+
+
+def adjust_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` (in turns, [-0.5, 0.5]). S and V do not change, so the
+    RGB → HSV → RGB round trip collapses to: hue (in sextants) from RGB as torchvision/PIL, then
+    each channel ``n = 5, 3, 1`` as ``V - V·S·clamp(2 - |k - 2|, 0, 1)``, ``k = (n + hue) mod 6``
+    (the textbook HSV → RGB formula). Masks are multiplied in, not ``torch.where``, and passes
+    are in place: ~3x faster than torchvision's kernel on the CPU."""
+    r, g, b = x.unbind(dim=1)
+    high = torch.maximum(torch.maximum(r, g), b)
+    spread = torch.minimum(torch.minimum(r, g), b).neg_().add_(high)  # V·S
+    is_r = high == r
+    is_g = (high == g).logical_and_(~is_r)
+    is_b = (is_r | is_g).logical_not_()
+    sextant = (g - b).mul_(is_r)
+    sextant += (b - r).add_(spread, alpha=2).mul_(is_g)
+    sextant += (r - g).add_(spread, alpha=4).mul_(is_b)
+    sextant.div_(spread.clamp(min=1e-12)).add_(_per_row(shift, x)[:, 0], alpha=6)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = sextant.unsqueeze(1) + n
+    k.sub_(torch.floor(k / 6).mul_(6))  # mod 6
+    ramp = k.sub_(2).abs_().neg_().add_(2).clamp_(0, 1)
+    return ramp.mul_(spread.unsqueeze(1).neg_()).add_(high.unsqueeze(1))
+
+
+JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness_,
+    adjust_contrast_,
+    adjust_saturation_,
+    adjust_hue_,
+)
+
+
+def color_jitter_rows(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """ColorJitter on ``rows`` (bool ``[n]``, CPU) of ``x``, in place: at each of the 4 steps,
+    every op runs once on the rows whose permutation puts it there (16 batched calls in all)."""
+    for step in range(4):
+        for op_id, op in enumerate(JITTER_OPS):
+            cpu, idx = _indices(rows & (order[:, step] == op_id), x.device)
+            if len(cpu):
+                x[idx] = op(x[idx], factors[cpu, op_id])
+    return x
+
+
+# ---------------------------------------------------------------------- blur and normalise
+
+
+def gaussian_kernels(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """``[n, kernel_size]`` normalised 1-D Gaussians (torchvision's ``_get_gaussian_kernel1d``)."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, kernel_size, device=sigma.device)
+    return torch.softmax(-((x / sigma.float()[:, None]) ** 2), dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each row of ``[n, C, H, W]`` with its own ``sigma``: reflect padding (torchvision),
+    separable depthwise convolutions with per-row kernels (one grouped conv per axis)."""
+    n, c, h, w = x.shape
+    kernels = gaussian_kernels(kernel_size, sigma.to(x.device)).repeat_interleave(c, dim=0)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel, in place."""
+    m = torch.tensor(list(mean), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _indices(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of a CPU mask, on the CPU (to pick parameters) and on ``device``."""
+    idx = mask.nonzero()[:, 0]
+    return idx, idx.to(device)
+
+
+# ------------------------------------------------------------------------------ the pipeline
+
+
+class BatchSimCLRAugment:
+    """SimCLR views of a uint8 batch ``[B, 3, H, W]`` (CPU or CUDA) → ``n_views`` normalised
+    ``float32`` tensors ``[B, 3, S, S]`` on the same device; parameters independent per sample
+    and per view, drawn from a CPU ``torch.Generator`` (``seed``; ``None`` draws the seed from
+    torch's global RNG, so ``torch.manual_seed`` makes it reproducible too).
+
+    Each process (DataLoader worker, Train rank) needs its own seed, else they draw the same
+    views. ``sample`` + ``apply`` run the pipeline with given parameters (tests, previews).
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        image_size: int,
+        *,
+        n_views: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        simclr_transform(cfg, image_size)  # the config rules live there: same errors, one place
+        self.cfg = cfg
+        self.image_size = image_size
+        self.n_views = cfg.n_views if n_views is None else n_views
+        if self.n_views < 1:
+            raise DataError(f"n_views must be >= 1, got {self.n_views}")
+        self.blur_kernel = blur_kernel_size(image_size)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int, height: int, width: int) -> ViewParams:
+        """Parameters of ``n`` views of ``height x width`` images (advances the generator)."""
+        return sample_view_params(self.cfg, n, height, width, self.generator)
+
+    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """The pipeline with given parameters: ``[n, 3, S, S]`` float32, row ``r`` a view of
+        ``images[r % B]``. Rows go through in chunks of ``CHUNK_ROWS``, so the ~30 elementwise
+        passes of a chunk stay in the CPU's cache (~1.5x faster than whole-batch passes)."""
+        b = len(images)
+        out = torch.empty(len(params), 3, self.image_size, self.image_size, device=images.device)
+        for start in range(0, len(params), CHUNK_ROWS):
+            rows = torch.arange(start, min(start + CHUNK_ROWS, len(params)))
+            source = images.index_select(0, (rows % b).to(images.device))
+            out[rows[0] : rows[-1] + 1] = self._views(source, params[rows])
+        return out
+
+    def _views(self, source: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        x = resized_crop(source, params.boxes, self.image_size, params.flip)
+        color_jitter_rows(x, params.factors, params.order, params.jitter)
+        cpu, idx = _indices(params.grayscale, x.device)
+        if len(cpu):
+            x[idx] = luma(x[idx]).expand(-1, 3, -1, -1)
+        cpu, idx = _indices(params.blur, x.device)
+        if len(cpu):
+            x[idx] = gaussian_blur(x[idx], self.blur_kernel, params.sigma[cpu])
+        return normalize(x, self.cfg.mean, self.cfg.std)
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"expected a batch [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise DataError(f"expected uint8 images, got {images.dtype}")
+        b, _, height, width = images.shape
+        views = self.apply(images, self.sample(self.n_views * b, height, width))
+        return list(views.split(b))
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchSimCLRAugment(image_size={self.image_size}, n_views={self.n_views}, "
+            f"cfg={self.cfg})"
+        )
