@@ -180,3 +180,109 @@ def test_demo_command_evaluates_the_pretrained_checkpoint(tmp_path, monkeypatch)
     evaluation = summary["evaluation"]
     assert evaluation["source"] == str(tmp_path / "ckpt") and evaluation["n_train"] == 24
     assert set(evaluation["baseline_random"]) == {"linear_top1", "knn_top1"}
+
+
+# --- issue 12: random baseline of a registered encoder, seeded probe, kNN without self ------
+
+
+def _reference_knn_without_self(features, labels, k, t):
+    """Loop reference: each row's k nearest *other* rows vote."""
+    features = F.normalize(features, dim=1)
+    out = []
+    for i, row in enumerate(features):
+        sims = features @ row
+        sims[i] = float("-inf")
+        votes = {}
+        for j in sims.argsort(descending=True)[:k].tolist():
+            votes[int(labels[j])] = votes.get(int(labels[j]), 0.0) + float((sims[j] / t).exp())
+        out.append(max(votes, key=votes.get))
+    return torch.tensor(out)
+
+
+def test_knn_exclude_self_matches_loop_reference() -> None:
+    g = torch.Generator().manual_seed(2)
+    bank, labels = torch.randn(90, 8, generator=g), torch.randint(0, 4, (90,), generator=g)
+    expected = _reference_knn_without_self(bank, labels, k=7, t=0.1)
+    got = knn_predict(bank, labels, bank, k=7, temperature=0.1, chunk_size=16, exclude_self=True)
+    assert torch.equal(got, expected)
+    # With itself in the bank every query finds its own label at similarity 1: top-1 is 1.0.
+    assert knn_top1(bank, labels, bank, labels, k=1) == 1.0
+    assert knn_top1(bank, labels, bank, labels, k=1, exclude_self=True) < 0.6
+    # A bank that is a prefix of the queries (a row limit on the same data).
+    prefix = knn_predict(bank[:50], labels[:50], bank, k=5, exclude_self=True)
+    assert prefix.shape == (90,)
+    with pytest.raises(ValueError, match="prefix"):
+        knn_predict(bank, labels, bank[:10], exclude_self=True)
+
+
+def test_evaluate_on_the_same_split_keeps_queries_out_of_their_bank(tmp_path) -> None:
+    from service.data.augment import eval_transform
+    from service.eval import evaluate_encoder, extract_features
+    from service.models import build_model
+
+    data = _labelled_parquet(tmp_path / "d.parquet", n_per_class=8)
+    table = pq.read_table(data)  # labels unrelated to the images: only "itself" predicts them
+    labels = torch.randperm(16, generator=torch.Generator().manual_seed(0)) % 2
+    pq.write_table(table.set_column(1, "label", pa.array(labels.tolist())), data)
+    torch.manual_seed(0)
+    encoder = build_model(_fast_config().model).backbone.eval()
+    transform = eval_transform(32, [0.5] * 3, [0.25] * 3)
+    result = evaluate_encoder(encoder, transform, data, data, knn_k=1, linear_epochs=1)
+    x, y = extract_features(encoder, data, transform)
+    expected = float((_reference_knn_without_self(x, y, 1, 0.1) == y).float().mean())
+    assert result["knn_top1"] == pytest.approx(expected) and expected < 1.0
+
+
+def test_linear_probe_is_seeded() -> None:
+    """Same features → the same accuracy, whatever the global RNG did before."""
+    g = torch.Generator().manual_seed(3)
+    x_train, x_test = torch.randn(200, 64, generator=g), torch.randn(100, 64, generator=g)
+    y_train, y_test = torch.randint(0, 10, (200,), generator=g), torch.randint(0, 10, (100,))
+    results = set()
+    for global_seed in range(5):
+        torch.manual_seed(global_seed)
+        results.add(linear_probe_top1(x_train, y_train, x_test, y_test, epochs=2, lr=0.05))
+    assert len(results) == 1
+    state = torch.get_rng_state()
+    linear_probe_top1(x_train, y_train, x_test, y_test, epochs=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_random_baseline_of_a_registered_encoder_is_its_architecture(tmp_path, monkeypatch):
+    """`evaluate --model ... --baseline random`: the baseline is the registered architecture
+    (ResNet-18 with the ImageNet stem here), not the command config's default SmallCNN."""
+    import service.eval.offline
+    from service.commands import evaluate_command
+    from service.config import load_config
+    from service.models import build_model
+    from service.registry.spec import EncoderSpec, save_weights
+
+    registered = load_config(None, ["model.arch=resnet18", "model.cifar_stem=false"])
+    torch.manual_seed(0)
+    backbone = build_model(registered.model).backbone.eval()
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    save_weights(backbone, pulled)
+    with torch.no_grad():
+        dim = backbone(torch.zeros(1, 3, 32, 32)).shape[1]
+    EncoderSpec.from_config(registered, backbone, dim).save(pulled)
+
+    seen = []
+    real = service.eval.offline.evaluate_encoder
+
+    def spy(encoder, *args, **kwargs):
+        seen.append({k: tuple(v.shape) for k, v in encoder.state_dict().items()})
+        return real(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(service.eval.offline, "evaluate_encoder", spy)
+    data = _labelled_parquet(tmp_path / "d.parquet", n_per_class=6)
+    result = evaluate_command(
+        data,
+        data,
+        model=str(pulled),
+        random_baseline=True,
+        overrides=["eval.linear_epochs=1", "eval.knn_k=3"],  # default model: small_cnn
+    )
+    assert set(result["baseline_random"]) == {"linear_top1", "knn_top1"}
+    encoder_shapes, baseline_shapes = seen
+    assert baseline_shapes == encoder_shapes  # same arch, same stem (conv1 7x7)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -376,3 +377,93 @@ def test_embed_parquet_keeps_columns_and_skips_corrupt_images(registry, tmp_path
     with torch.no_grad():
         expected = registry.good(images).numpy()
     np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+def test_logged_model_belongs_to_its_run_and_experiment(registry):
+    """MLflow 3 logged model: in the run's experiment, linked to the run (the run page lists it),
+    not in experiment "Default"."""
+    run = registry.client.get_run(registry.run_ids[0])
+    models = registry.client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    mine = [m for m in models if m.source_run_id == run.info.run_id]
+    assert len(mine) == 1 and mine[0].experiment_id == run.info.experiment_id
+    version = registry.client.get_model_version(registry.name, registry.first["version"])
+    assert mine[0].model_id in (version.model_id or version.source)  # the registered version
+    assert mine[0].tags["run_id"] == run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """The embedded default store: version 1 registered into ``<dir>/mlruns.db`` as pretraining
+    does when no tracking URI is set (``resolve_tracking_uri`` with ``dir`` as the cwd)."""
+    directory = tmp_path_factory.mktemp("default-store")
+    config = Config()
+    config.mlflow.experiment = "test-default-store"
+    uri = f"sqlite:///{directory.resolve() / 'mlruns.db'}"
+    torch.manual_seed(0)
+    backbone = build_model(config.model).backbone.eval()
+    cwd = os.getcwd()
+    os.chdir(directory)  # registration must not write under the cwd (./mlruns)
+    try:
+        run_id = start_pretrain_run(config, uri, run_name="default-store")
+        registered = register_encoder(
+            backbone,
+            config,
+            tracking_uri=uri,
+            run_id=run_id,
+            metric_name="knn_top1",
+            metric_value=1,
+        )
+    finally:
+        os.chdir(cwd)
+    assert registered["champion"] and registered["version"] == "1"
+    return SimpleNamespace(dir=directory, uri=uri, run_id=run_id, config=config)
+
+
+def test_pulled_registry_json_lists_the_versions_aliases(sqlite_store, tmp_path):
+    """A SQLite store hands back versions as ints; the aliases must still be matched."""
+    name = sqlite_store.config.mlflow.registered_model_name
+    promote(name, 1, "qa", sqlite_store.uri)
+    out = pull(f"{name}/1", tmp_path / "pulled", sqlite_store.uri)
+    info = json.loads((out / "registry.json").read_text())
+    assert set(info["aliases"]) >= {CHAMPION_ALIAS, LATEST_ALIAS, "qa"}
+    assert info["aliases"] == sorted(info["aliases"]) and info["version"] == "1"
+
+
+def test_commands_without_a_uri_use_the_pretraining_store(sqlite_store, tmp_path, monkeypatch):
+    """No --tracking-uri, no $MLFLOW_TRACKING_URI: promote, pull, embed and evaluate all find the
+    store pretraining used (``mlruns.db`` in the cwd); the logged model sits with its run, and
+    nothing lands in ./mlruns or ./mlflow.db."""
+    from service.commands import embed_command, evaluate_command, promote_command, pull_command
+    from service.tracking.uri import resolve_tracking_uri
+
+    monkeypatch.chdir(sqlite_store.dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = sqlite_store.config
+    assert resolve_tracking_uri(config.mlflow) == sqlite_store.uri
+    model = config.mlflow.registered_model_name
+    promoted = promote_command(model, "1", "staging")
+    assert promoted["version"] == "1" and promoted["tracking_uri"] == sqlite_store.uri
+
+    pulled = pull_command(f"{model}@staging", str(tmp_path / "pulled"))
+    info = json.loads((Path(pulled["out"]) / "registry.json").read_text())
+    assert "staging" in info["aliases"] and info["tracking_uri"] == sqlite_store.uri
+
+    _, table = _image_batch(config, 16)
+    small = str(tmp_path / "small.parquet")
+    pq.write_table(table, small)
+    embedded = embed_command(f"models:/{model}@staging", small, str(tmp_path / "emb.parquet"))
+    assert embedded["rows_out"] == 16 and embedded["tracking_uri"] == sqlite_store.uri
+    evaluated = evaluate_command(
+        small, small, model=f"models:/{model}@champion", overrides=["eval.linear_epochs=1"]
+    )
+    assert evaluated["n_train"] == 16
+
+    client = MlflowClient(sqlite_store.uri)
+    experiment_id = client.get_run(sqlite_store.run_id).info.experiment_id
+    logged = client.search_logged_models(experiment_ids=[experiment_id])
+    assert [m.source_run_id for m in logged] == [sqlite_store.run_id]
+    assert not (sqlite_store.dir / "mlruns").exists()
+    assert not (sqlite_store.dir / "mlflow.db").exists()

@@ -8,24 +8,39 @@ config that describes its architecture) is this command's job, so the evaluation
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from service.config import Config, load_config
 
 
-def _load_encoder(checkpoint: str | None, model: str | None) -> tuple[Any, Callable, Config | None]:
-    """(frozen encoder, eval transform, the checkpoint's Config or None for a registered model)."""
-    if checkpoint:
-        from service.data.augment import eval_transform
-        from service.train.checkpoint import load_encoder_from_checkpoint
+@dataclass(frozen=True)
+class _Source:
+    """The encoder to evaluate, its eval transform, the Config that describes its training (a
+    checkpoint's own; None for a registered model) and how to build its architecture afresh."""
 
-        encoder, config = load_encoder_from_checkpoint(checkpoint)
-        transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
-        return encoder, transform, config
-    from service.registry.load import load_encoder
+    encoder: Any
+    transform: Callable
+    config: Config | None
+    build_random: Callable[[], Any] | None
 
-    encoder, transform = load_encoder(model)
-    return encoder, transform, None
+
+def _from_checkpoint(checkpoint: str) -> _Source:
+    from service.data.augment import eval_transform
+    from service.train.checkpoint import load_encoder_from_checkpoint
+
+    encoder, config = load_encoder_from_checkpoint(checkpoint)
+    transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
+    return _Source(encoder, transform, config, None)  # None: the baseline builds config.model
+
+
+def _from_registry(model: str, tracking_uri: str) -> _Source:
+    """A registered encoder: the random baseline is built from *its* recorded architecture
+    (``encoder.json``), never from the command's config, which may describe another model."""
+    from service.registry import backbone_from_spec, load_registered
+
+    loaded = load_registered(model, tracking_uri)
+    return _Source(loaded.module, loaded.preprocess, None, lambda: backbone_from_spec(loaded.spec))
 
 
 def _log_to_run(result: dict[str, Any], config: Config, run_id: str) -> None:
@@ -53,18 +68,30 @@ def evaluate_command(
     (``models:/NAME@ALIAS``, ``models:/NAME/V`` or a pulled directory) on ``train``/``test``.
 
     A checkpoint carries its own config; for a registered model the probe settings and the
-    random-baseline architecture come from ``config_path`` + ``overrides``. ``log_to_run`` logs
-    the top-1s into that MLflow run. Returns the JSON-able result (+ ``source``, and
-    ``baseline_random`` with ``random_baseline``).
+    tracking store come from ``config_path`` + ``overrides`` (``resolve_tracking_uri``), and the
+    random baseline is the registered architecture (``encoder.json``) at random init.
+    ``log_to_run`` logs the top-1s into that MLflow run. Returns the JSON-able result
+    (+ ``source``, and ``baseline_random`` with ``random_baseline``).
     """
     from service.eval.offline import evaluate_beside_random
+    from service.tracking.uri import resolve_tracking_uri
 
     if bool(checkpoint) == bool(model):
         raise ValueError("evaluate needs exactly one of checkpoint= or model=")
-    encoder, transform, ckpt_config = _load_encoder(checkpoint, model)
-    config = ckpt_config or load_config(config_path, overrides)
+    if checkpoint:
+        source = _from_checkpoint(checkpoint)
+        config = source.config or load_config(config_path, overrides)
+    else:
+        config = load_config(config_path, overrides)
+        source = _from_registry(str(model), resolve_tracking_uri(config.mlflow))
     result = evaluate_beside_random(
-        encoder, transform, train, test, config, random_baseline=random_baseline
+        source.encoder,
+        source.transform,
+        train,
+        test,
+        config,
+        random_baseline=random_baseline,
+        build_random=source.build_random,
     )
     result["source"] = checkpoint or model
     if log_to_run:

@@ -4,7 +4,12 @@ offline protocol that runs both on a labelled train/test Parquet pair."""
 from service.eval.features import extract_features
 from service.eval.knn import knn_predict, knn_top1
 from service.eval.linear import linear_probe_top1
-from service.eval.offline import evaluate_beside_random, evaluate_encoder, evaluation_metrics
+from service.eval.offline import (
+    evaluate_beside_random,
+    evaluate_encoder,
+    evaluation_metrics,
+    same_dataset,
+)
 
 __all__ = [
     "evaluate_beside_random",
@@ -14,4 +19,5 @@ __all__ = [
     "knn_predict",
     "knn_top1",
     "linear_probe_top1",
+    "same_dataset",
 ]

@@ -14,11 +14,18 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
+    *,
+    exclude_self: bool = False,
 ) -> torch.Tensor:
     """Predict labels of ``test_features`` by a similarity-weighted vote of k nearest neighbours.
 
     Each neighbour votes with weight ``exp(cos_sim / temperature)``. Test rows are processed in
     chunks so the similarity matrix never exceeds ``chunk_size x n_train``.
+
+    ``exclude_self``: the bank and the queries are the same data (bank row i *is* query i; the
+    bank may be a prefix of the queries, as with a row limit). Each query then never votes for
+    itself: with itself in the bank its own label would win at similarity 1, which is training
+    accuracy, not kNN accuracy.
 
     >>> train = torch.eye(3); labels = torch.tensor([0, 1, 2])
     >>> knn_predict(train, labels, torch.tensor([[0.9, 0.1, 0.0]]), k=2).tolist()
@@ -27,16 +34,34 @@ def knn_predict(
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
     num_classes = int(train_labels.max()) + 1
-    k = min(k, train_features.shape[0])
+    n_bank = train_features.shape[0]
+    if exclude_self and n_bank > test_features.shape[0]:
+        raise ValueError(
+            f"exclude_self needs the bank ({n_bank} rows) to be the queries "
+            f"({test_features.shape[0]} rows) or a prefix of them"
+        )
+    k = min(k, n_bank - 1 if exclude_self else n_bank)
+    if k < 1:
+        raise ValueError("kNN needs at least one bank row that is not the query itself")
     predictions = []
     for start in range(0, test_features.shape[0], chunk_size):
         sims = test_features[start : start + chunk_size] @ train_features.T
+        if exclude_self:
+            _mask_self(sims, start)
         top_sims, top_idx = sims.topk(k, dim=1)
         weights = (top_sims / temperature).exp()
         votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
+
+
+def _mask_self(sims: torch.Tensor, start: int) -> None:
+    """Give query ``start + j`` similarity -inf to bank row ``start + j`` (in place)."""
+    rows = torch.arange(sims.shape[0])
+    cols = rows + start
+    inside = cols < sims.shape[1]
+    sims[rows[inside], cols[inside]] = float("-inf")
 
 
 def knn_top1(
@@ -46,7 +71,12 @@ def knn_top1(
     test_labels: torch.Tensor,
     k: int = 200,
     temperature: float = 0.1,
+    *,
+    exclude_self: bool = False,
 ) -> float:
-    """Top-1 accuracy (0–1) of the weighted kNN classifier."""
-    predicted = knn_predict(train_features, train_labels, test_features, k, temperature)
+    """Top-1 accuracy (0–1) of the weighted kNN classifier (``exclude_self``: see
+    :func:`knn_predict`; set it when the bank and the queries are the same dataset)."""
+    predicted = knn_predict(
+        train_features, train_labels, test_features, k, temperature, exclude_self=exclude_self
+    )
     return float((predicted == test_labels).float().mean())

@@ -22,6 +22,9 @@ def linear_probe_top1(
 
     Features are standardised with the train split's statistics (a common, cheap stand-in for
     the BatchNorm-without-affine layer some protocols put before the classifier).
+
+    Deterministic: ``seed`` fixes both the classifier's initialisation and the batch order, and
+    the global RNG is left untouched, so the same features always give the same accuracy.
     """
     generator = torch.Generator().manual_seed(seed)
     mean = train_features.mean(0, keepdim=True)
@@ -29,7 +32,9 @@ def linear_probe_top1(
     x_train = (train_features.float() - mean) / std
     x_test = (test_features.float() - mean) / std
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    classifier = nn.Linear(x_train.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws its init from the global RNG
+        torch.manual_seed(seed)
+        classifier = nn.Linear(x_train.shape[1], num_classes)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-x_train.shape[0] // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,20 +35,42 @@ def evaluate_encoder(
     linear_epochs: int = 30,
     linear_lr: float = 1e-2,
 ) -> dict[str, Any]:
-    """Linear and kNN top-1 of a frozen ``encoder`` (images → [b, d] features)."""
+    """Linear and kNN top-1 of a frozen ``encoder`` (images → [b, d] features).
+
+    When ``train_path`` and ``test_path`` are the same data, the kNN bank and the queries are the
+    same rows, so each query is kept out of its own neighbours (``exclude_self``).
+    """
+    same_data = same_dataset(train_path, test_path)
     train_x, train_y = extract_features(encoder, train_path, transform)
-    test_x, test_y = extract_features(encoder, test_path, transform)
+    if same_data:
+        test_x, test_y = train_x, train_y
+    else:
+        test_x, test_y = extract_features(encoder, test_path, transform)
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError(f"evaluation needs a `label` column in both {train_path} and {test_path}")
+    knn = knn_top1(train_x, train_y, test_x, test_y, knn_k, knn_temperature, exclude_self=same_data)
     return {
         "linear_top1": linear_probe_top1(
             train_x, train_y, test_x, test_y, epochs=linear_epochs, lr=linear_lr
         ),
-        "knn_top1": knn_top1(train_x, train_y, test_x, test_y, knn_k, knn_temperature),
+        "knn_top1": knn,
         "n_train": int(train_x.shape[0]),
         "n_test": int(test_x.shape[0]),
         "feature_dim": int(train_x.shape[1]),
     }
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """True when two data paths name the same data (same string, or the same local path).
+
+    >>> same_dataset("data/x.parquet", "data/../data/x.parquet"), same_dataset("a", "b")
+    (True, False)
+    """
+    if a == b:
+        return True
+    if "://" in a or "://" in b:
+        return False
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _probe_settings(e: EvalConfig) -> dict[str, Any]:
@@ -67,24 +90,35 @@ def evaluate_beside_random(
     config: Config,
     *,
     random_baseline: bool = False,
+    build_random: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate_encoder` with ``config.eval``'s probe settings.
 
-    With ``random_baseline``, the same protocol also runs on ``config.model``'s architecture at
-    random init (seeded with ``config.train.seed``); its top-1s land under ``baseline_random``.
+    With ``random_baseline``, the same protocol (same ``transform``: input size, normalisation)
+    also runs on the encoder's architecture at random init, seeded with ``config.train.seed``;
+    its top-1s land under ``baseline_random``. ``build_random`` builds that architecture: pass it
+    whenever ``encoder`` was not built from ``config.model`` (a registered encoder records its
+    own, ``service.registry.backbone_from_spec``); the default builds ``config.model``.
     """
     settings = _probe_settings(config.eval)
     print(f"[evaluate] extracting features on {train_path} and {test_path}", file=sys.stderr)
     result = evaluate_encoder(encoder, transform, train_path, test_path, **settings)
     if random_baseline:
-        from service.models import build_model
-
         torch.manual_seed(config.train.seed)
-        random_encoder = build_model(config.model).backbone.eval()
+        random_encoder = (build_random or _builder(config))().eval()
         print("[evaluate] same protocol on the random-init encoder", file=sys.stderr)
         baseline = evaluate_encoder(random_encoder, transform, train_path, test_path, **settings)
         result["baseline_random"] = {k: baseline[k] for k in PROBE_METRICS}
     return result
+
+
+def _builder(config: Config) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from service.models import build_model
+
+        return build_model(config.model).backbone
+
+    return build
 
 
 def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -7,22 +7,38 @@ from service.registry.aliases import (
     LATEST_ALIAS,
     ChampionDecision,
     apply_alias_policy,
+    current_champion,
     decide_champion,
     judge,
+    metric_tag,
     promote,
 )
 from service.registry.embed import embed_parquet
 from service.registry.errors import EncoderSpecError, RegistryError, RegistryLookupError
-from service.registry.load import load_encoder, pull
-from service.registry.lookup import ModelRef, parse_model_ref
+from service.registry.load import (
+    LoadedEncoder,
+    load_encoder,
+    load_from_directory,
+    load_registered,
+    pull,
+    version_aliases,
+)
+from service.registry.lookup import ModelRef, download_version, parse_model_ref, resolve_version
 from service.registry.register import LoggedEncoder, log_encoder, register_encoder
-from service.registry.spec import EncoderSpec, backbone_from_spec
+from service.registry.spec import (
+    EncoderSpec,
+    backbone_from_spec,
+    find_weights_copy,
+    rebuild_from_weights,
+    save_weights,
+)
 from service.registry.tags import version_tags
 
 __all__ = [
     "CHAMPION_ALIAS",
     "DECISION_ARTIFACT",
     "LATEST_ALIAS",
+    "LoadedEncoder",
     "ChampionDecision",
     "EncoderSpec",
     "EncoderSpecError",
@@ -36,10 +52,20 @@ __all__ = [
     "embed_parquet",
     "judge",
     "load_encoder",
+    "load_registered",
     "log_encoder",
     "parse_model_ref",
     "promote",
     "pull",
     "register_encoder",
+    "version_aliases",
     "version_tags",
+    "current_champion",
+    "metric_tag",
+    "load_from_directory",
+    "download_version",
+    "resolve_version",
+    "find_weights_copy",
+    "rebuild_from_weights",
+    "save_weights",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 from service.registry.errors import RegistryError
 from service.registry.lookup import ModelRef, resolve_version
+from service.tracking.uri import resolve_tracking_uri
 
 LATEST_ALIAS = "latest-trained"
 CHAMPION_ALIAS = "champion"
@@ -131,18 +132,23 @@ def apply_alias_policy(
 def promote(name: str, version: str | int, alias: str, tracking_uri: str | None = None) -> dict:
     """Point ``alias`` (e.g. ``champion``) at ``version`` by hand; records who and when.
 
+    Without ``tracking_uri``, the store is the one pretraining used (``resolve_tracking_uri``).
     Returns ``{"alias", "version", "previous"}`` where ``previous`` is the version the alias
     pointed to before (or None).
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(resolve_tracking_uri(explicit=tracking_uri))
     target = resolve_version(client, ModelRef(name, version=str(version)))
     if not alias or alias == "latest" or (alias[0] in "vV" and alias[1:].isdigit()):
         raise RegistryError(f"alias {alias!r} is reserved by MLflow (latest, v<N>) or empty")
     registered = client.get_registered_model(name)
-    previous = registered.aliases.get(alias)
+    previous = registered.aliases.get(alias)  # an int from a SQLite store, a str over HTTP
     client.set_registered_model_alias(name, alias, target.version)
     stamp = f"{getpass.getuser()} at {datetime.now(UTC).isoformat(timespec='seconds')}"
     client.set_model_version_tag(name, target.version, f"promoted.{alias}", stamp)
-    return {"alias": alias, "version": str(target.version), "previous": previous}
+    return {
+        "alias": alias,
+        "version": str(target.version),
+        "previous": None if previous is None else str(previous),
+    }

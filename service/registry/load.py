@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -40,11 +41,28 @@ def _mlflow_model_dir(directory: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class LoadedEncoder:
+    """A loaded encoder (eval mode, CPU), its preprocessing and its ``encoder.json`` spec.
+
+    The spec says how to build the same architecture afresh (``backbone_from_spec``), e.g. for
+    a random-init baseline of a registered encoder.
+    """
+
+    module: nn.Module
+    preprocess: Callable[[Any], Any]
+    spec: EncoderSpec
+
+
 def load_from_directory(
     directory: str | Path, source: Source = "auto"
 ) -> tuple[nn.Module, Callable[[Any], Any]]:
     """Load from a pulled directory or a downloaded MLflow model directory."""
-    directory = Path(directory)
+    loaded = _load_directory(Path(directory), source)
+    return loaded.module, loaded.preprocess
+
+
+def _load_directory(directory: Path, source: Source) -> LoadedEncoder:
     spec_path, weights_path = find_weights_copy(directory)
     spec = EncoderSpec.load(spec_path)
     if source not in ("auto", "weights", "pickle"):
@@ -61,7 +79,7 @@ def load_from_directory(
         import mlflow.pytorch
 
         module = mlflow.pytorch.load_model(str(model_dir), map_location="cpu")
-    return module.eval(), spec.preprocess()
+    return LoadedEncoder(module.eval(), spec.preprocess(), spec)
 
 
 def load_encoder(
@@ -72,19 +90,38 @@ def load_encoder(
 
     ``model_uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a local directory made by
     ``pull`` (or a downloaded MLflow model directory). ``source``: ``auto`` (weights-only copy if
-    the architecture is rebuildable, else the pickle), ``weights`` or ``pickle``.
+    the architecture is rebuildable, else the pickle), ``weights`` or ``pickle``. Without
+    ``tracking_uri``, the store is the one pretraining used (``resolve_tracking_uri``).
     """
+    loaded = load_registered(model_uri, tracking_uri, source=source)
+    return loaded.module, loaded.preprocess
+
+
+def load_registered(
+    model_uri: str, tracking_uri: str | None = None, *, source: Source = "auto"
+) -> LoadedEncoder:
+    """:func:`load_encoder`, plus the encoder's spec (architecture, input size, normalisation)."""
     local = Path(model_uri[len("file://") :] if model_uri.startswith("file://") else model_uri)
     if not model_uri.startswith("models:/") and local.is_dir():
-        return load_from_directory(local, source)
+        return _load_directory(local, source)
     from mlflow import MlflowClient
 
     ref = parse_model_ref(model_uri)
-    uri = tracking_uri or resolve_tracking_uri(None)
+    uri = resolve_tracking_uri(explicit=tracking_uri)
     version = resolve_version(MlflowClient(uri), ref)
     with tempfile.TemporaryDirectory(prefix="encoder-") as tmp:
-        model_dir = download_version(uri, ref.name, version.version, tmp)
-        return load_from_directory(model_dir, source)
+        model_dir = download_version(uri, ref.name, str(version.version), tmp)
+        return _load_directory(model_dir, source)
+
+
+def version_aliases(client: Any, name: str, version: str | int) -> list[str]:
+    """The aliases pointing at ``version`` of ``name``, sorted.
+
+    Registered-model aliases map to an int version in a SQLite store and to a str over HTTP, so
+    versions are compared as strings.
+    """
+    registered = client.get_registered_model(name)
+    return sorted(a for a, v in registered.aliases.items() if str(v) == str(version))
 
 
 _LOADER_PY = '''"""Load this pulled encoder offline (no MLflow server needed).
@@ -161,32 +198,34 @@ def pull(
     spec: str, out_dir: str | Path, tracking_uri: str | None = None, *, overwrite: bool = False
 ) -> Path:
     """Download ``NAME@ALIAS`` / ``NAME/VERSION`` (optionally ``models:/``-prefixed) into
-    ``out_dir``: the MLflow model, the weights-only copy, ``loader.py``, ``README.md``."""
+    ``out_dir``: the MLflow model, the weights-only copy, ``loader.py``, ``README.md`` and
+    ``registry.json`` (version, its aliases, tags). Without ``tracking_uri``, the store is the one
+    pretraining used (``resolve_tracking_uri``)."""
     from mlflow import MlflowClient
 
     ref = parse_model_ref(spec)
-    uri = tracking_uri or resolve_tracking_uri(None)
+    uri = resolve_tracking_uri(explicit=tracking_uri)
     client = MlflowClient(uri)
     version = resolve_version(client, ref)
+    number = str(version.version)  # an int from a SQLite store
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RegistryError(f"{out} is not empty; choose another directory or overwrite=True")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = download_version(uri, ref.name, version.version, out / PULLED_MODEL_DIR)
+    model_dir = download_version(uri, ref.name, number, out / PULLED_MODEL_DIR)
     spec_path, weights_path = find_weights_copy(model_dir)
     shutil.copy2(spec_path, out / SPEC_FILE)
     shutil.copy2(weights_path, out / WEIGHTS_FILE)
     encoder_spec = EncoderSpec.load(out / SPEC_FILE)
 
-    registered = client.get_registered_model(ref.name)
     info = {
         "name": ref.name,
-        "version": str(version.version),
-        "model_uri": f"models:/{ref.name}/{version.version}",
+        "version": number,
+        "model_uri": f"models:/{ref.name}/{number}",
         "requested": spec,
-        "aliases": sorted(a for a, v in registered.aliases.items() if str(v) == version.version),
+        "aliases": version_aliases(client, ref.name, number),
         "run_id": version.run_id,
         "tags": dict(version.tags),
         "tracking_uri": redact_uri(uri),
@@ -197,7 +236,7 @@ def pull(
     (out / "README.md").write_text(
         _README.format(
             name=ref.name,
-            version=version.version,
+            version=number,
             model_uri=info["model_uri"],
             alias_note=f" (alias `{ref.alias}`)" if ref.alias else "",
             pulled_at=info["pulled_at"],

@@ -168,12 +168,15 @@ def log_encoder(
         "serialization": "pickle+safetensors",
         "weights_rebuildable": str(spec.rebuildable).lower(),
     }
+    all_tags = {**(tags or {}), **facts}
+    model_id = _logged_model_of_run(tracking_uri, run_id, all_tags)
     with tempfile.TemporaryDirectory(prefix="encoder-weights-") as tmp:
         extra = [str(save_weights(encoder, tmp)), str(spec.save(tmp))]
         with use_tracking_uri(tracking_uri):
             info = mlflow.pytorch.log_model(
                 encoder,
                 name=MODEL_ARTIFACT_NAME,
+                model_id=model_id,
                 registered_model_name=name,
                 input_example=example_np,
                 signature=infer_signature(example_np, output.numpy()),
@@ -181,11 +184,32 @@ def log_encoder(
                 extra_files=extra,
                 pip_requirements=_pip_requirements(),
                 metadata={"encoder": spec.to_dict()},
-                tags={**(tags or {}), **facts},
+                tags=all_tags,
                 run_id=run_id,
             )
     version = str(info.registered_model_version)
     return LoggedEncoder(ModelRef(name, version=version).uri, version, spec)
+
+
+def _logged_model_of_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """Create the MLflow 3 LoggedModel in the run's experiment, linked to the run; its id.
+
+    Left to itself, ``log_model(run_id=...)`` without an active fluent run files the model under
+    the *current* experiment ("Default", id 0) instead of the run's, so the run page lists no
+    logged model and a SQLite store writes it under ``./mlruns/0`` of whatever the cwd is.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=MODEL_ARTIFACT_NAME,
+        source_run_id=run_id,
+        tags=tags,
+        params=dict(run.data.params),  # what log_model itself copies from the run
+    )
+    return model.model_id
 
 
 def _example(config: Config, input_example: np.ndarray | None) -> np.ndarray:

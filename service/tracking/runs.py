@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from service.config import REPO_ROOT, Config
-from service.tracking.uri import default_artifact_location, redact_uri
+from service.tracking.uri import default_artifact_location, redact_uri, resolve_tracking_uri
 
 REDACTED = "***REDACTED***"
 CONFIG_ARTIFACT = "config/resolved_config.yaml"
@@ -261,10 +261,11 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str | None = None) -> None:
-    """Mark the run terminated with ``status`` (FINISHED | FAILED | KILLED)."""
+    """Mark the run terminated with ``status`` (FINISHED | FAILED | KILLED); without
+    ``tracking_uri``, in the store :func:`resolve_tracking_uri` picks."""
     from mlflow import MlflowClient
 
     status = status.upper()
     if status not in RUN_STATUSES:
         raise RunStatusError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
-    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    MlflowClient(resolve_tracking_uri(explicit=tracking_uri)).set_terminated(run_id, status=status)

@@ -1,9 +1,14 @@
 """Where MLflow data goes (tracking URI resolution) and whether it can get there (reachability).
 
-Resolution order: ``mlflow.tracking_uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else an
-embedded SQLite store ``sqlite:///<cwd>/mlruns.db`` (the model registry needs a database backend;
-the plain file store cannot hold registered models). ``check_tracking_server`` is called by the
-driver *before* any training starts, so a typo in the URI costs seconds, not a wasted run.
+Resolution order: an explicit URI (a command's ``--tracking-uri``), else ``mlflow.tracking_uri``
+in the config, else ``$MLFLOW_TRACKING_URI``, else an embedded SQLite store
+``sqlite:///<cwd>/mlruns.db`` (the model registry needs a database backend; the plain file store
+cannot hold registered models). Every command and library entry point resolves through
+:func:`resolve_tracking_uri` and never hands ``None`` to MLflow, whose own default
+(``sqlite:///mlflow.db`` in MLflow 3) is a different store from the one pretraining wrote.
+
+``check_tracking_server`` is called by the driver *before* any training starts, so a typo in the
+URI costs seconds, not a wasted run.
 
     >>> from service.config import MlflowConfig
     >>> resolve_tracking_uri(MlflowConfig(tracking_uri="http://127.0.0.1:5000"))
@@ -38,8 +43,11 @@ class TrackingUnavailableError(ConnectionError, ValueError):
     """The configured MLflow tracking server cannot be reached; the message names the URI."""
 
 
-def resolve_tracking_uri(cfg: MlflowConfig | None = None) -> str:
-    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db``."""
+def resolve_tracking_uri(cfg: MlflowConfig | None = None, *, explicit: str | None = None) -> str:
+    """``explicit``, else the config value, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<cwd>/mlruns.db``: the one place that decides which store a command uses."""
+    if explicit:
+        return str(explicit)
     configured = cfg.tracking_uri if cfg is not None else None
     if configured:
         return str(configured)
