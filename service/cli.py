@@ -40,7 +40,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
-    return commands.pretrain_command(a.config, a.overrides, address=a.address)
+    return commands.pretrain_command(a.config, a.overrides, address=a.address, resume=a.resume)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="distributed contrastive pretraining on Ray Train")
     _add_config_args(p, default="jobs/configs/smoke-cpu.yaml")
     p.add_argument("--address", default=None, help="Ray address (default: embedded local Ray)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run train.storage_path/train.run_name (same MLflow run); without it "
+        "an existing run name is refused",
+    )
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="linear + kNN evaluation of a frozen encoder")
@@ -170,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: Exception) -> int | None:
     """2 for bad input, 1 for our other errors, None for anything else (a bug: let it raise)."""
-    if isinstance(exc, (ConfigError, FileNotFoundError)):
+    from service.data.errors import DataError  # light: no torch
+
+    if isinstance(exc, ConfigError | FileNotFoundError | DataError):
         return 2
     # Our own errors (bad data, unreachable MLflow, NaN loss, ...) carry actionable messages.
     return 1 if type(exc).__module__.startswith("service.") else None
@@ -185,12 +193,14 @@ def _message(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, so `jobs/*.py ... --debug` works too
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         _print_json(args.func(args))
     except Exception as exc:
         code = _exit_code(exc)
-        if args.debug or code is None:
+        if debug or code is None:
             raise
         print(f"contrastive: {_message(exc)}", file=sys.stderr)
         return code

@@ -8,7 +8,6 @@ resolved config with the run. Unknown keys are an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,19 +240,37 @@ def load_config(
         path = Path(path)
         if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
             path = REPO_ROOT / path  # shipped configs work from any working directory
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml(path)
     items = (
         overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     )
     for key, value in items:
         set_dotted(tree, key, value)
     config = _build(Config, tree, "")
-    _coerce_types(config)
-    _resolve_local_paths(config)
     validate(config)
+    _resolve_local_paths(config)
     return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The config file's mapping; a missing, empty or invalid file is named with the line."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if tree is None:
+        raise ConfigError(
+            f"config file {path} is empty; start from a shipped one, e.g. "
+            f"jobs/configs/smoke-cpu.yaml, or omit --config for the defaults"
+        )
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {tree!r}")
+    return tree
 
 
 def _resolve_local_paths(config: Config) -> None:
@@ -272,100 +289,99 @@ def _resolve_local_paths(config: Config) -> None:
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. inside a Ray worker)."""
     config = _build(Config, tree, "")
-    _coerce_types(config)
     validate(config)
     return config
 
 
-def _coerce_types(config: Config) -> None:
-    """YAML gives ints for 1 and strings for 1e-3 in some spellings; coerce to the field types."""
+_NUMBER_TYPES = {"int": (int,), "float": (int, float)}
+
+
+def _type_problem(key: str, hint: str, value: Any) -> str | None:
+    """``None`` when ``value`` fits the field's annotation (as a string, e.g. ``int | None``)."""
+    base, optional = hint.split(" | ")[0], hint.endswith("| None")
+    if value is None:
+        return None if optional else f"{key} must not be null"
+    if base in _NUMBER_TYPES:
+        ok = isinstance(value, _NUMBER_TYPES[base]) and not isinstance(value, bool)
+        ok = ok and (base == "float" or not isinstance(value, float))
+        return (
+            None
+            if ok
+            else f"{key} must be {'an integer' if base == 'int' else 'a number'}, got {value!r}"
+        )
+    kinds = {"bool": bool, "str": str, "list[float]": list}
+    if base.startswith("dict"):
+        kinds[base] = dict
+    expected = kinds.get(base)
+    if expected is not None and not isinstance(value, expected):
+        return f"{key} must be of type {base}, got {value!r}"
+    return None
+
+
+def _coerce_types(config: Config) -> list[str]:
+    """YAML gives ints for 1 and strings for 1e-3 in some spellings: coerce numbers to the field
+    types, then report every value that still does not fit its type (e.g. epochs=abc)."""
+    problems = []
     for section in dataclasses.fields(config):
         obj = getattr(config, section.name)
-        hints = {f.name: f.type for f in dataclasses.fields(obj)}
-        for name, hint in hints.items():
-            value = getattr(obj, name)
-            if value is None:
-                continue
-            hint = str(hint)
-            try:
-                if hint.startswith("float") and not isinstance(value, bool):
-                    setattr(obj, name, float(value))
-                elif hint.startswith("int") and isinstance(value, float) and value.is_integer():
-                    setattr(obj, name, int(value))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{section.name}.{name}: {value!r} is not a number") from exc
+        for f in dataclasses.fields(obj):
+            key, hint, value = f"{section.name}.{f.name}", str(f.type), getattr(obj, f.name)
+            if (
+                hint.startswith("float")
+                and isinstance(value, str | int)
+                and not isinstance(value, bool)
+            ):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            elif hint.startswith("int") and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            setattr(obj, f.name, value)
+            problem = _type_problem(key, hint, value)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def config_problems(config: Config) -> list[str]:
+    """The rules ``config`` owns (shapes of the run that no single module owns). Each module
+    checks its own section (``service.train.preflight`` gathers them all)."""
+    t, d = config.train, config.data
+    problems = [
+        f"{key} must be >= {low}, got {value}"
+        for key, value, low in (
+            ("train.num_workers", t.num_workers, 1),
+            ("train.epochs", t.epochs, 1),
+            ("train.global_batch_size", t.global_batch_size, 2),
+            ("train.checkpoint_every_epochs", t.checkpoint_every_epochs, 1),
+            ("train.log_every_steps", t.log_every_steps, 1),
+            ("train.max_failures", t.max_failures, 0),
+            ("data.limit", d.limit if d.limit is not None else 1, 1),
+        )
+        if value < low
+    ]
+    if t.num_workers >= 1 and t.global_batch_size % t.num_workers:
+        nearest = t.global_batch_size - t.global_batch_size % t.num_workers or t.num_workers
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} does not divide by "
+            f"train.num_workers={t.num_workers}; choose a multiple of {t.num_workers} "
+            f"(e.g. {nearest})"
+        )
+    return problems
 
 
 def validate(config: Config) -> None:
-    """Reject values that would fail later (or silently train wrong), naming key and value."""
-    t, lo, au, m, d = config.train, config.loss, config.augment, config.model, config.data
-    _require(t.num_workers >= 1, f"train.num_workers must be >= 1, got {t.num_workers}")
-    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(
-        t.global_batch_size >= 2, f"train.global_batch_size must be >= 2, got {t.global_batch_size}"
-    )
-    _require(
-        t.global_batch_size % t.num_workers == 0,
-        f"train.global_batch_size={t.global_batch_size} does not divide by "
-        f"train.num_workers={t.num_workers}; choose a multiple of {t.num_workers} "
-        f"(e.g. {t.global_batch_size - t.global_batch_size % t.num_workers or t.num_workers})",
-    )
-    _require(
-        config.per_worker_batch_size >= 2 or lo.name == "moco",
-        f"per-worker batch {config.per_worker_batch_size} is too small for in-batch negatives",
-    )
-    _require(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be > 0, got {t.lr}")
-    _require(
-        t.optimizer in {"adamw", "sgd", "lars"},
-        f"train.optimizer must be adamw|sgd|lars, got {t.optimizer!r}",
-    )
-    _require(
-        t.placement_strategy in {"PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"},
-        f"train.placement_strategy must be PACK|SPREAD|STRICT_SPREAD|STRICT_PACK, "
-        f"got {t.placement_strategy!r}",
-    )
-    _require(
-        t.lr_scaling in {"linear", "sqrt", "none"},
-        f"train.lr_scaling must be linear|sqrt|none, got {t.lr_scaling!r}",
-    )
-    _require(
-        t.amp in {"auto", "bf16", "fp16", "off"},
-        f"train.amp must be auto|bf16|fp16|off, got {t.amp!r}",
-    )
-    _require(
-        lo.temperature > 0 and math.isfinite(lo.temperature),
-        f"loss.temperature must be > 0, got {lo.temperature}",
-    )
-    _require(
-        lo.name in {"ntxent", "symmetric", "moco", "hard_negative", "debiased"},
-        f"loss.name must be ntxent|symmetric|moco|hard_negative|debiased, got {lo.name!r}",
-    )
-    _require(
-        lo.chunk_size is None or lo.chunk_size >= 1,
-        f"loss.chunk_size must be >= 1 or null, got {lo.chunk_size}",
-    )
-    _require(
-        0 <= lo.moco_momentum < 1, f"loss.moco_momentum must be in [0, 1), got {lo.moco_momentum}"
-    )
-    _require(au.n_views >= 2, f"augment.n_views must be >= 2, got {au.n_views}")
-    _require(au.strength >= 0, f"augment.strength must be >= 0, got {au.strength}")
-    _require(0 < au.min_scale <= 1, f"augment.min_scale must be in (0, 1], got {au.min_scale}")
-    _require(
-        lo.name not in {"symmetric", "moco"} or au.n_views == 2,
-        f"loss.name={lo.name!r} uses exactly 2 views; got augment.n_views={au.n_views}",
-    )
-    _require(d.reader in {"torch", "ray"}, f"data.reader must be torch|ray, got {d.reader!r}")
-    _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    _require(
-        0 <= d.max_bad_fraction <= 1,
-        f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}",
-    )
-    _require(
-        m.arch in {"small_cnn", "resnet18", "resnet50"},
-        f"model.arch must be small_cnn|resnet18|resnet50, got {m.arch!r}",
-    )
+    """Raise one ``ConfigError`` listing every type problem and every rule ``config`` owns."""
+    problems = _coerce_types(config)
+    if not problems:  # the rules compare numbers: only meaningful once the types are right
+        problems = config_problems(config)
+    raise_problems(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ``ConfigError`` naming every problem (one per line), or nothing."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))

@@ -38,7 +38,7 @@ def test_resolved_config_round_trips() -> None:
     ("override", "needle"),
     [
         ("train.global_batch_size=100", "does not divide by"),
-        ("loss.temperature=0", "loss.temperature must be > 0, got 0"),
+        ("loss.temperature=0", "loss.temperature must be > 0 and finite, got 0"),
         ("loss.temperature=-0.5", "got -0.5"),
         ("loss.name=triplet", "'triplet'"),
         ("augment.n_views=1", "augment.n_views must be >= 2"),
@@ -49,9 +49,11 @@ def test_resolved_config_round_trips() -> None:
     ],
 )
 def test_bad_values_are_named(override: str, needle: str) -> None:
+    from service.train.preflight import preflight
+
     overrides = ["train.num_workers=3", override] if "divide" in needle else [override]
-    with pytest.raises(ConfigError, match=None) as info:
-        load_config(REPO_ROOT / "jobs/configs/smoke-cpu.yaml", overrides)
+    with pytest.raises(ConfigError, match=None) as info:  # the config's rules, then its owners'
+        preflight(load_config(REPO_ROOT / "jobs/configs/smoke-cpu.yaml", overrides), data=False)
     assert needle in str(info.value)
 
 

@@ -4,6 +4,7 @@ Ray and a local MLflow store, evaluate against a random-init encoder, and say wh
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from service.commands.evaluate import evaluate_command
@@ -18,6 +19,8 @@ def demo_command(config_path: str | None, overrides: list[str] | None = None) ->
     from service.train.driver import run_pretraining
 
     config = load_config(config_path, overrides)
+    # Every demo is a new pretraining: a new run name, never the previous demo's checkpoints.
+    config.train.run_name += time.strftime("-%Y%m%d-%H%M%S")
     print(
         f"[demo] pretraining {config.model.arch} with {config.loss.name} on {config.data.train} "
         f"({config.train.num_workers} Ray workers, global batch {config.train.global_batch_size})",

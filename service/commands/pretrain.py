@@ -8,14 +8,18 @@ from service.config import load_config
 
 
 def pretrain_command(
-    config_path: str | None, overrides: list[str] | None = None, address: str | None = None
+    config_path: str | None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Load and validate the config (bad input fails here, before Ray), then pretrain.
 
     ``address`` is a Ray address; None starts (or joins, under ``ray job submit``) a local Ray.
-    Returns the run summary: checkpoint, run_id, model_uri, knn_top1, ...
+    ``resume`` continues the run of the same name (``train.resume``). Returns the run summary:
+    checkpoint, run_id, model_uri, knn_top1, ...
     """
     from service.train.driver import run_pretraining
 
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, [*(overrides or []), *(["train.resume=true"] * resume)])
     return run_pretraining(config, address=address)

@@ -31,3 +31,14 @@ def amp_policy(mode: str, device: torch.device) -> Amp:
     if mode == "bf16":
         return Amp(torch.bfloat16, device.type)
     return Amp(torch.float16, device.type, torch.amp.GradScaler(device.type))
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def amp_problems(mode: str) -> list[str]:
+    return (
+        []
+        if mode in AMP_MODES
+        else [f"train.amp must be one of {'|'.join(AMP_MODES)}, got {mode!r}"]
+    )

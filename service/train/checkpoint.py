@@ -32,11 +32,20 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     return directory / STATE_FILE
 
 
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """The ``state.pt`` of a checkpoint directory, of the file itself, or of the latest
+    checkpoint in a run folder (``storage_path/run_name``, as people naturally pass it)."""
+    path = Path(directory).expanduser()
+    if path.is_dir() and not (path / STATE_FILE).exists():
+        checkpoints = sorted(path.glob(f"checkpoint_*/{STATE_FILE}"))  # Ray names sort by time
+        if checkpoints:
+            return checkpoints[-1]
+    return path / STATE_FILE if path.is_dir() else path
+
+
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint directory (or the ``state.pt`` file itself) without unpickling code."""
-    path = Path(directory)
-    if path.is_dir():
-        path = path / STATE_FILE
+    """Load a checkpoint (see :func:`resolve_checkpoint`) without unpickling code."""
+    path = resolve_checkpoint(directory)
     if not path.exists():
         raise FileNotFoundError(
             f"no checkpoint at {path}: pass the checkpoint directory printed by "

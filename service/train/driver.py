@@ -24,6 +24,7 @@ from service.train.finalize import finalize_run
 from service.train.identity import RunPlan, latest_checkpoint, plan_run, write_record
 from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.loop import train_func
+from service.train.preflight import preflight
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -130,11 +131,12 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
 def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any]:
     """Pretrain end to end; returns the JSON summary printed by ``contrastive pretrain``.
 
-    Run identity is settled first (new / resume / already done, see ``identity.plan_run``), then
-    the MLflow run is opened — or the recorded one reopened — so an unreachable server fails
-    before any training; it ends FAILED on any error after that, FINISHED once the encoder is
-    evaluated and registered.
+    Config and data are checked first (``preflight``), run identity next (new / resume /
+    already done, see ``identity.plan_run``), then the MLflow run is opened — or the recorded
+    one reopened — so an unreachable server fails before any training; it ends FAILED on any
+    error after that, FINISHED once the encoder is evaluated and registered.
     """
+    preflight(config)  # every config and data problem at once, before MLflow or Ray
     plan = plan_run(config)
     if plan.kind == "done":
         return _already_done(config, plan)

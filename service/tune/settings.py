@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.config import Config, ConfigError
+from service.train.inputs import resolve_storage_path
 from service.tune.space import ParamSpec, parse_space
 
 # Metrics the training loop reports every epoch (knn_top1: when data.val is set) and the
@@ -152,7 +153,7 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
     )
     return SweepSettings(
         name=name,
-        storage_path=str(Path(storage).expanduser().resolve()),
+        storage_path=resolve_storage_path(storage),
         specs=specs,
         metric=metric,
         mode=mode,

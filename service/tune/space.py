@@ -181,15 +181,20 @@ def parse_space(config: Config) -> dict[str, ParamSpec]:
         )
     known = set(config.flat())
     specs = {key: parse_param(key, spec, known) for key, spec in space.items()}
-    base = config.to_dict()
+    from service.train.preflight import config_problems  # the same rules as a single run
+
+    base, problems = config.to_dict(), []
     for spec in specs.values():
         for value in spec.probe_values():
             try:
-                apply_values(base, {spec.key: value})
+                rejected = config_problems(apply_values(base, {spec.key: value}))
             except ConfigError as exc:
-                raise SearchSpaceError(
-                    f"tune.space[{spec.key!r}] can draw {value!r}, which the config rejects: {exc}"
-                ) from None
+                rejected = [str(exc)]
+            problems += [f"tune.space[{spec.key!r}] can draw {value!r}: {p}" for p in rejected]
+    if problems:
+        raise SearchSpaceError(
+            "\n  - ".join(["the search space reaches invalid configs:", *problems])
+        )
     return specs
 
 

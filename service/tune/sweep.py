@@ -266,7 +266,9 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the sweep described by ``config.tune``; returns the JSON summary."""
     from service.train.driver import check_cluster_fits, connect_ray
+    from service.train.preflight import preflight
 
+    preflight(config)  # the base config and its data; the search space in resolve_settings
     settings = resolve_settings(config, num_samples)  # bad input fails here, before Ray
     state: dict[str, Any] | None = None
     if resume:

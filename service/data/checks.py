@@ -1,0 +1,112 @@
+"""Pre-flight checks the data module owns: its config sections' rules, and the data itself.
+
+Run on the driver before MLflow or Ray start (``service.train.preflight``), so a wrong path, a
+missing column or undecodable images cost seconds and leave nothing behind:
+
+    >>> from service.config import Config
+    >>> data_problems(Config())  # the bundled subset is fine
+    []
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.config import AugmentConfig, Config, DataConfig
+from service.data.augment import MAX_STRENGTH
+from service.data.decode import decode_image
+from service.data.errors import DataError
+from service.data.parquet import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    ParquetSource,
+    inspect_parquet,
+    read_rows,
+)
+
+READERS = ("torch", "ray")
+SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
+
+
+def data_config_problems(d: DataConfig) -> list[str]:
+    """What is wrong with the ``data`` section (empty when nothing)."""
+    problems = []
+    if d.reader not in READERS:
+        problems.append(f"data.reader must be one of {'|'.join(READERS)}, got {d.reader!r}")
+    if d.image_size < 8:
+        problems.append(f"data.image_size must be >= 8, got {d.image_size}")
+    if d.loader_workers < 0:
+        problems.append(f"data.loader_workers must be >= 0, got {d.loader_workers}")
+    if not 0 <= d.max_bad_fraction <= 1:
+        problems.append(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+    return problems
+
+
+def augment_config_problems(a: AugmentConfig) -> list[str]:
+    """What is wrong with the ``augment`` section (empty when nothing)."""
+    problems = []
+    if not 0 <= a.strength <= MAX_STRENGTH:
+        problems.append(
+            f"augment.strength must be in [0, {MAX_STRENGTH}] (hue jitter 0.2*s <= 0.5), "
+            f"got {a.strength}"
+        )
+    if not 0 < a.min_scale <= 1:
+        problems.append(f"augment.min_scale must be in (0, 1], got {a.min_scale}")
+    if a.n_views < 2:
+        problems.append(f"augment.n_views must be >= 2, got {a.n_views}")
+    for key in ("grayscale_p", "jitter_p"):
+        if not 0 <= getattr(a, key) <= 1:
+            problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
+    if len(a.mean) != 3 or len(a.std) != 3 or min(a.std, default=0) <= 0:
+        problems.append(f"augment.mean/std must be 3 values with std > 0, got {a.mean}/{a.std}")
+    return problems
+
+
+def _sample_problem(source: ParquetSource, key: str, max_bad_fraction: float) -> str | None:
+    """Decode the first rows; all failing, or more than the allowed fraction, is a problem."""
+    rows = min(SAMPLE_ROWS, source.num_rows)
+    images = read_rows(source, [IMAGE_COLUMN], np.arange(rows)).column(IMAGE_COLUMN).to_pylist()
+    bad = 0
+    for blob in images:
+        try:
+            decode_image(blob)
+        except DataError:
+            bad += 1
+    if bad == rows:
+        return (
+            f"{key}={source.path!r}: none of the first {rows} images decode; is the "
+            f"{IMAGE_COLUMN!r} column encoded image bytes (JPEG/PNG/...)? "
+            f"See `contrastive data pack`"
+        )
+    if bad / rows > max_bad_fraction and bad > 1:
+        return (
+            f"{key}={source.path!r}: {bad} of the first {rows} images do not decode, more than "
+            f"data.max_bad_fraction={max_bad_fraction}; fix the data or raise the fraction"
+        )
+    return None
+
+
+def data_problems(config: Config) -> list[str]:
+    """Paths exist, Parquet columns and types, a sample of rows decodes, and labels are there
+    where kNN (``data.val``, with the training split as the memory bank) and ``data.test`` need
+    them. Reads file footers and a few rows only."""
+    d = config.data
+    needs_label = {"data.train": bool(d.val), "data.val": True, "data.test": True}
+    problems = []
+    for key, path in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
+        if not path:
+            continue
+        try:
+            source = inspect_parquet(path)
+            problem = _sample_problem(source, key, d.max_bad_fraction)
+        except (DataError, OSError) as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        if problem:
+            problems.append(problem)
+        if needs_label[key] and not source.has_label:
+            problems.append(
+                f"{key}={path!r} has no {LABEL_COLUMN!r} column, which kNN monitoring and "
+                f"evaluation need; add labels or set data.val/data.test to null"
+            )
+    return problems

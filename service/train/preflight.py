@@ -1,0 +1,91 @@
+"""Pre-flight: every check that can fail a run, done once on the driver before MLflow or Ray.
+
+Each rule lives with the module that owns it — the config's own shape (``config``), the loss
+(``losses``), the model (``models``), data and augmentation (``data.checks``), the optimiser
+(``train.optim``), mixed precision (``train.amp``), cached-gradient steps (``train.gradcache``),
+tracking — and this module only gathers them, so a user sees every problem at once:
+
+    >>> from service.config import Config
+    >>> config = Config()
+    >>> config.loss.temperature, config.augment.strength = -1.0, 9.0
+    >>> for problem in config_problems(config): print(problem)  # doctest: +ELLIPSIS
+    augment.strength must be in [0, 2.5] (hue jitter 0.2*s <= 0.5), got 9.0
+    loss.temperature must be > 0...
+"""
+
+from __future__ import annotations
+
+from service.config import Config, raise_problems
+from service.data.checks import augment_config_problems, data_config_problems, data_problems
+from service.losses import build_loss, check_loss_config
+from service.models.backbones import model_config_problems
+from service.train.amp import amp_problems
+from service.train.optim import train_config_problems
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+CHAMPION_METRICS = {"knn_top1": "data.val", "train_loss": None}
+
+
+def loss_problems(config: Config) -> list[str]:
+    """The loss's own rules: building it on CPU runs exactly the constructor's checks."""
+    try:
+        check_loss_config(config.loss, config.augment.n_views)
+        build_loss(config.loss, config.model.proj_out_dim, gather_distributed=False)
+    except ValueError as exc:  # LossInputError and the constructors' range checks
+        message = str(exc)
+        field = message.split()[0] if message else ""
+        # the constructors name their argument ("temperature must be > 0"): name the config key
+        return [f"loss.{message}" if field in config.loss.__dataclass_fields__ else message]
+    per_worker = config.per_worker_batch_size
+    if per_worker < 2 and config.loss.name != "moco":
+        return [f"per-worker batch {per_worker} is too small for in-batch negatives"]
+    return []
+
+
+def tracking_problems(config: Config) -> list[str]:
+    m = config.mlflow
+    if not (m.enabled and m.registered_model_name):
+        return []
+    if m.champion_metric not in CHAMPION_METRICS:
+        return [
+            f"mlflow.champion_metric must be one of {'|'.join(CHAMPION_METRICS)}, "
+            f"got {m.champion_metric!r}"
+        ]
+    needs = CHAMPION_METRICS[m.champion_metric]
+    if needs == "data.val" and not config.data.val:
+        return [
+            f"mlflow.champion_metric={m.champion_metric} is measured on data.val, which is "
+            f"null; set data.val or use mlflow.champion_metric=train_loss"
+        ]
+    return []
+
+
+def config_problems(config: Config) -> list[str]:
+    """Every rule of every section, from its owner (no file is read)."""
+    from service.train.gradcache import gradcache_problems
+
+    t = config.train
+    problems = [
+        *augment_config_problems(config.augment),
+        *data_config_problems(config.data),
+        *loss_problems(config),
+        *model_config_problems(config.model),
+        *train_config_problems(t),
+        *amp_problems(t.amp),
+        *gradcache_problems(config),
+        *tracking_problems(config),
+    ]
+    if t.placement_strategy not in PLACEMENT_STRATEGIES:
+        problems.append(
+            f"train.placement_strategy must be one of {'|'.join(PLACEMENT_STRATEGIES)}, "
+            f"got {t.placement_strategy!r}"
+        )
+    return problems
+
+
+def preflight(config: Config, *, data: bool = True) -> None:
+    """Raise one ``ConfigError`` listing every problem of ``config`` (and of its data files)."""
+    problems = config_problems(config)
+    if data:
+        problems += data_problems(config)
+    raise_problems(problems)

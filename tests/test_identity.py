@@ -1,0 +1,74 @@
+"""Run identity: new runs never reuse a finished run; resume only with the same training recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, load_config
+from service.train.checkpoint import load_state, save_state
+from service.train.identity import latest_checkpoint, plan_run, read_record, write_record
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config(
+        "jobs/configs/smoke-cpu.yaml",
+        [f"train.storage_path={tmp_path}", "train.run_name=r", "train.epochs=3", *overrides],
+    )
+
+
+def _finished_epoch(
+    tmp_path: Path, config, epoch: int, name: str = "checkpoint_2026-01-01_00-00-00.000001"
+) -> None:
+    save_state(tmp_path / "r" / name, {"epoch": epoch, "config": config.to_dict()})
+
+
+def test_new_run_then_same_name_is_refused_without_resume(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    assert plan_run(config).kind == "new"
+    write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "config": config.to_dict()})
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        plan_run(config)
+
+
+def test_resume_needs_an_existing_run(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        plan_run(_config(tmp_path, "train.resume=true"))
+
+
+def test_resume_finished_run_is_done_and_more_epochs_resume(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "tracking_uri": "u",
+                                       "config": config.to_dict()})  # fmt: skip
+    _finished_epoch(tmp_path, config, epoch=0, name="checkpoint_2026-01-01_00-00-00.000001")
+    _finished_epoch(tmp_path, config, epoch=2, name="checkpoint_2026-01-01_00-00-09.000001")
+    assert load_state(latest_checkpoint(str(tmp_path / "r")))["epoch"] == 2
+    done = plan_run(_config(tmp_path, "train.resume=true"))
+    assert done.kind == "done" and done.last_epoch == 2 and done.mlflow_run_id == "abc"
+    more = plan_run(_config(tmp_path, "train.resume=true", "train.epochs=5"))
+    assert more.kind == "resume" and more.tracking_uri == "u"
+    with pytest.raises(ConfigError, match="already\\s+trained 3 epochs"):
+        plan_run(_config(tmp_path, "train.resume=true", "train.epochs=2"))
+    assert read_record(str(tmp_path / "r"))["mlflow_run_id"] == "abc"
+
+
+def test_resume_refuses_keys_that_change_what_is_trained(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "config": config.to_dict()})
+    _finished_epoch(tmp_path, config, epoch=0)
+    changed = _config(
+        tmp_path, "train.resume=true", "loss.temperature=0.9", "train.global_batch_size=64",
+        "eval.knn_k=5", "train.num_workers=1",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        plan_run(changed)
+    message = str(info.value)
+    assert "loss.temperature" in message and "train.global_batch_size" in message
+    assert "eval.knn_k" not in message and "train.num_workers" not in message
+
+
+def test_run_folder_is_accepted_as_a_checkpoint(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _finished_epoch(tmp_path, config, epoch=1)
+    assert load_state(tmp_path / "r")["epoch"] == 1

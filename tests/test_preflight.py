@@ -1,0 +1,145 @@
+"""Pre-flight on the driver: every config and data problem at once, before MLflow or Ray."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from service.config import REPO_ROOT, ConfigError, load_config
+from service.train.preflight import config_problems, preflight
+
+SMOKE = REPO_ROOT / "jobs" / "configs" / "smoke-cpu.yaml"
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _parquet(path: Path, images: list[bytes], labels: list[int] | None = None) -> str:
+    columns = {"image": pa.array(images, pa.binary())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_all_config_problems_are_reported_at_once_by_their_owners() -> None:
+    config = load_config(SMOKE)
+    config.loss.temperature = -1.0  # loss
+    config.augment.strength = 3.0  # data (augmentation)
+    config.model.arch = "vit"  # models
+    config.train.optimizer = "adam"  # train.optim
+    config.train.amp = "fp8"  # train.amp
+    problems = config_problems(config)
+    joined = "\n".join(problems)
+    for needle in ("loss.temperature", "augment.strength", "model.arch", "train.optimizer",
+                   "train.amp"):  # fmt: skip
+        assert needle in joined, joined
+    with pytest.raises(ConfigError, match="problems:"):
+        preflight(config, data=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.epochs=abc", "train.epochs must be an integer, got 'abc'"),
+        ("data.limit=0", "data.limit must be >= 1"),
+        ("loss.name=triplet", "'triplet'"),
+        ("loss.learnable_temperature=true", "learnable_temperature"),
+        ("loss.chunk_size=16", None),  # ntxent supports chunking: no problem
+    ],
+)
+def test_module_rules_from_overrides(override: str, needle: str | None) -> None:
+    try:
+        config = load_config(SMOKE, [override])
+        problems = config_problems(config)
+    except ConfigError as exc:
+        problems = [str(exc)]
+    if needle is None:
+        assert problems == []
+    else:
+        assert any(needle in p for p in problems), problems
+
+
+def test_debiased_needs_two_views_and_moco_two_views() -> None:
+    for name in ("debiased", "moco", "symmetric"):
+        config = load_config(SMOKE, [f"loss.name={name}", "augment.n_views=3"])
+        assert any("views" in p for p in config_problems(config)), name
+
+
+def test_champion_metric_must_be_measured() -> None:
+    config = load_config(SMOKE, ["data.val=null"])
+    assert any("champion_metric" in p for p in config_problems(config))
+    config = load_config(SMOKE, ["data.val=null", "mlflow.champion_metric=train_loss"])
+    assert config_problems(config) == []
+
+
+def test_data_problems_name_the_file_and_fix(tmp_path: Path) -> None:
+    good = [_jpeg((i * 20, 0, 0)) for i in range(8)]
+    config = load_config(SMOKE)
+    config.data.train = str(tmp_path / "missing.parquet")
+    config.data.val = _parquet(tmp_path / "nolabel.parquet", good)
+    config.data.test = _parquet(tmp_path / "corrupt.parquet", [b"junk"] * 8, [0] * 8)
+    with pytest.raises(ConfigError) as info:
+        preflight(config)
+    message = str(info.value)
+    assert "3 problems" in message, message
+    assert "missing.parquet" in message
+    assert "nolabel.parquet" in message and "'label'" in message
+    assert "corrupt.parquet" in message and "none of the first 8 images decode" in message
+
+    wrong = str(tmp_path / "wrong.parquet")
+    pq.write_table(pa.table({"pixels": pa.array([1, 2], pa.int64())}), wrong)
+    config = load_config(SMOKE, [f"data.train={wrong}", "data.val=null", "data.test=null",
+                                 "mlflow.champion_metric=train_loss"])  # fmt: skip
+    with pytest.raises(ConfigError, match="no 'image' column"):
+        preflight(config)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line \d+"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(empty)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_cli_bad_input_exits_2_without_traceback_and_touches_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "mlruns.db"
+    sets = ["--set", f"mlflow.tracking_uri=sqlite:///{store}",
+            "--set", f"train.storage_path={tmp_path / 'ray'}"]  # fmt: skip
+    runs = [
+        ("pretrain", "--config", str(SMOKE), *sets, "--set", "data.train=/nonexistent.parquet",
+         "--set", "train.epochs=2"),
+        ("pretrain", "--config", str(SMOKE), *sets, "--set", "train.epochs=abc"),
+        ("pretrain", "--config", str(tmp_path / "nope.yaml")),
+        ("evaluate", "--checkpoint", "/nonexistent", "--train", "x", "--test", "y"),
+    ]  # fmt: skip
+    for args in runs:
+        result = _cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().startswith("contrastive:"), result.stderr
+    assert not store.exists() and not (tmp_path / "ray").exists()
+    assert not (tmp_path / "mlruns").exists()
+    debug = _cli("--debug", *runs[1], cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
