@@ -20,7 +20,8 @@ micro-batches like a per-sample loss; but it only needs the *embeddings*, which 
 The parameter gradients equal the plain step's when the model has no batch statistics (chain rule:
 the loss's gradient w.r.t. the embeddings does not depend on how they were computed).
 
-**BatchNorm semantics.** Each micro-batch (``m`` samples x all views) is normalised by its own
+**BatchNorm semantics.** Each micro-batch (``m`` samples x the views the model call holds: all
+of them in the base ``forward_views``, the queries for MoCo) is normalised by its own
 statistics, in both passes (so pass 3 reproduces pass 1 exactly); the result equals a step that
 forwards each micro-batch with a graph and backpropagates the full-batch loss once. The running
 statistics are frozen in pass 1 and updated in pass 3, i.e. once per sample (``num_batches_tracked``
@@ -30,17 +31,22 @@ runs the same number of micro-batches, so the collectives match. This is *not* t
 normalisation over the local (or global) batch: BN statistics over fewer samples are a known source
 of degraded contrastive training; prefer SyncBN or a head without BN with small micro-batches.
 
-Which losses: every loss whose ``forward_views`` is the base one (encoder over all views
-concatenated), and MoCo, whose key encoder runs without a graph (pass 1 only) and whose queue is
-written once in pass 2. A loss that overrides ``forward_views`` in an unknown way is refused (the
-step cannot know which part of it is the encoder).
+How the loss is reached: pass 2 *is* the loss's own ``criterion.forward_views(model, views)``,
+called with a stand-in for the model. Each time ``forward_views`` calls the model on a batch, the
+stand-in runs pass 1 on it in micro-batches and returns the embeddings as leaves; everything else
+``forward_views`` does runs once, exactly as in the plain step: MoCo's key encoder (no graph, whole
+local batch, with its shuffle-BN across ranks), its step counter and queue, a learnable
+temperature. So every loss of the factory is exact in this sense; a ``forward_views`` that never
+calls the model on a tensor batch is refused, naming the loss. A model call on ``n*b`` rows (``n``
+views of the local batch ``b``, view-major, as ``torch.cat(views)``) is micro-batched by sample:
+micro-batch ``k`` holds samples ``[k*m, (k+1)*m)`` of each of the ``n`` views.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +54,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from service.config import Config
-from service.losses import LOSS_CLASSES, ContrastiveLoss, MoCoLoss
 from service.train.state import TrainState
 
 
@@ -56,51 +61,14 @@ class GradCacheError(ValueError):
     """The configured loss or micro-batch size cannot run as an exact cached-gradient step."""
 
 
-@dataclass(frozen=True)
-class _Split:
-    """A loss's ``forward_views`` cut into the part with parameters to train and the rest.
-
-    ``online`` views (the first ``n_online``, None: all) go through the model together, one
-    forward per micro-batch; ``frozen(criterion, micro_views)`` returns the embeddings of the other
-    views, computed without a graph (MoCo's key encoder), in pass 1 only.
-    """
-
-    n_online: int | None
-    frozen: Callable[[ContrastiveLoss, Sequence[Tensor]], list[Tensor]] | None = None
-
-
-def _moco_keys(criterion: ContrastiveLoss, views: Sequence[Tensor]) -> list[Tensor]:
-    return [criterion._attached()(views[1])]  # MomentumEncoder: no grad
-
-
-# Keyed by the forward_views *function* a loss class uses, so a subclass that inherits it is
-# covered and one that overrides it is refused.
-_SPLITS: dict[Callable, _Split] = {
-    ContrastiveLoss.forward_views: _Split(n_online=None),
-    MoCoLoss.forward_views: _Split(n_online=1, frozen=_moco_keys),
-}
-
-
-def _split_for(loss_cls: type) -> _Split | None:
-    return _SPLITS.get(loss_cls.forward_views)
-
-
 def gradcache_problems(config: Config) -> list[str]:
     """Why ``train.micro_batch_size`` cannot run with this config (empty: it can, or it is off)."""
     m = config.train.micro_batch_size
     if m is None:
         return []
-    problems = []
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        problems.append(f"train.micro_batch_size must be a positive integer or null, got {m!r}")
-    cls = LOSS_CLASSES.get(config.loss.name)
-    if cls is not None and _split_for(cls) is None:
-        problems.append(
-            f"train.micro_batch_size is not supported by loss.name={config.loss.name!r} "
-            f"({cls.__name__}): it overrides forward_views, so the cached step cannot tell its "
-            "encoder forward from the loss and could not be exact; unset train.micro_batch_size"
-        )
-    return problems
+        return [f"train.micro_batch_size must be a positive integer or null, got {m!r}"]
+    return []
 
 
 def uses_gradcache(s: TrainState, local_batch: int) -> bool:
@@ -151,9 +119,59 @@ def _without_ddp(model: nn.Module) -> nn.Module:
 # --- the three passes ------------------------------------------------------------------------
 
 
-def _online_forward(model: nn.Module, views: Sequence[Tensor], n_online: int) -> Tensor:
-    """The model over the online views of one micro-batch in one forward (view-major rows)."""
-    return model(torch.cat(list(views[:n_online])))
+@dataclass
+class _Call:
+    """One call of the model inside ``forward_views``: its input, micro-batch rows, and output."""
+
+    x: Tensor
+    rows: list[Tensor]  # row indices of x, one tensor per micro-batch
+    rng: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)  # before each
+    leaf: Tensor | None = None  # the embeddings of all rows, requires_grad (pass 2's input)
+
+
+def micro_batch_rows(n_rows: int, local_batch: int, m: int) -> list[Tensor]:
+    """Rows of each micro-batch of a model input with ``n_rows`` rows, grouped by sample.
+
+    ``n_rows = n * local_batch`` (n views, view-major): micro-batch k holds samples
+    ``[k*m, (k+1)*m)`` of every view. Otherwise the rows are cut in consecutive runs of ``m``.
+
+    >>> [r.tolist() for r in micro_batch_rows(6, 3, 2)]
+    [[0, 1, 3, 4], [2, 5]]
+    """
+    views, b = (n_rows // local_batch, local_batch) if n_rows % local_batch == 0 else (1, n_rows)
+    view_starts = torch.arange(views)[:, None] * b
+    return [
+        (view_starts + torch.arange(i, min(i + m, b))[None, :]).reshape(-1) for i in range(0, b, m)
+    ]
+
+
+class _EmbedInMicroBatches(nn.Module):
+    """Stands in for the model in pass 2: pass 1 on each batch it is called with, leaves out."""
+
+    def __init__(self, s: TrainState, local_batch: int) -> None:
+        super().__init__()
+        self._s, self._local_batch = s, local_batch  # (a plain attribute: not a submodule)
+        self.calls: list[_Call] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self._s
+        call = _Call(
+            x, micro_batch_rows(x.shape[0], self._local_batch, s.config.train.micro_batch_size)
+        )
+        model = _without_ddp(s.model)
+        with torch.no_grad(), frozen_running_stats(model):
+            outs = []
+            for rows in call.rows:
+                call.rng.append(_rng_state(s.device))
+                outs.append(model(x[rows.to(x.device)]))
+        if not all(isinstance(o, Tensor) for o in outs):
+            raise GradCacheError(f"the model returned {type(outs[0]).__name__}, not a Tensor")
+        out = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
+        for rows, o in zip(call.rows, outs, strict=True):
+            out[rows.to(out.device)] = o
+        call.leaf = out.requires_grad_()
+        self.calls.append(call)
+        return call.leaf
 
 
 def cached_forward_backward(s: TrainState, views: Sequence[Tensor]) -> Tensor:
@@ -165,45 +183,32 @@ def cached_forward_backward(s: TrainState, views: Sequence[Tensor]) -> Tensor:
     and steps the optimizer.
     """
     problems = gradcache_problems(s.config)
-    split = _split_for(type(s.criterion))
-    if split is None and not problems:
-        problems = [f"{type(s.criterion).__name__} overrides forward_views"]
     if problems:
         raise GradCacheError("; ".join(problems))
-    m, b = s.config.train.micro_batch_size, views[0].shape[0]
-    n_online = len(views) if split.n_online is None else split.n_online
-    bounds = [(i, min(i + m, b)) for i in range(0, b, m)]
-    micro = [[v[i:j] for v in views] for i, j in bounds]
-
-    # Pass 1: embeddings without a graph, RNG state saved per micro-batch.
-    rng, online, frozen = [], [], []
-    with torch.no_grad(), s.amp.autocast(), frozen_running_stats(s.model):
-        for mv in micro:
-            rng.append(_rng_state(s.device))
-            out = _online_forward(_without_ddp(s.model), mv, n_online)
-            online.append(out.chunk(n_online))
-            frozen.append(split.frozen(s.criterion, mv) if split.frozen else [])
-    rng_after = _rng_state(s.device)
-
-    # Pass 2: the loss over the whole local batch once (gathers across ranks), backward to the
-    # embeddings (and the loss's own parameters) only.
-    leaves = [torch.cat([o[v] for o in online]).requires_grad_() for v in range(n_online)]
-    keys = [torch.cat([f[v] for f in frozen]) for v in range(len(frozen[0]))]
+    # Passes 1 + 2: the loss's own forward_views, the model replaced by the micro-batch embedder.
+    embedder = _EmbedInMicroBatches(s, views[0].shape[0])
     with s.amp.autocast():
-        loss = s.criterion(*leaves, *keys)
+        loss = s.criterion.forward_views(embedder, views)
+    if not embedder.calls:
+        raise GradCacheError(
+            f"{type(s.criterion).__name__}.forward_views never called the model on a batch, so "
+            "the cached step cannot replay its encoder; unset train.micro_batch_size"
+        )
+    rng_after = _rng_state(s.device)
     scaler = s.amp.scaler
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    cache = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-    del leaves, online, frozen
+    (scaler.scale(loss) if scaler is not None else loss).backward()  # to the leaves only
 
-    # Pass 3: replay each micro-batch with a graph and the same RNG; DDP syncs on the last one.
-    last = len(micro) - 1
-    for k, ((i, j), mv) in enumerate(zip(bounds, micro, strict=True)):
-        _set_rng_state(rng[k], s.device)
-        sync = k == last or not isinstance(s.model, DistributedDataParallel)
-        with contextlib.nullcontext() if sync else s.model.no_sync():
+    # Pass 3: replay each micro-batch with a graph and its pass-1 RNG; DDP syncs on the last one.
+    replays = [(call, k) for call in embedder.calls for k in range(len(call.rows))]
+    for n, (call, k) in enumerate(replays):
+        grad = call.leaf.grad if call.leaf.grad is not None else torch.zeros_like(call.leaf)
+        rows = call.rows[k].to(call.x.device)
+        _set_rng_state(call.rng[k], s.device)
+        last = n == len(replays) - 1
+        ddp = isinstance(s.model, DistributedDataParallel)
+        with s.model.no_sync() if ddp and not last else contextlib.nullcontext():
             with s.amp.autocast():
-                out = _online_forward(s.model, mv, n_online)
-            out.backward(torch.cat([g[i:j] for g in cache]).to(out.dtype))
-    _set_rng_state(rng_after, s.device)  # the RNG continues as after one pass over the batch
+                out = s.model(call.x[rows])
+            out.backward(grad[rows.to(grad.device)].to(out.dtype))
+    _set_rng_state(rng_after, s.device)  # the RNG continues as after the loss's forward
     return loss.detach()
