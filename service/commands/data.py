@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.config import load_config
+from service.commands.config import load_checked_config
 
 
 def pack_command(src: str, out: str) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def preview_command(
     """
     from service.data.preview import save_augmentation_preview
 
-    config = load_config(config_path, overrides or [])
+    config = load_checked_config(config_path, overrides or [])
     path = save_augmentation_preview(
         data,
         out,

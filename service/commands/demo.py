@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Any
 
+from service.commands.config import load_checked_config
 from service.commands.evaluate import evaluate_command
-from service.config import load_config
 
 
 def demo_command(config_path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def demo_command(config_path: str | None, overrides: list[str] | None = None) ->
     """
     from service.train.driver import run_pretraining
 
-    config = load_config(config_path, overrides)
+    config = load_checked_config(config_path, overrides)
     # Every demo is a new pretraining: a new run name, never the previous demo's checkpoints.
     config.train.run_name += time.strftime("-%Y%m%d-%H%M%S")
     print(

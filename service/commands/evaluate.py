@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.config import Config, load_config
+from service.commands.config import load_checked_config
+from service.config import Config
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ def evaluate_command(
         raise ValueError("evaluate needs exactly one of checkpoint= or model=")
     if checkpoint:
         source = _from_checkpoint(checkpoint)
-        config = source.config or load_config(config_path, overrides)
+        config = source.config or load_checked_config(config_path, overrides)
     else:
-        config = load_config(config_path, overrides)
+        config = load_checked_config(config_path, overrides)
         source = _from_registry(str(model), resolve_tracking_uri(config.mlflow))
     result = evaluate_beside_random(
         source.encoder,

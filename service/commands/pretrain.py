@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import load_config
+from service.commands.config import load_checked_config
 
 
 def pretrain_command(
@@ -21,5 +21,7 @@ def pretrain_command(
     """
     from service.train.driver import run_pretraining
 
-    config = load_config(config_path, [*(overrides or []), *(["train.resume=true"] * resume)])
+    config = load_checked_config(
+        config_path, [*(overrides or []), *(["train.resume=true"] * resume)]
+    )
     return run_pretraining(config, address=address)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import load_config
+from service.commands.config import load_checked_config
 
 
 def tune_command(
@@ -21,5 +21,5 @@ def tune_command(
     """
     from service.tune.sweep import run_sweep
 
-    config = load_config(config_path, overrides)
+    config = load_checked_config(config_path, overrides)
     return run_sweep(config, num_samples=num_samples, address=address, resume=resume)

@@ -89,3 +89,12 @@ def preflight(config: Config, *, data: bool = True) -> None:
     if data:
         problems += data_problems(config)
     raise_problems(problems)
+
+
+def load_checked_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """``load_config`` plus every owner's rules (no data read): what each command starts from."""
+    from service.config import load_config
+
+    config = load_config(path, overrides)
+    preflight(config, data=False)
+    return config
