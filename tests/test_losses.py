@@ -317,7 +317,7 @@ def test_every_loss_exposes_temperature_as_float(name: str) -> None:
     assert isinstance(temperature, float) and temperature > 0
 
 
-def test_learnable_temperature_is_log_parameterised_and_clamped() -> None:
+def test_learnable_temperature_is_log_parameterised_and_clamped_after_the_step() -> None:
     crit = SymmetricInfoNCELoss(0.1, learnable_temperature=True, max_logit_scale=50.0)
     assert [n for n, _ in crit.named_parameters()] == ["logit_scale"]
     assert crit.logit_scale.item() == pytest.approx(math.log(10.0))
@@ -329,11 +329,16 @@ def test_learnable_temperature_is_log_parameterised_and_clamped() -> None:
     opt.step()
     assert crit.temperature != pytest.approx(0.1)
     with torch.no_grad():
-        crit.logit_scale.fill_(math.log(200.0))  # beyond the clamp
+        crit.logit_scale.fill_(math.log(200.0))  # an optimizer step overshot the bound
+    crit.after_step(torch.nn.Identity())  # the clamp is applied to the parameter, after the step
+    assert crit.logit_scale.item() == pytest.approx(math.log(50.0))
     assert crit.temperature == pytest.approx(1 / 50.0)
     crit.zero_grad()
     crit(*views).backward()
-    assert crit.logit_scale.grad.item() == 0.0  # clamped: no further push
+    # At the bound the forward still has a gradient (no clamp inside), so it can come back.
+    assert crit.logit_scale.grad.item() != 0.0
+    assert crit.temperature_parameters() == [crit.logit_scale]
+    assert SymmetricInfoNCELoss(0.1).temperature_parameters() == []
 
 
 def test_fixed_temperature_symmetric_has_no_parameters() -> None:
@@ -361,11 +366,16 @@ def test_queue_state_dict_round_trips() -> None:
     crit = MoCoLoss(queue_size=8, dim=5)
     crit(*_views(2))
     state = crit.state_dict()
-    assert set(state) == {"queue.keys", "queue.ptr"}
+    assert set(state) == {"queue.keys", "queue.ptr", "shuffle_step"}
     fresh = MoCoLoss(queue_size=8, dim=5)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.queue.keys, crit.queue.keys)
     assert int(fresh.queue.ptr) == int(crit.queue.ptr) == 6
+    # A checkpoint from before shuffle-BN (no step counter) still loads, the counter at 0.
+    del state["shuffle_step"]
+    fresh.shuffle_step.fill_(5)
+    fresh.load_state_dict(state)
+    assert int(fresh.shuffle_step) == 0
 
 
 def _bn_net() -> nn.Module:

@@ -9,6 +9,7 @@ from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import (
     average_gradients,
+    broadcast_from_rank0,
     gather_no_grad,
     gather_with_grad,
     get_rank,
@@ -23,7 +24,13 @@ from service.losses.factory import (
     loss_class,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
-from service.losses.moco import MoCoLoss, MomentumEncoder, NegativeQueue, momentum_update
+from service.losses.moco import (
+    MoCoLoss,
+    MomentumEncoder,
+    NegativeQueue,
+    momentum_update,
+    shuffled_forward,
+)
 from service.losses.ntxent import NTXentLoss
 from service.losses.symmetric import SymmetricInfoNCELoss
 
@@ -41,6 +48,7 @@ __all__ = [
     "NonFiniteEmbeddingError",
     "SymmetricInfoNCELoss",
     "average_gradients",
+    "broadcast_from_rank0",
     "build_loss",
     "check_loss_config",
     "gather_no_grad",
@@ -50,4 +58,5 @@ __all__ = [
     "loss_class",
     "masked_logsumexp",
     "momentum_update",
+    "shuffled_forward",
 ]

@@ -7,13 +7,16 @@ tensors, autocast off so the logits are computed in at least float32).
 The hooks let one training step serve every method without ``if loss == ...`` branches. The loop
 calls, per worker::
 
-    criterion.attach(model)                      # once, unwrapped model, before DDP/device move
+    criterion.attach(unwrap(model))              # once, after DDP wrapping, before .to(device)
     criterion.to(device)
     loss = criterion.forward_views(model, views)  # every step, under autocast
     loss.backward()
     criterion.reduce_gradients()                 # before clipping and the optimizer step
     optimizer.step()
     criterion.after_step(model)                  # after the optimizer step
+
+and the optimizer asks ``criterion.temperature_parameters()`` for the parameters that get a
+group of their own (a learnable temperature: no weight decay, no LARS adaptation, base LR).
 
 Anything a hook creates (MoCo's key encoder) is a submodule, so ``criterion.state_dict()``
 checkpoints it and ``criterion.to(device)`` moves it; ``attach`` must therefore run before a
@@ -112,8 +115,18 @@ class ContrastiveLoss(nn.Module):
 
     # --- training-loop hooks (no-ops unless a method needs them) -----------------------------
 
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        """Trainable temperature parameters, for an optimizer group of their own (none here).
+
+        A log-temperature is a scalar whose useful step is a small fraction of its value
+        whatever the batch size, so the optimizer gives it the unscaled base LR, no weight decay
+        and no LARS trust ratio (``service.train.optim.build_optimizer``).
+        """
+        return []
+
     def attach(self, model: nn.Module) -> None:
-        """Called once per worker with the unwrapped model, before DDP wrapping and device move."""
+        """Called once per worker with the unwrapped model, after DDP wrapping (so every rank
+        gets rank 0's broadcast weights) and before the criterion is moved to the device."""
 
     def forward_views(self, model: nn.Module, views: Sequence[Tensor]) -> Tensor:
         """The loss of one batch of views (each ``[b, ...]`` images) through ``model``.

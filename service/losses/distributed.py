@@ -127,6 +127,18 @@ def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
 
 
+def broadcast_from_rank0(x: Tensor) -> Tensor:
+    """Rank 0's ``x`` on every rank (same shape and dtype everywhere); ``x`` when not distributed.
+
+    E.g. MoCo's shuffle-BN permutation: every rank must index the gathered batch the same way.
+    """
+    if not is_distributed():
+        return x
+    out = x.detach().to(_collective_device(x)).clone()  # never overwrite the caller's x
+    dist.broadcast(out, src=0)
+    return out.to(x.device)
+
+
 def gather_no_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     """Concatenate ``x`` from all ranks along dim 0 without autograd (e.g. MoCo queue keys)."""
     if not is_distributed():

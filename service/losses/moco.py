@@ -1,14 +1,14 @@
 """MoCo: momentum key encoder, a ring queue of negative keys shared by all ranks, and the loss.
 
-Shuffle-BN (MoCo v1/v2) is *not* done here, deliberately. It is a property of how the key encoder
-is run (shuffle the key images across ranks before the momentum encoder, unshuffle its outputs),
-not of the loss, which only sees embeddings; and with one worker it does nothing unless the batch
-is split into fake sub-batches. The leak it prevents comes from BatchNorm statistics computed per
-worker over the same samples for queries and keys. In this service use ``model.sync_batchnorm``
-(statistics over the whole global batch, so one sample's share of them is 1/(W*b)) or
-``model.proj_batch_norm=False``; if a shuffle is ever needed it belongs in ``service/train``
-(gather the key inputs, permute with a permutation broadcast from rank 0, run the key encoder,
-un-permute with ``gather_no_grad``).
+Shuffle-BN (He et al. 2020, MoCo v1 §3.3; the official ``_batch_shuffle_ddp`` /
+``_batch_unshuffle_ddp``) is done by ``shuffled_forward``, which ``MoCoLoss.forward_views`` uses
+for the key encoder: the key images of all ranks are gathered, permuted with a permutation
+broadcast from rank 0, each rank encodes its slice of the permuted batch, and the keys are
+gathered back and un-permuted so that every rank holds the keys of its own samples. Without it,
+a query and its key see BatchNorm statistics of the same per-rank sub-batch, and the model can
+find its positive through that leak ("cheat") instead of learning good features; SyncBN does
+not remove it (the statistics still come from the batch holding both views' sample). With one
+process it is a no-op: there is no other sub-batch to shuffle with.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
-from service.losses.distributed import gather_no_grad, is_distributed
+from service.losses.distributed import (
+    broadcast_from_rank0,
+    gather_no_grad,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 from service.losses.errors import LossInputError
 from service.losses.inputs import normalized
 from service.models import unwrap
@@ -62,6 +68,28 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
         else:
             for n in names:
                 t[n].copy_(o[n])
+
+
+@torch.no_grad()
+def shuffled_forward(encoder: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
+    """``encoder(x)`` with shuffle-BN across ranks: rows in ``x``'s order, batch statistics from
+    a random mix of all ranks' samples. No gradient (for a momentum key encoder).
+
+    Every rank passes its local ``[b, ...]`` batch (equal ``b`` on all ranks). The permutation
+    of the ``W*b`` gathered rows is drawn from ``generator`` and broadcast from rank 0, so it is
+    reproducible from the generator's seed and identical on every rank. Single process: exactly
+    ``encoder(x)``.
+    """
+    if not is_distributed():
+        return encoder(x)
+    rank, world = get_rank(), get_world_size()
+    everything = gather_no_grad(x)  # [W*b, ...] in rank order; checks equal local shapes
+    permutation = torch.randperm(everything.shape[0], generator=generator)
+    permutation = broadcast_from_rank0(permutation).to(x.device)
+    mine = permutation.view(world, -1)[rank]  # the rows this rank encodes together
+    keys = gather_no_grad(encoder(everything[mine]), check_sizes=False)  # keys[j] of row perm[j]
+    inverse = torch.argsort(permutation)  # the position in ``keys`` of every gathered row
+    return keys[inverse.view(world, -1)[rank]]
 
 
 class MomentumEncoder(nn.Module):
@@ -162,7 +190,15 @@ class MoCoLoss(ContrastiveLoss):
     In training the key encoder lives here too: ``attach(model)`` copies the model into
     ``key_encoder`` (a ``MomentumEncoder``, so it is in ``state_dict`` and moves with ``.to``),
     ``forward_views`` runs queries through the model and keys through the key encoder, and
-    ``after_step`` moves the key encoder towards the model by EMA with ``momentum``.
+    ``after_step`` moves the key encoder towards the model by EMA with ``momentum``. Call
+    ``attach`` after DDP has broadcast rank 0's weights, so every rank's key encoder is the same.
+
+    Shuffle-BN: with several ranks, ``forward_views`` encodes the keys with ``shuffled_forward``
+    (MoCo v1 §3.3): the key images of all ranks are gathered, shuffled, encoded per rank in
+    slices of the shuffled batch and un-shuffled, so a key's BatchNorm statistics come from other
+    samples than its query's. The permutation is drawn from a generator seeded with
+    ``shuffle_seed`` and the step counter ``shuffle_step`` (a buffer: it is checkpointed, so a
+    resumed run draws the same permutations) and broadcast from rank 0. One process: no shuffle.
 
     >>> import torch
     >>> crit = MoCoLoss(temperature=0.2, queue_size=32, dim=8)
@@ -189,11 +225,14 @@ class MoCoLoss(ContrastiveLoss):
         gather_distributed: bool = True,
         chunk_size: int | None = None,
         momentum: float = 0.99,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(temperature, gather_distributed, chunk_size)
         self.momentum = check_momentum(momentum)
         self.queue = NegativeQueue(dim=dim, size=queue_size)
         self.key_encoder: MomentumEncoder | None = None  # set by attach()
+        self.shuffle_seed = int(shuffle_seed)
+        self.register_buffer("shuffle_step", torch.zeros((), dtype=torch.long))
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         self.check(views, min_global_batch=1)  # the negatives come from the queue
@@ -227,12 +266,24 @@ class MoCoLoss(ContrastiveLoss):
             raise RuntimeError("MoCoLoss has no key encoder: call attach(model) before training")
         return self.key_encoder
 
+    def shuffle_generator(self) -> torch.Generator:
+        """The generator of this step's shuffle-BN permutation: ``(shuffle_seed, shuffle_step)``."""
+        seed = (self.shuffle_seed * 0x9E3779B1 + int(self.shuffle_step)) % 2**63
+        return torch.Generator().manual_seed(seed)
+
     def forward_views(self, model: nn.Module, views: Sequence[Tensor]) -> Tensor:
-        """Queries from ``model`` on view 0, keys from the key encoder on view 1 (no grad)."""
+        """Queries from ``model`` on view 0, keys from the key encoder on view 1 (no grad),
+        encoded with shuffle-BN across ranks (``shuffled_forward``; no-op with one process)."""
         key_encoder = self._attached()
         queries = model(views[0])
-        keys = key_encoder(views[1])  # MomentumEncoder.forward runs under no_grad
+        keys = shuffled_forward(key_encoder, views[1], self.shuffle_generator())
+        self.shuffle_step += 1
         return self(queries, keys)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before shuffle-BN have no step counter: start it at 0.
+        state_dict.setdefault(prefix + "shuffle_step", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def after_step(self, model: nn.Module) -> None:
         """EMA step of the key encoder towards ``model`` (DDP-wrapped is fine)."""

@@ -24,10 +24,14 @@ class SymmetricInfoNCELoss(ContrastiveLoss):
     offset by ``rank * b``.
 
     With ``learnable_temperature=True`` the scale is ``logit_scale = nn.Parameter(log(1/T))``
-    (CLIP's parameterisation: multiplicative updates, always positive); the forward uses
-    ``exp(min(logit_scale, log(max_logit_scale)))`` so the scale stops growing at
-    ``max_logit_scale`` (CLIP clamps at 100). Put the loss's parameters in the optimiser (and
-    under DDP) when it is learnable.
+    (CLIP's parameterisation: multiplicative updates, always positive). The forward uses the raw
+    ``exp(logit_scale)`` and ``after_step`` clamps the parameter in place to
+    ``log(max_logit_scale)`` after every optimizer step (CLIP clamps at 100, the same way). A
+    clamp inside the forward would zero the gradient once the parameter passes the bound, so
+    the temperature could never come back. ``temperature_parameters()`` hands the parameter to
+    the optimizer, which gives it a group of its own (no weight decay, no LARS adaptation, the
+    unscaled base LR); ``reduce_gradients`` averages its gradient over ranks (DDP does not see
+    it).
 
     >>> import torch
     >>> crit = SymmetricInfoNCELoss(temperature=0.07, learnable_temperature=True)
@@ -61,11 +65,12 @@ class SymmetricInfoNCELoss(ContrastiveLoss):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self._temperature)))
 
     def scale(self, dtype: torch.dtype | None = None) -> Tensor | float:
-        """The multiplicative logit scale 1/T: a clamped, differentiable tensor when learnable."""
+        """The multiplicative logit scale 1/T: a differentiable tensor when learnable (unclamped:
+        ``after_step`` keeps the parameter within ``max_logit_scale``)."""
         if self.logit_scale is None:
             return 1.0 / self._temperature  # a fixed temperature is used as given
         log_scale = self.logit_scale if dtype is None else self.logit_scale.to(dtype)
-        return log_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+        return log_scale.exp()
 
     @property
     def temperature(self) -> float:
@@ -89,6 +94,17 @@ class SymmetricInfoNCELoss(ContrastiveLoss):
         lse_ab = masked_logsumexp(xa, keys_b, chunk_size=self.chunk_size)
         lse_ba = masked_logsumexp(xb, keys_a, chunk_size=self.chunk_size)
         return 0.5 * ((lse_ab - positive).mean() + (lse_ba - positive).mean())
+
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        """``[logit_scale]`` when the temperature is learnable, else ``[]``."""
+        return [] if self.logit_scale is None else [self.logit_scale]
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        """Clamp ``logit_scale`` in place to ``log(max_logit_scale)`` (same on every rank: the
+        gradient was averaged, so the parameter is too)."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
 
     def repr_fields(self) -> dict[str, object]:
         return {"learnable": self.learnable_temperature, "max_logit_scale": self.max_logit_scale}

@@ -1,4 +1,17 @@
-"""Large-batch recipe: LR scaled with the global batch, warmup + cosine, LARS/AdamW/SGD."""
+"""Large-batch recipe: LR scaled with the global batch, warmup + cosine, LARS/AdamW/SGD.
+
+Parameter groups (``build_optimizer``):
+
+- weights (``ndim > 1``): ``train.weight_decay``, the batch-scaled LR, LARS adaptation;
+- biases, norm layers: no weight decay and hence no LARS adaptation (as in SimCLR);
+- a learnable temperature (``criterion.temperature_parameters()``): no weight decay, no LARS
+  adaptation and the *unscaled* base ``train.lr``. It is a log-scale scalar, not a layer: the
+  batch-scaled LR (4.8 for LARS at batch 4096) moved it from 2.66 to -12.7 in four steps.
+
+timm's ``Lars`` adapts a group only when its ``weight_decay != 0`` or ``always_adapt`` is set
+(``_single_tensor_lars``/``_multi_tensor_lars``), so ``weight_decay=0`` turns LARS into plain
+momentum SGD without a word: ``train_config_problems`` refuses that configuration.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +22,36 @@ import torch
 from torch import nn
 
 from service.config import TrainConfig
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def train_config_problems(cfg: TrainConfig) -> list[str]:
+    """The optimiser's rules for ``train.*`` as human messages (empty: fine).
+
+    >>> for problem in train_config_problems(TrainConfig(optimizer="lars", weight_decay=0.0)):
+    ...     print(problem)  # doctest: +ELLIPSIS
+    train.optimizer=lars with train.weight_decay=0 does no layer adaptation (timm's Lars ...
+    """
+    problems = []
+    if cfg.optimizer not in OPTIMIZERS:
+        problems.append(
+            f"train.optimizer must be one of {'|'.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
+        )
+    if cfg.lr_scaling not in LR_SCALINGS:
+        problems.append(
+            f"train.lr_scaling must be one of {'|'.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}"
+        )
+    numeric = isinstance(cfg.lr, int | float) and not isinstance(cfg.lr, bool)
+    if numeric and not (math.isfinite(cfg.lr) and cfg.lr > 0):  # a non-number: a type problem
+        problems.append(f"train.lr must be a finite number > 0, got {cfg.lr}")
+    if cfg.optimizer == "lars" and cfg.weight_decay == 0:
+        problems.append(
+            "train.optimizer=lars with train.weight_decay=0 does no layer adaptation (timm's Lars "
+            "adapts only decayed groups); set weight_decay > 0, e.g. 1e-6, or use sgd"
+        )
+    return problems
 
 
 def scaled_lr(cfg: TrainConfig) -> float:
@@ -21,28 +64,50 @@ def scaled_lr(cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def _param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """No weight decay (nor LARS adaptation) for biases, norm layers and scalars (temperature)."""
+def _temperature_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    found = []
+    for module in modules:
+        get = getattr(module, "temperature_parameters", None)
+        if callable(get):
+            found.extend(p for p in get() if p.requires_grad)
+    return found
+
+
+def _param_groups(modules: Iterable[nn.Module], cfg: TrainConfig) -> list[dict]:
+    """Weights (decay), biases/norms/scalars (no decay nor LARS) and temperatures (own group)."""
+    modules = list(modules)
+    temperatures = _temperature_parameters(modules)
+    own_group = {id(p) for p in temperatures}
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in own_group:
                 continue
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if temperatures:
+        # always_adapt=False + weight_decay=0: timm's Lars skips the trust ratio for this group
+        # (other optimizers ignore the key).
+        groups.append(
+            {"params": temperatures, "weight_decay": 0.0, "lr": cfg.lr, "always_adapt": False}
+        )
     return groups
 
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Optimizer over every trainable parameter of ``modules`` (model and, e.g., a learnable τ)."""
-    groups = _param_groups(modules, cfg.weight_decay)
+    groups = _param_groups(modules, cfg)
     lr = scaled_lr(cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer != "lars":
+        raise ValueError(
+            f"train.optimizer must be one of {'|'.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
+        )
     from timm.optim import Lars  # maintained LARS (You et al. 2017), as used by SimCLR
 
     # timm adapts only groups with weight decay, so biases/BN (decay 0) skip LARS as in SimCLR.
