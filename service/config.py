@@ -25,13 +25,21 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str = str(BUNDLED_DATA_DIR / "cifar10-train-subset.parquet")
-    val: str | None = str(BUNDLED_DATA_DIR / "cifar10-test-subset.parquet")
+    # Validation (kNN monitor, Tune, champion alias): this file, or when null a seeded
+    # val_fraction of the training rows, held out from training. Test: the final number only.
+    val: str | None = None
+    val_fraction: float = 0.1
     test: str | None = str(BUNDLED_DATA_DIR / "cifar10-test-subset.parquet")
     reader: str = "torch"  # "torch" (DataLoader + DistributedSampler) or "ray" (Ray Data shards)
     image_size: int = 32
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
     max_bad_fraction: float = 0.01  # corrupt images above this fraction of a dataset → error
     limit: int | None = None  # use only the first N rows (after a seeded shuffle); for smoke runs
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split (a file, or rows held out from ``train``)."""
+        return bool(self.val) or self.val_fraction > 0
 
 
 @dataclass

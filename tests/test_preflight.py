@@ -77,9 +77,9 @@ def test_debiased_needs_two_views_and_moco_two_views() -> None:
 
 
 def test_champion_metric_must_be_measured() -> None:
-    config = load_config(SMOKE, ["data.val=null"])
+    config = load_config(SMOKE, ["data.val=null", "data.val_fraction=0"])
     assert any("champion_metric" in p for p in config_problems(config))
-    config = load_config(SMOKE, ["data.val=null", "mlflow.champion_metric=train_loss"])
+    config = load_config(SMOKE, ["data.val_fraction=0", "mlflow.champion_metric=train_loss"])
     assert config_problems(config) == []
 
 

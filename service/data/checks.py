@@ -37,6 +37,8 @@ def data_config_problems(d: DataConfig) -> list[str]:
         problems.append(f"data.image_size must be >= 8, got {d.image_size}")
     if d.loader_workers < 0:
         problems.append(f"data.loader_workers must be >= 0, got {d.loader_workers}")
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not 0 <= d.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     return problems
@@ -86,12 +88,28 @@ def _sample_problem(source: ParquetSource, key: str, max_bad_fraction: float) ->
     return None
 
 
+def _split_problems(config: Config) -> list[str]:
+    """Enough training rows, after the held-out validation rows and ``data.limit``, for one
+    global batch (else a worker would find an empty epoch)."""
+    from service.data.splits import train_val_rows
+
+    rows = len(train_val_rows(config).train_rows(config.data.limit))
+    batch = config.train.global_batch_size
+    if rows >= batch:
+        return []
+    return [
+        f"data.train: {rows} training rows (after holding out data.val_fraction="
+        f"{config.data.val_fraction} and data.limit={config.data.limit}) are fewer than one "
+        f"global batch of {batch}; lower train.global_batch_size or add data"
+    ]
+
+
 def data_problems(config: Config) -> list[str]:
     """Paths exist, Parquet columns and types, a sample of rows decodes, and labels are there
     where kNN (``data.val``, with the training split as the memory bank) and ``data.test`` need
     them. Reads file footers and a few rows only."""
     d = config.data
-    needs_label = {"data.train": bool(d.val), "data.val": True, "data.test": True}
+    needs_label = {"data.train": d.has_val, "data.val": True, "data.test": True}
     problems = []
     for key, path in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
         if not path:
@@ -104,6 +122,8 @@ def data_problems(config: Config) -> list[str]:
             continue
         if problem:
             problems.append(problem)
+        if key == "data.train":
+            problems += _split_problems(config)
         if needs_label[key] and not source.has_label:
             problems.append(
                 f"{key}={path!r} has no {LABEL_COLUMN!r} column, which kNN monitoring and "

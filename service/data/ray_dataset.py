@@ -54,19 +54,23 @@ def view_column(index: int) -> str:
     return f"view{index}"
 
 
-def read_ray_dataset(path: str, limit: int | None = None, seed: int = 0) -> Any:
+def read_ray_dataset(
+    path: str, limit: int | None = None, seed: int = 0, indices: np.ndarray | None = None
+) -> Any:
     """A lazy ``ray.data.Dataset`` of ``image`` (+ ``label``) rows, validated up front.
 
     Files, columns and emptiness are checked with pyarrow (footers only) before Ray is touched,
     so a wrong path fails here with a :class:`DataError`, not inside a remote task. ``limit``
     selects the same rows as the PyTorch reader does for the same seed (seeded shuffle); it reads
-    those rows eagerly, which is meant for smoke runs.
+    those rows eagerly, which is meant for smoke runs; so do explicit row ``indices`` (a
+    train/validation split).
     """
     import ray.data
 
     source = inspect_parquet(path)
     columns = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in source.columns]
-    indices = limit_indices(source, limit, seed)
+    if indices is None:
+        indices = limit_indices(source, limit, seed)
     if indices is not None:
         table = read_rows(source, columns, indices)
         chunks = [table.slice(i, MAP_BATCH_SIZE) for i in range(0, table.num_rows, MAP_BATCH_SIZE)]
@@ -201,7 +205,10 @@ def augment_ray_dataset(
 
 def build_ray_train_dataset(config: Config) -> Any:
     """The lazy, augmented training dataset a ``Config`` describes (for ``TorchTrainer``)."""
-    ds = read_ray_dataset(config.data.train, limit=config.data.limit, seed=config.train.seed)
+    from service.data.splits import train_val_rows
+
+    rows = train_val_rows(config).train_rows(config.data.limit)
+    ds = read_ray_dataset(config.data.train, indices=rows)
     return augment_ray_dataset(
         ds,
         config.augment,

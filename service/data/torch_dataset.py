@@ -59,12 +59,14 @@ class ParquetImageDataset(Dataset):
         limit: int | None = None,
         max_bad_fraction: float = 0.01,
         seed: int = 0,
+        indices: np.ndarray | None = None,
     ) -> None:
         if n_views is not None and n_views < 1:
             raise ValueError(f"n_views must be >= 1 or None, got {n_views}")
         source = inspect_parquet(path)
         columns = default_columns(source)
-        indices = limit_indices(source, limit, seed)
+        if indices is None:  # explicit row ids (e.g. a train/validation split) win over limit
+            indices = limit_indices(source, limit, seed)
         table = read_rows(source, columns, indices)
 
         self.path = str(path)
@@ -177,14 +179,16 @@ def make_dataloader(
 
 
 def build_train_dataset(config: Config) -> ParquetImageDataset:
-    """The contrastive training dataset a ``Config`` describes (``data.train``, n views)."""
+    """The contrastive training dataset a ``Config`` describes (``data.train`` without the
+    held-out validation rows, at most ``data.limit`` of them; n views)."""
+    from service.data.splits import train_val_rows
+
     return ParquetImageDataset(
         config.data.train,
         simclr_transform(config.augment, config.data.image_size),
         n_views=config.augment.n_views,
-        limit=config.data.limit,
         max_bad_fraction=config.data.max_bad_fraction,
-        seed=config.train.seed,
+        indices=train_val_rows(config).train_rows(config.data.limit),
     )
 
 

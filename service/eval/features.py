@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,13 +19,16 @@ def extract_features(
     limit: int | None = None,
     device: torch.device | str = "cpu",
     max_bad_fraction: float = 0.01,
+    indices: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(features [n, d] float32 on CPU, labels [n] int64)`` for every decodable row."""
+    """Return ``(features [n, d] float32 on CPU, labels [n] int64)`` for every decodable row
+    (of the global row ``indices`` when given, e.g. a held-out validation split)."""
     from service.data import ParquetImageDataset, make_dataloader
 
     dataset = ParquetImageDataset(
-        data_path, transform, n_views=None, limit=limit, max_bad_fraction=max_bad_fraction
-    )
+        data_path, transform, n_views=None, limit=limit, max_bad_fraction=max_bad_fraction,
+        indices=indices,
+    )  # fmt: skip
     loader = make_dataloader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
     was_training = encoder.training
     encoder.eval()

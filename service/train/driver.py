@@ -74,12 +74,10 @@ def _train_dataset(config: Config) -> tuple[dict[str, Any], int | None]:
     """Ray Data reader: a lazily augmented dataset (re-randomised each epoch) and its row count."""
     if config.data.reader != "ray":
         return {}, None
-    from service.data.parquet import inspect_parquet
     from service.data.ray_dataset import build_ray_train_dataset
+    from service.data.splits import train_val_rows
 
-    rows = inspect_parquet(config.data.train).num_rows  # file footers only
-    if config.data.limit is not None:
-        rows = min(rows, config.data.limit)
+    rows = len(train_val_rows(config).train_rows(config.data.limit))  # file footers only
     return {"train": build_ray_train_dataset(config)}, rows
 
 

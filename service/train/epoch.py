@@ -46,15 +46,23 @@ class EpochMeter:
 
 
 class KnnMonitor:
-    """Online kNN top-1 on a held-out labelled split (rank 0), memory bank = training images."""
+    """Online kNN top-1 on the validation split (rank 0); memory bank = training rows.
+
+    The validation split is ``data.val`` or the rows held out from ``data.train``
+    (``service.data.splits``); neither is ever trained on, and the test split is not used here.
+    """
 
     def __init__(self, config: Config):
         from service.data.augment import eval_transform
+        from service.data.splits import train_val_rows
 
         self.config = config
         self.transform = eval_transform(
             config.data.image_size, config.augment.mean, config.augment.std
         )
+        rows = train_val_rows(config)
+        self.bank_rows = rows.train_rows(config.eval.knn_max_train)
+        self.val_rows = rows.val if not config.data.val else None
 
     def due(self, epoch: int) -> bool:
         every, last = self.config.eval.knn_every_epochs, self.config.train.epochs - 1
@@ -66,9 +74,11 @@ class KnnMonitor:
 
         d, e = self.config.data, self.config.eval
         bank, bank_labels = extract_features(
-            backbone, d.train, self.transform, limit=e.knn_max_train, device=device
+            backbone, d.train, self.transform, indices=self.bank_rows, device=device
         )
-        val, val_labels = extract_features(backbone, d.val, self.transform, device=device)
+        val, val_labels = extract_features(
+            backbone, d.val or d.train, self.transform, indices=self.val_rows, device=device
+        )
         return knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
 
 

@@ -86,6 +86,6 @@ def champion_metric(config: Config, history: list[dict[str, Any]]) -> tuple[str,
         logged = sorted({k for h in history for k in h})
         raise ValueError(
             f"mlflow.champion_metric={name!r} was never logged by this run (it logged {logged}); "
-            f"choose one of those, e.g. knn_top1 (needs data.val) or train_loss"
+            f"choose one of those, e.g. knn_top1 (needs a validation split) or train_loss"
         )
     return name, float(value)

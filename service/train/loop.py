@@ -131,7 +131,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     inputs: WorkerInputs = loop_config["inputs"]
     s, batches = setup(inputs)
     logger = _run_logger(inputs, s, resumed=s.global_step > 0)
-    knn = KnnMonitor(s.config) if s.config.data.val and s.rank == 0 else None
+    knn = KnnMonitor(s.config) if s.config.data.has_val and s.rank == 0 else None
     for epoch in range(s.epoch, s.config.train.epochs):
         s.model.train()
         meter, s.epoch, s.epoch_step = EpochMeter(), epoch, 0

@@ -23,7 +23,7 @@ from service.train.amp import amp_problems
 from service.train.optim import train_config_problems
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
-CHAMPION_METRICS = {"knn_top1": "data.val", "train_loss": None}
+CHAMPION_METRICS = {"knn_top1": "validation", "train_loss": None}
 
 
 def loss_problems(config: Config) -> list[str]:
@@ -52,10 +52,11 @@ def tracking_problems(config: Config) -> list[str]:
             f"got {m.champion_metric!r}"
         ]
     needs = CHAMPION_METRICS[m.champion_metric]
-    if needs == "data.val" and not config.data.val:
+    if needs == "validation" and not config.data.has_val:
         return [
-            f"mlflow.champion_metric={m.champion_metric} is measured on data.val, which is "
-            f"null; set data.val or use mlflow.champion_metric=train_loss"
+            f"mlflow.champion_metric={m.champion_metric} is measured on the validation split, "
+            f"and there is none (data.val null, data.val_fraction 0); hold rows out "
+            f"(data.val_fraction > 0) or use mlflow.champion_metric=train_loss"
         ]
     return []
 

@@ -98,10 +98,11 @@ def _require(condition: bool, message: str) -> None:
 def _objective(config: Config) -> tuple[str, str]:
     metric, mode = config.tune.metric, config.tune.mode
     _require(mode in ("min", "max"), f"tune.mode must be min|max, got {mode!r}")
-    if metric == "knn_top1" and not config.data.val:
+    if metric == "knn_top1" and not config.data.has_val:
         # No labelled split → no kNN monitor; the loss is the only signal left (documented).
         print(
-            "[tune] data.val is null, so knn_top1 is never reported; optimising train_loss (min)",
+            "[tune] no validation split (data.val null, data.val_fraction 0), so knn_top1 is "
+            "never reported; optimising train_loss (min)",
             file=sys.stderr,
         )
         return "train_loss", "min"
