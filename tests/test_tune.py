@@ -320,10 +320,10 @@ def test_exit_barrier_returns_once_the_trials_actors_are_gone(monkeypatch) -> No
 # Each trial's role is fixed by what it samples, not by how well it trains, so ASHA's cut does not
 # hinge on a near tie: lr 1e30 overflows the weights (NaN: that trial fails alone, the sweep goes
 # on); a kNN memory bank of one image predicts that image's class for every query, which scores
-# exactly 0.1 on the stratified 1,000-image test split whatever the encoder, far below a 512-image
-# bank (>= 0.25 even at random init). ASHA (grace 1 epoch, reduction factor 2) stops a trial whose
-# epoch-1 kNN is below the median recorded there before it. The random searcher is seeded by
-# train.seed; seed 2 draws (lr, bank) in this order -> the outcome each must have:
+# that class's share of the validation split (~0.1 of 10 classes) whatever the encoder, far below
+# a 512-image bank (>= 0.25 even at random init). ASHA (grace 1 epoch, reduction factor 2) stops
+# a trial whose epoch-1 kNN is below the median recorded there before it. The random searcher is
+# seeded by train.seed; seed 2 draws (lr, bank) in this order -> the outcome each must have:
 SWEEP_SEED = 2
 SWEEP_DRAWS = [
     ((1.0e30, 512), "failed"),
@@ -381,8 +381,8 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     failed, completed, stopped = trials
     assert NAN_REASON.search(failed["error"]), failed["error"]
     assert (completed["epochs"], stopped["epochs"]) == (2, 1)  # ASHA acted on epoch 1's report
-    assert stopped["knn_top1"] == pytest.approx(0.1)
-    assert completed["knn_top1"] > 0.2
+    # one class for every query vs a real bank: chance level, far below the completed trial
+    assert stopped["knn_top1"] < 0.15 < 0.2 < completed["knn_top1"], (stopped, completed)
     assert summary["best_trial_id"] == completed["trial_id"]
     assert summary["best_config"] == completed["params"]
     counts = [summary[f"num_{o}"] for o in ("completed", "stopped_early", "failed")]
