@@ -13,9 +13,11 @@ seed and the same input give the same parameters on every device: identical outp
 device, and CPU vs CUDA equal up to float rounding. Drawing on the CPU also keeps the data-
 dependent choices (which rows get jitter, blur, ...) off the GPU, so nothing waits for it.
 
-Where it differs from the PIL pipeline (all within ~1/255, see tests/test_batch_augment.py):
-intermediate results stay ``float32`` instead of being rounded to uint8 after every op, and the
-hue shift is computed in float instead of PIL's 8-bit HSV.
+On the same parameters every op equals torchvision's float kernel to float32 rounding. It
+differs from the PIL pipeline that augment.py runs only where PIL rounds: intermediate results
+stay ``float32`` instead of uint8 after every op (crop, brightness <= 1/255; contrast and
+saturation <= 2/255) and the hue shift is float instead of PIL's 8-bit HSV (<= 6/255); measured
+in tests/test_batch_augment.py.
 
 >>> import torch
 >>> from service.config import AugmentConfig
@@ -183,12 +185,13 @@ def resized_crop(
     (``[n, 4]`` top, left, h, w), resize to ``size x size`` and flip the rows where ``flip``:
     ``F.horizontal_flip(F.resized_crop(..., antialias=True))`` per row, as float32.
 
-    Two batched matmuls with per-row interpolation matrices (flip = reversed columns): exact,
-    and on the CPU faster than ``roi_align`` (no antialias, 2x slower) and as fast as
-    ``grid_sample`` (no antialias, reads outside the crop at its edges); see bench/augment.py.
+    Two batched matmuls with per-row interpolation matrices (flip = reversed columns): exact
+    (antialiased when downscaling), as fast on the CPU as ``grid_sample`` (no antialias, reads
+    outside the crop at its edges) and ~7x faster than ``roi_align``; see bench/augment.py.
     """
     n, c, height, width = images.shape
-    boxes = boxes.to(images.device)
+    flip = torch.zeros(len(boxes), dtype=torch.bool) if flip is None else flip
+    boxes, flip = to_device([boxes, flip], images.device)
     wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
     wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size, reverse=flip)
     if not images.is_floating_point():
@@ -278,11 +281,19 @@ def color_jitter_rows(
 ) -> torch.Tensor:
     """ColorJitter on ``rows`` (bool ``[n]``, CPU) of ``x``, in place: at each of the 4 steps,
     every op runs once on the rows whose permutation puts it there (16 batched calls in all)."""
-    for step in range(4):
-        for op_id, op in enumerate(JITTER_OPS):
-            cpu, idx = _indices(rows & (order[:, step] == op_id), x.device)
-            if len(cpu):
-                x.index_copy_(0, idx, op(x.index_select(0, idx), factors[cpu, op_id]))
+    groups = [
+        (rows & (order[:, step] == op_id)).nonzero()[:, 0]
+        for step in range(4)
+        for op_id in range(4)
+    ]
+    factors, *indices = to_device([factors, *groups], x.device)
+    for i, idx in enumerate(indices):
+        if len(groups[i]):  # the CPU copy's length: no wait for the device
+            op_id = i % 4
+            jittered = JITTER_OPS[op_id](
+                x.index_select(0, idx), factors.index_select(0, idx)[:, op_id]
+            )
+            x.index_copy_(0, idx, jittered)
     return x
 
 
@@ -300,7 +311,8 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     """Blur each row of ``[n, C, H, W]`` with its own ``sigma``: reflect padding (torchvision),
     separable depthwise convolutions with per-row kernels (one grouped conv per axis)."""
     n, c, h, w = x.shape
-    kernels = gaussian_kernels(kernel_size, sigma.to(x.device)).repeat_interleave(c, dim=0)
+    (sigma,) = to_device([sigma], x.device)
+    kernels = gaussian_kernels(kernel_size, sigma).repeat_interleave(c, dim=0)
     pad = kernel_size // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
@@ -310,15 +322,25 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(x - mean) / std`` per channel, in place."""
-    m = torch.tensor(list(mean), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(list(std), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s)
+    m, s = to_device([torch.tensor(list(mean)), torch.tensor(list(std))], x.device)
+    return x.sub_(m.to(x.dtype).view(1, 3, 1, 1)).div_(s.to(x.dtype).view(1, 3, 1, 1))
 
 
-def _indices(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of a CPU mask, on the CPU (to pick parameters) and on ``device``."""
-    idx = mask.nonzero()[:, 0]
-    return idx, idx.to(device)
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small CPU tensors (parameters, row indices) → ``device`` in one pinned, non-blocking copy
+    (grouped by dtype). A plain ``.to("cuda")`` from pageable memory synchronises the stream,
+    so a copy per op would make the CPU wait for the GPU a dozen times per batch."""
+    if device.type == "cpu" or all(t.device == device for t in tensors):
+        return [t.to(device) for t in tensors]
+    out: list[torch.Tensor] = list(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        picked = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in picked])
+        flat = flat.pin_memory() if device.type == "cuda" else flat
+        parts = flat.to(device, non_blocking=True).split([tensors[i].numel() for i in picked])
+        for i, part in zip(picked, parts, strict=True):
+            out[i] = part.view(tensors[i].shape)
+    return out
 
 
 # ------------------------------------------------------------------------------ the pipeline
@@ -367,21 +389,22 @@ class BatchSimCLRAugment:
         chunk = CHUNK_ROWS if images.device.type == "cpu" else max(1, len(params))
         for start in range(0, len(params), chunk):
             rows = slice(start, start + chunk)
-            index = torch.arange(len(params))[rows] % b
-            source = images.index_select(0, index.to(images.device))
+            (index,) = to_device([torch.arange(len(params))[rows] % b], images.device)
+            source = images.index_select(0, index)
             out[rows] = self._views(source, params[rows])
         return out
 
     def _views(self, source: torch.Tensor, params: ViewParams) -> torch.Tensor:
         x = resized_crop(source, params.boxes, self.image_size, params.flip)
         color_jitter_rows(x, params.factors, params.order, params.jitter)
-        cpu, idx = _indices(params.grayscale, x.device)
-        if len(cpu):
-            x.index_copy_(0, idx, luma(x.index_select(0, idx)).expand(-1, 3, -1, -1))
-        cpu, idx = _indices(params.blur, x.device)
-        if len(cpu):
-            blurred = gaussian_blur(x.index_select(0, idx), self.blur_kernel, params.sigma[cpu])
-            x.index_copy_(0, idx, blurred)
+        gray, blur = params.grayscale.nonzero()[:, 0], params.blur.nonzero()[:, 0]
+        gray_idx, blur_idx = to_device([gray, blur], x.device)
+        if len(gray):
+            x.index_copy_(0, gray_idx, luma(x.index_select(0, gray_idx)).expand(-1, 3, -1, -1))
+        if len(blur):
+            sigma = params.sigma[blur]
+            blurred = gaussian_blur(x.index_select(0, blur_idx), self.blur_kernel, sigma)
+            x.index_copy_(0, blur_idx, blurred)
         return normalize(x, self.cfg.mean, self.cfg.std)
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
