@@ -49,7 +49,7 @@ from service.registry.aliases import metric_tag
 from service.registry.spec import WEIGHTS_FILE
 from service.tracking.runs import start_pretrain_run
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEST_PARQUET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 
