@@ -77,14 +77,22 @@ def _registered_checkpoints(run_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_resume_after_job_stop(ray_cluster, tmp_path) -> None:
+def test_resume_after_job_stop(ray_cluster, mlflow_server, tmp_path) -> None:
     """Stop a job once its first checkpoint is registered, resubmit the same run with --resume:
     the first job really was interrupted (STOPPED, newest checkpoint before the last epoch), the
-    second resumes from exactly that checkpoint, and no epoch is lost or repeated."""
+    second resumes from exactly that checkpoint in the same MLflow run, and no epoch is lost or
+    repeated. Then run identity: the same name without --resume is refused, --resume of the
+    finished run does nothing (no new model version), a changed recipe is refused by name."""
+    from mlflow import MlflowClient
+
+    from service.train.identity import read_record
+
     epochs = 8  # an epoch is 4 steps: 7 epochs of margin between the stop and the end of the job
     overrides = [
         *FAST, f"train.epochs={epochs}", "train.run_name=resume-drill",
-        f"train.storage_path={tmp_path}", "mlflow.enabled=false", "eval.knn_every_epochs=100",
+        f"train.storage_path={tmp_path}", "eval.knn_every_epochs=100",
+        f"mlflow.tracking_uri={mlflow_server.url}", "mlflow.experiment=resume-drill",
+        "mlflow.registered_model_name=resume-drill-encoder",
         "data.reader=ray",  # this drill also covers the streaming Ray Data reader
     ]  # fmt: skip
     entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
@@ -111,6 +119,32 @@ def test_resume_after_job_stop(ray_cluster, tmp_path) -> None:
     summary = last_json_line(logs)
     history = load_state(summary["checkpoint"])["history"]
     assert [h["epoch"] for h in history] == list(range(epochs))  # no epoch lost or repeated
+
+    # The same MLflow run, continued (its id kept beside the checkpoints), never a copy.
+    run_id = read_record(str(run_dir))["mlflow_run_id"]
+    assert summary["run_id"] == run_id
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    logged = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    # Every epoch is in the run. The stopped job may have logged one epoch past the checkpoint
+    # Ray had registered when it stopped; the resumed job trains (and logs) that epoch again.
+    assert sorted(set(logged)) == list(range(epochs)), logged
+    assert len(logged) - epochs <= 1, logged
+    assert client.get_metric_history(run_id, "resumed_from_epoch")[0].value == left
+    versions = client.search_model_versions("name='resume-drill-encoder'")
+    assert len(versions) == 1 and versions[0].run_id == run_id
+
+    args = ["pretrain", "--config", "jobs/configs/smoke-cpu.yaml", *_sets(overrides)]
+    again = _contrastive(*args, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr[-2000:]
+    done = _contrastive(*args, "--resume", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert last_json_line(done.stdout)["status"] == "already_finished"
+    assert len(client.search_model_versions("name='resume-drill-encoder'")) == 1
+    changed = _contrastive(*args, "--resume", "--set", "loss.temperature=0.9", timeout=300)
+    assert changed.returncode == 2 and "loss.temperature" in changed.stderr, changed.stderr
 
 
 @pytest.mark.slow
