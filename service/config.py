@@ -35,6 +35,8 @@ class DataConfig:
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
     max_bad_fraction: float = 0.01  # corrupt images above this fraction of a dataset → error
     limit: int | None = None  # use only the first N rows (after a seeded shuffle); for smoke runs
+    # Where augment.backend=batched augments: "cuda" when the worker has a GPU (auto), or forced.
+    augment_device: str = "auto"  # auto | cpu | cuda
 
     @property
     def has_val(self) -> bool:
@@ -52,6 +54,9 @@ class AugmentConfig:
     jitter_p: float = 0.8
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    # "torchvision": per-image PIL pipeline in the loader (the reference); "batched": decoded
+    # uint8 batches augmented at once on data.augment_device (service/data/batch_augment.py).
+    backend: str = "torchvision"
 
 
 @dataclass

@@ -25,6 +25,8 @@ from service.data.parquet import (
 )
 
 READERS = ("torch", "ray")
+AUGMENT_BACKENDS = ("torchvision", "batched")
+AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
 
 
@@ -41,6 +43,11 @@ def data_config_problems(d: DataConfig) -> list[str]:
         problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not 0 <= d.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+    if d.augment_device not in AUGMENT_DEVICES:
+        problems.append(
+            f"data.augment_device must be one of {'|'.join(AUGMENT_DEVICES)}, "
+            f"got {d.augment_device!r}"
+        )
     return problems
 
 
@@ -61,6 +68,10 @@ def augment_config_problems(a: AugmentConfig) -> list[str]:
             problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
     if len(a.mean) != 3 or len(a.std) != 3 or min(a.std, default=0) <= 0:
         problems.append(f"augment.mean/std must be 3 values with std > 0, got {a.mean}/{a.std}")
+    if a.backend not in AUGMENT_BACKENDS:
+        problems.append(
+            f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
+        )
     return problems
 
 
