@@ -125,16 +125,35 @@ def test_pack_round_trip(tmp_path):
     assert summary["unreadable"] == 1 and "broken.jpg" in summary["unreadable_files"][0]
 
     table = pq.read_table(summary["out"])
-    assert table.column("label").to_pylist() == [0, 0, 1, 2]  # sorted class-name order
-    assert table.column("label_name").to_pylist() == ["cat", "cat", "dog", "zebra"]
-    assert table.column("image").to_pylist() == [
-        files["cat/b.png"],
-        files["cat/nested/c.PNG"],
-        files["dog/d.jpg"],
-        files["zebra/a.png"],
-    ]  # bytes as stored
+    columns = [table.column(c).to_pylist() for c in ("label", "label_name", "image")]
+    rows = sorted(zip(*columns, strict=True))
+    assert rows == [
+        (0, "cat", files["cat/b.png"]),
+        (0, "cat", files["cat/nested/c.PNG"]),
+        (1, "dog", files["dog/d.jpg"]),
+        (2, "zebra", files["zebra/a.png"]),
+    ]  # labels in sorted class-name order, bytes as stored
     ds = ParquetImageDataset(summary["out"], eval_transform(8, MEAN, STD))
     assert len(ds) == 4 and ds.class_names == {0: "cat", 1: "dog", 2: "zebra"}
+
+
+def test_pack_writes_a_seeded_random_order(tmp_path):
+    """Rows are not in class order (a block-shuffling reader would see class runs), and the
+    same seed writes the same file."""
+    src = tmp_path / "folder"
+    for c in range(4):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            (src / f"class{c}" / f"{i:02d}.png").write_bytes(solid_png((c, i, 0)))
+    labels = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        pack_image_folder(src, tmp_path / f"{name}.parquet", seed=seed)
+        labels[name] = pq.read_table(tmp_path / f"{name}.parquet").column("label").to_pylist()
+    assert labels["a"] == labels["b"] != labels["c"]
+    assert sorted(labels["a"]) == [c for c in range(4) for _ in range(16)]
+    assert labels["a"] != sorted(labels["a"])
+    runs = sum(1 for x, y in zip(labels["a"], labels["a"][1:], strict=False) if x != y)
+    assert runs > 20  # class order would have 3 changes; a random order ~48
 
 
 def test_pack_errors(tmp_path):

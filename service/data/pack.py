@@ -2,9 +2,10 @@
 
 Output columns: ``image`` (the file's bytes as stored: no re-encoding, no quality loss),
 ``label`` (int64, index of the class directory in sorted name order, like torchvision's
-``ImageFolder``) and ``label_name``. Rows are ordered by class, then file name; the readers
-shuffle. Files that do not decode are left out and listed in the summary, so a packed dataset
-starts clean.
+``ImageFolder``) and ``label_name``. Rows are written in a seeded random order (``seed``; the
+same folder and seed give the same file): a reader that takes rows in file order, or shuffles
+only blocks or a bounded buffer (the Ray reader), then never sees long single-class runs. Files
+that do not decode are left out and listed in the summary, so a packed dataset starts clean.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -43,8 +45,17 @@ def _class_files(src: Path) -> dict[str, list[Path]]:
     return found
 
 
-def pack_image_folder(src_dir: str | Path, out_parquet: str | Path) -> dict[str, Any]:
-    """Write ``src_dir/CLASS/*.{jpg,png,...}`` to ``out_parquet``; return a JSON-able summary.
+def _shuffled(found: dict[str, list[Path]], seed: int) -> list[tuple[int, str, Path]]:
+    """Every ``(label, class name, file)``, in a seeded random order."""
+    items = [(label, name, f) for label, (name, files) in enumerate(found.items()) for f in files]
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+
+
+def pack_image_folder(
+    src_dir: str | Path, out_parquet: str | Path, seed: int = 0
+) -> dict[str, Any]:
+    """Write ``src_dir/CLASS/*.{jpg,png,...}`` to ``out_parquet`` in a seeded random row order;
+    return a JSON-able summary.
 
     >>> import tempfile; from PIL import Image
     >>> root = Path(tempfile.mkdtemp())
@@ -59,7 +70,8 @@ def pack_image_folder(src_dir: str | Path, out_parquet: str | Path) -> dict[str,
         raise DataError(f"image folder {str(src)!r} does not exist or is not a directory")
     out = Path(out_parquet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    per_class: dict[str, int] = {}
+    found = _class_files(src)
+    per_class: dict[str, int] = dict.fromkeys(found, 0)
     unreadable: list[str] = []
     rows = {"image": [], "label": [], "label_name": []}
     pending_bytes = 0
@@ -73,22 +85,20 @@ def pack_image_folder(src_dir: str | Path, out_parquet: str | Path) -> dict[str,
                     column.clear()
                 pending_bytes = 0
 
-        for label, (name, files) in enumerate(_class_files(src).items()):
-            per_class[name] = 0
-            for file in files:
-                data = file.read_bytes()
-                try:
-                    decode_image(data)
-                except CorruptImageError as exc:
-                    unreadable.append(f"{file.relative_to(src)} ({exc})")
-                    continue
-                rows["image"].append(data)
-                rows["label"].append(label)
-                rows["label_name"].append(name)
-                per_class[name] += 1
-                pending_bytes += len(data)
-                if pending_bytes >= _FLUSH_BYTES:
-                    flush()
+        for label, name, file in _shuffled(found, seed):
+            data = file.read_bytes()
+            try:
+                decode_image(data)
+            except CorruptImageError as exc:
+                unreadable.append(f"{file.relative_to(src)} ({exc})")
+                continue
+            rows["image"].append(data)
+            rows["label"].append(label)
+            rows["label_name"].append(name)
+            per_class[name] += 1
+            pending_bytes += len(data)
+            if pending_bytes >= _FLUSH_BYTES:
+                flush()
         flush()
     total = sum(per_class.values())
     if total == 0:
@@ -101,5 +111,5 @@ def pack_image_folder(src_dir: str | Path, out_parquet: str | Path) -> dict[str,
         "per_class": per_class,
         "bytes": out.stat().st_size,
         "unreadable": len(unreadable),
-        "unreadable_files": unreadable[:_MAX_LISTED],
+        "unreadable_files": sorted(unreadable)[:_MAX_LISTED],
     }
