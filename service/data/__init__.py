@@ -13,6 +13,12 @@ uint8 batch ``[B, 3, H, W]`` on its device (CPU or CUDA), seeded per instance::
     augment = BatchSimCLRAugment(config.augment, image_size=32, seed=rank_seed)
     views = augment(uint8_batch)  # n_views float32 tensors [B, 3, 32, 32], normalised
 
+With ``augment.backend=batched`` the readers deliver decoded uint8 batches instead of views:
+the PyTorch reader decodes the training rows once into shared memory
+(:mod:`service.data.decoded`), the Ray reader decodes in its map tasks (:class:`DecodeBatchFn`,
+:func:`iter_image_batches`), and the trainer augments on its device
+(``service.train.batches.TrainBatches``).
+
 Ray is imported lazily (inside :func:`read_ray_dataset`), so importing this package is cheap.
 """
 
@@ -25,6 +31,13 @@ from service.data.augment import (
 )
 from service.data.batch_augment import BatchSimCLRAugment, ViewParams
 from service.data.decode import DecodeStats, decode_image, to_rgb
+from service.data.decoded import (
+    DecodedImages,
+    IndexBatchDataset,
+    decode_once_plan,
+    decode_rows,
+    to_uint8_square,
+)
 from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
 from service.data.pack import pack_image_folder
 from service.data.parquet import (
@@ -35,9 +48,11 @@ from service.data.parquet import (
 )
 from service.data.preview import save_augmentation_preview
 from service.data.ray_dataset import (
+    DecodeBatchFn,
     MultiViewBatchFn,
     augment_ray_dataset,
     build_ray_train_dataset,
+    iter_image_batches,
     iter_view_batches,
     make_multiview_batch_fn,
     read_ray_dataset,
@@ -54,7 +69,10 @@ __all__ = [
     "BatchSimCLRAugment",
     "CorruptImageError",
     "DataError",
+    "DecodeBatchFn",
     "DecodeStats",
+    "DecodedImages",
+    "IndexBatchDataset",
     "MultiViewBatchFn",
     "MultiViewTransform",
     "ParquetImageDataset",
@@ -68,9 +86,12 @@ __all__ = [
     "collate_views",
     "color_jitter",
     "decode_image",
+    "decode_once_plan",
+    "decode_rows",
     "denormalize",
     "eval_transform",
     "inspect_parquet",
+    "iter_image_batches",
     "iter_view_batches",
     "make_dataloader",
     "make_multiview_batch_fn",
@@ -81,4 +102,5 @@ __all__ = [
     "save_augmentation_preview",
     "simclr_transform",
     "to_rgb",
+    "to_uint8_square",
 ]

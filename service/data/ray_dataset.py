@@ -10,6 +10,21 @@ The driver builds the lazy dataset (:func:`build_ray_train_dataset`) and hands i
 Everything streams: Parquet is read block by block and decoded/augmented by Ray tasks ahead of
 the trainer, so data larger than memory (or than the object store) trains without change.
 
+Two augmentation backends (``augment.backend``): ``torchvision`` augments per image in the map
+tasks and ships float views; ``batched`` only decodes there (:class:`DecodeBatchFn`: uint8
+``[b, 3, S, S]``, 4x fewer bytes per view, ``2 x n_views`` fewer per row than float views) and
+the Train worker augments whole batches on its device (:func:`iter_image_batches` +
+``BatchSimCLRAugment``; images are resized/cropped to ``S x S`` as in
+``service.data.decoded``).
+
+Shuffling, every epoch: the 256-row blocks are visited in a new random order
+(``randomize_block_order``; it waits for the read to list all blocks, which holds the encoded
+bytes in the object store, spilling if needed) and batches are drawn from a local shuffle buffer
+of ``shuffle_buffer_rows(batch)`` rows (``iter_torch_batches(local_shuffle_buffer_size=...)``).
+A full ``random_shuffle()`` mixes better but moves every row between tasks each epoch; measured
+on the bundled 5,000 rows it cost more than it is worth here (see bench/data.py, docs).
+Without any shuffle, class-ordered files gave single-class batches, identical every epoch.
+
 Corrupt images and ``data.max_bad_fraction`` in this path: a map task only sees its own batch,
 so the ceiling is applied **per map batch**, as a count: a batch fails when it holds more than
 ``floor(max_bad_fraction * max(rows in the batch, map_batch_size))`` undecodable rows (short tail
@@ -48,6 +63,13 @@ from service.data.torch_dataset import NO_LABEL
 
 MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, bounds memory
 SKIPPED_COLUMN = "n_skipped"
+PIXELS_COLUMN = "pixels"  # augment.backend=batched: decoded uint8 [3, S, S] per row
+SHUFFLE_BUFFER_ROWS = 1024  # rows in the local shuffle buffer: 4 blocks; 3 MiB of 32 px uint8
+
+
+def shuffle_buffer_rows(batch_size: int) -> int:
+    """Local shuffle buffer: at least 4 map blocks, and at least 2 batches."""
+    return max(SHUFFLE_BUFFER_ROWS, 2 * batch_size)
 
 
 def view_column(index: int) -> str:
@@ -87,7 +109,53 @@ def _row_id(blob: Any) -> str:
     return f"sha1:{hashlib.sha1(data).hexdigest()[:12]}"
 
 
-class MultiViewBatchFn:
+class _DecodingBatchFn:
+    """Decode a numpy map batch, dropping corrupt rows under the per-batch ceiling."""
+
+    def __init__(self, image_size: int, max_bad_fraction: float, map_batch_size: int) -> None:
+        self.image_size = image_size
+        self.max_bad_fraction = max_bad_fraction
+        self.map_batch_size = map_batch_size
+
+    def _decode(self, batch: dict[str, np.ndarray]) -> tuple[list[Any], dict[str, np.ndarray]]:
+        """Decoded images of the kept rows, and their ``label`` and ``n_skipped`` columns.
+
+        Corrupt rows are dropped (labels stay with their own images) and their count is carried
+        on the next kept row in ``n_skipped`` (on the last kept row for trailing ones)."""
+        blobs = batch[IMAGE_COLUMN]
+        labels = batch.get(LABEL_COLUMN)
+        if labels is None:
+            labels = np.full(len(blobs), NO_LABEL, dtype=np.int64)
+        stats = DecodeStats()
+        keep: list[int] = []
+        images: list[Any] = []
+        for i, blob in enumerate(blobs):
+            try:
+                images.append(decode_image(blob))
+            except CorruptImageError as exc:
+                stats.add_bad(f"{_row_id(blob)} ({exc})")
+                continue
+            stats.add_ok()
+            keep.append(i)
+        where = "Ray Data map batch"
+        stats.warn(where)
+        allowed = math.floor(self.max_bad_fraction * max(len(blobs), self.map_batch_size) + 1e-9)
+        if stats.bad > allowed:
+            raise TooManyBadImagesError(
+                f"{where}: {stats.summary()}; more than {allowed} bad rows in a batch of "
+                f"{self.map_batch_size} (data.max_bad_fraction={self.max_bad_fraction}, applied "
+                "per map batch on the Ray path)"
+            )
+        kept = np.asarray(keep, dtype=np.int64)
+        skipped = np.zeros(len(kept), dtype=np.int64)
+        if len(kept):
+            bad_rows = np.setdiff1d(np.arange(len(blobs)), kept)
+            np.add.at(skipped, np.minimum(np.searchsorted(kept, bad_rows), len(kept) - 1), 1)
+        columns = {LABEL_COLUMN: np.asarray(labels, dtype=np.int64)[kept], SKIPPED_COLUMN: skipped}
+        return images, columns
+
+
+class MultiViewBatchFn(_DecodingBatchFn):
     """``map_batches`` function: numpy batch ``{"image", ["label"]}`` →
     ``{"view0": float32[b,3,S,S], ..., "label": int64[b], "n_skipped": int64[b]}``.
 
@@ -110,23 +178,17 @@ class MultiViewBatchFn:
         max_bad_fraction: float = 0.01,
         map_batch_size: int = MAP_BATCH_SIZE,
     ) -> None:
+        super().__init__(image_size, max_bad_fraction, map_batch_size)
         # Built here, on the driver, so bad augmentation settings fail before any task runs.
         # Per view only the PIL ops run; to-tensor and Normalize run once on the stacked batch.
         self.pil_ops, self.tensor_ops = split_at_to_image(simclr_transform(cfg, image_size))
-        self.image_size = image_size
         self.n_views = n_views
-        self.max_bad_fraction = max_bad_fraction
-        self.map_batch_size = map_batch_size
-
-    def _empty(self) -> dict[str, np.ndarray]:
-        shape = (0, 3, self.image_size, self.image_size)
-        out = {view_column(v): np.zeros(shape, np.float32) for v in range(self.n_views)}
-        out[LABEL_COLUMN] = np.zeros(0, np.int64)
-        out[SKIPPED_COLUMN] = np.zeros(0, np.int64)
-        return out
 
     def _finish(self, views: list[np.ndarray]) -> np.ndarray:
         """``[S, S, 3]`` uint8 views → one normalised ``float32 [b, 3, S, S]`` array."""
+        shape = (0, 3, self.image_size, self.image_size)
+        if not views:
+            return np.zeros(shape, np.float32)
         batch = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)
         return self.tensor_ops(batch).contiguous().numpy()
 
@@ -134,42 +196,41 @@ class MultiViewBatchFn:
         # torch's default generator starts from the same fixed seed in every process: without
         # reseeding, every Ray worker process would draw the identical augmentation sequence.
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-        blobs = batch[IMAGE_COLUMN]
-        labels = batch.get(LABEL_COLUMN)
-        if labels is None:
-            labels = np.full(len(blobs), NO_LABEL, dtype=np.int64)
-        stats = DecodeStats()
-        keep: list[int] = []
+        images, columns = self._decode(batch)
         per_view: list[list[np.ndarray]] = [[] for _ in range(self.n_views)]
-        for i, blob in enumerate(blobs):
-            try:
-                image = decode_image(blob)
-            except CorruptImageError as exc:
-                stats.add_bad(f"{_row_id(blob)} ({exc})")
-                continue
-            stats.add_ok()
-            keep.append(i)
+        for image in images:  # views of one image in turn: the per-image transform's draw order
             for v in range(self.n_views):
                 per_view[v].append(np.asarray(self.pil_ops(image)))  # [S, S, 3] uint8
-        where = "Ray Data map batch"
-        stats.warn(where)
-        allowed = math.floor(self.max_bad_fraction * max(len(blobs), self.map_batch_size) + 1e-9)
-        if stats.bad > allowed:
-            raise TooManyBadImagesError(
-                f"{where}: {stats.summary()}; more than {allowed} bad rows in a batch of "
-                f"{self.map_batch_size} (data.max_bad_fraction={self.max_bad_fraction}, applied "
-                "per map batch on the Ray path)"
-            )
-        if not keep:
-            return self._empty()
-        kept = np.asarray(keep)
-        skipped = np.zeros(len(kept), dtype=np.int64)
-        bad_rows = np.setdiff1d(np.arange(len(blobs)), kept)
-        np.add.at(skipped, np.minimum(np.searchsorted(kept, bad_rows), len(kept) - 1), 1)
         out = {view_column(v): self._finish(views) for v, views in enumerate(per_view)}
-        out[LABEL_COLUMN] = np.asarray(labels, dtype=np.int64)[kept]
-        out[SKIPPED_COLUMN] = skipped
-        return out
+        return out | columns
+
+
+class DecodeBatchFn(_DecodingBatchFn):
+    """``map_batches`` function for ``augment.backend=batched``: numpy batch
+    ``{"image", ["label"]}`` → ``{"pixels": uint8[b,3,S,S], "label", "n_skipped"}``; the Train
+    worker augments (see :func:`iter_image_batches`).
+
+    >>> import io, numpy as np; from PIL import Image
+    >>> png = io.BytesIO(); Image.new("RGB", (40, 40)).save(png, "PNG")
+    >>> out = DecodeBatchFn(32, max_bad_fraction=0.5)(
+    ...     {"image": np.array([b"junk", png.getvalue()], dtype=object)})
+    >>> out["pixels"].shape, out["pixels"].dtype, out["n_skipped"].tolist()
+    ((1, 3, 32, 32), dtype('uint8'), [1])
+    """
+
+    def __init__(
+        self, image_size: int, max_bad_fraction: float = 0.01, map_batch_size: int = MAP_BATCH_SIZE
+    ) -> None:
+        super().__init__(image_size, max_bad_fraction, map_batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from service.data.decoded import to_uint8_square
+
+        images, columns = self._decode(batch)
+        pixels = np.zeros((len(images), 3, self.image_size, self.image_size), np.uint8)
+        for i, image in enumerate(images):
+            pixels[i] = to_uint8_square(image, self.image_size).numpy()
+        return {PIXELS_COLUMN: pixels} | columns
 
 
 def make_multiview_batch_fn(
@@ -191,20 +252,28 @@ def augment_ray_dataset(
     max_bad_fraction: float = 0.01,
     map_batch_size: int = MAP_BATCH_SIZE,
     num_cpus: float = 1.0,
+    shuffle: bool = True,
 ) -> Any:
-    """Append the decode + multi-view augmentation stage (stateless Ray tasks) to ``ds``.
+    """Append the decode (+ multi-view augmentation with ``cfg.backend=torchvision``) stage
+    (stateless Ray tasks) to ``ds``; ``shuffle`` visits its blocks in a new order every epoch.
 
-    Blocks are first split to ``map_batch_size`` rows (streaming, no shuffle): a Parquet row
-    group is one block, and one block is one task, so a file written as a single row group would
-    otherwise be augmented on one CPU.
+    Blocks are first split to ``map_batch_size`` rows: a Parquet row group is one block, and one
+    block is one task, so a file written as a single row group would otherwise be decoded on one
+    CPU (and block-order shuffling would have one block to move).
     """
-    fn = make_multiview_batch_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
+    if cfg.backend == "batched":
+        fn: Any = DecodeBatchFn(image_size, max_bad_fraction, map_batch_size)
+    else:
+        fn = make_multiview_batch_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
     ds = ds.repartition(target_num_rows_per_block=map_batch_size)
+    if shuffle:
+        ds = ds.randomize_block_order()  # no seed: a new order every execution (epoch)
     return ds.map_batches(fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus)
 
 
 def build_ray_train_dataset(config: Config) -> Any:
-    """The lazy, augmented training dataset a ``Config`` describes (for ``TorchTrainer``)."""
+    """The lazy, decoded (and with ``augment.backend=torchvision`` augmented) training dataset a
+    ``Config`` describes (for ``TorchTrainer``), block order shuffled every epoch."""
     from service.data.splits import train_val_rows
 
     rows = train_val_rows(config).train_rows(config.data.limit)
@@ -218,6 +287,38 @@ def build_ray_train_dataset(config: Config) -> Any:
     )
 
 
+def _iter_batches(
+    shard_or_dataset: Any,
+    batch_size: int,
+    drop_last: bool,
+    stats: DecodeStats | None,
+    device: str | torch.device,
+    prefetch_batches: int,
+    shuffle: bool,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``iter_torch_batches`` through a local shuffle buffer (new order every call), counting
+    rows delivered and corrupt rows skipped upstream into ``stats``."""
+    for batch in shard_or_dataset.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        device=device,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer_rows(batch_size) if shuffle else None,
+    ):
+        if stats is not None:
+            skipped = int(batch[SKIPPED_COLUMN].sum()) if SKIPPED_COLUMN in batch else 0
+            stats.add_ok(len(batch[LABEL_COLUMN]))
+            if skipped:
+                stats.add_bad(n=skipped)
+        yield batch
+
+
+def _require(batch: dict[str, torch.Tensor], columns: list[str], hint: str) -> None:
+    missing = [c for c in columns if c not in batch]
+    if missing:
+        raise ValueError(f"batch has no column(s) {missing} (columns: {sorted(batch)}); {hint}")
+
+
 def iter_view_batches(
     shard_or_dataset: Any,
     batch_size: int,
@@ -226,30 +327,41 @@ def iter_view_batches(
     stats: DecodeStats | None = None,
     device: str | torch.device = "cpu",
     prefetch_batches: int = 1,
+    shuffle: bool = True,
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Yield ``([Tensor[b,3,S,S]] * n_views, Tensor[b])`` from an augmented dataset or shard.
+    """Yield ``([Tensor[b,3,S,S]] * n_views, Tensor[b])`` from an augmented dataset or shard
+    (``augment.backend=torchvision``).
 
     ``drop_last=True`` keeps every batch exactly ``batch_size`` (DDP ranks must gather equal
     batches). ``stats``, if given, accumulates rows delivered and corrupt rows skipped upstream.
     Tensors are on ``device`` (CPU by default, as from the DataLoader; with ``stats`` and a GPU
-    device, counting the skipped rows costs one small device sync per batch).
+    device, counting the skipped rows costs one small device sync per batch). ``shuffle`` draws
+    batches from a local shuffle buffer (a new order every call).
     """
     columns = [view_column(v) for v in range(n_views)]
-    for batch in shard_or_dataset.iter_torch_batches(
-        batch_size=batch_size,
-        drop_last=drop_last,
-        device=device,
-        prefetch_batches=prefetch_batches,
+    hint = f"was the dataset built with n_views={n_views} and augment.backend=torchvision?"
+    for batch in _iter_batches(
+        shard_or_dataset, batch_size, drop_last, stats, device, prefetch_batches, shuffle
     ):
-        missing = [c for c in columns if c not in batch]
-        if missing:
-            raise ValueError(
-                f"batch has no column(s) {missing} (columns: {sorted(batch)}); was the dataset "
-                f"built with n_views={n_views} by augment_ray_dataset?"
-            )
-        if stats is not None:
-            skipped = int(batch[SKIPPED_COLUMN].sum()) if SKIPPED_COLUMN in batch else 0
-            stats.add_ok(len(batch[LABEL_COLUMN]))
-            if skipped:
-                stats.add_bad(n=skipped)
+        _require(batch, columns, hint)
         yield [batch[c] for c in columns], batch[LABEL_COLUMN]
+
+
+def iter_image_batches(
+    shard_or_dataset: Any,
+    batch_size: int,
+    drop_last: bool = True,
+    stats: DecodeStats | None = None,
+    device: str | torch.device = "cpu",
+    prefetch_batches: int = 1,
+    shuffle: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(uint8 Tensor[b,3,S,S], Tensor[b])`` from a dataset or shard decoded with
+    ``augment.backend=batched``, for ``BatchSimCLRAugment`` on ``device``; the other arguments
+    as in :func:`iter_view_batches`."""
+    hint = "was the dataset built with augment.backend=batched?"
+    for batch in _iter_batches(
+        shard_or_dataset, batch_size, drop_last, stats, device, prefetch_batches, shuffle
+    ):
+        _require(batch, [PIXELS_COLUMN], hint)
+        yield batch[PIXELS_COLUMN], batch[LABEL_COLUMN]

@@ -1,24 +1,83 @@
-"""Per-worker training batches from either reader, with the same step count on every rank."""
+"""Per-worker training batches from either reader and either augmentation backend, with the same
+step count on every rank.
+
+``augment.backend=torchvision``: the loader yields finished float views (per-image PIL pipeline).
+``augment.backend=batched``: the loader yields decoded uint8 batches; they move to the augment
+device (``data.augment_device``: the worker's GPU when it has one) and
+:class:`~service.data.batch_augment.BatchSimCLRAugment` turns them into views there. Either way
+an epoch yields ``(views, labels)``, so ``train_step`` is the same for both.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
 
 from service.config import Config
+from service.data.errors import DataError
 from service.train.inputs import WorkerInputs, steps_per_epoch
 
 ViewBatch = tuple[list[torch.Tensor], torch.Tensor]  # (n_views tensors [b,3,H,W], labels [b])
 
+log = logging.getLogger("service.train")
+
+
+def _worker_cuda_device() -> torch.device:
+    """This Ray Train worker's GPU (outside Ray Train: the current CUDA device)."""
+    try:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            return device
+    except Exception:  # noqa: BLE001 - not inside a Train worker (tests, benches)
+        pass
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def augment_device(config: Config) -> torch.device:
+    """Where ``augment.backend=batched`` augments: ``data.augment_device``, ``auto`` = the GPU
+    when the worker trains on one (``train.use_gpu`` and a visible GPU), else the CPU."""
+    setting = config.data.augment_device
+    if setting == "cpu":
+        return torch.device("cpu")
+    gpu = torch.cuda.is_available()
+    if setting == "cuda" and not gpu:
+        raise DataError("data.augment_device=cuda but this worker sees no GPU; use auto or cpu")
+    if setting == "cuda" or (gpu and config.train.use_gpu):
+        return _worker_cuda_device()
+    return torch.device("cpu")
+
+
+def augment_seed(config: Config, rank: int) -> int:
+    """One augmentation seed per rank (ranks must not draw the same views), from train.seed."""
+    return int(np.random.SeedSequence([config.train.seed, rank]).generate_state(1)[0])
+
 
 class TrainBatches:
     """``data.reader=torch``: DataLoader + DistributedSampler (reshuffled every epoch);
-    ``data.reader=ray``: this worker's Ray Data shard. The per-worker batch is global / workers."""
+    ``data.reader=ray``: this worker's Ray Data shard (block order and a local buffer shuffled
+    every epoch). The per-worker batch is global / workers."""
 
     def __init__(self, inputs: WorkerInputs, rank: int, world: int) -> None:
         self.config: Config = inputs.config
         self.batch_size = self.config.per_worker_batch_size
+        self.batched = self.config.augment.backend == "batched"
+        self.augment: Any = None
+        if self.batched:
+            from service.data.batch_augment import BatchSimCLRAugment
+
+            self.device = augment_device(self.config)
+            self.augment = BatchSimCLRAugment(
+                self.config.augment,
+                self.config.data.image_size,
+                seed=augment_seed(self.config, rank),
+            )
         if self.config.data.reader == "ray":
             import ray.train
 
@@ -35,33 +94,86 @@ class TrainBatches:
             )
 
     def _build_loader(self, rank: int, world: int) -> int:
-        from torch.utils.data import DistributedSampler
-
         from service.data import make_dataloader
-        from service.data.torch_dataset import build_train_dataset
 
-        dataset = build_train_dataset(self.config)
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True,
-            seed=self.config.train.seed, drop_last=True,
-        )  # fmt: skip
+        dataset = self._decoded_dataset(world) if self.batched else None
+        if dataset is not None:  # decode once: one gather per index batch, no per-item work
+            from torch.utils.data import BatchSampler, DataLoader
+
+            self.sampler = self._sampler(dataset, rank, world)
+            workers = self.config.data.loader_workers
+            self.loader = DataLoader(
+                dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                sampler=BatchSampler(self.sampler, self.batch_size, drop_last=True),
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            return len(dataset)
+        dataset = self._streaming_dataset()
+        self.sampler = self._sampler(dataset, rank, world)
         self.loader = make_dataloader(
             dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
             num_workers=self.config.data.loader_workers, sampler=self.sampler,
         )  # fmt: skip
         return len(dataset)
 
+    def _sampler(self, dataset: Any, rank: int, world: int) -> Any:
+        from torch.utils.data import DistributedSampler
+
+        return DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True,
+            seed=self.config.train.seed, drop_last=True,
+        )  # fmt: skip
+
+    def _decoded_dataset(self, world: int) -> Any:
+        """The decoded training rows when they fit in memory (else None: stream), logged."""
+        from service.data.decoded import IndexBatchDataset, decode_once_plan, decode_rows
+        from service.data.splits import train_val_rows
+
+        d = self.config.data
+        rows = train_val_rows(self.config).train_rows(d.limit)
+        plan = decode_once_plan(len(rows), d.image_size, copies=world)
+        if not plan.decode_once:
+            log.warning("data: streaming (decode per item, batched augment), %s", plan.reason())
+            return None
+        log.info("data: decode once into memory, %s (one copy per rank: %d)", plan.reason(), world)
+        decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction)
+        return IndexBatchDataset(decoded)
+
+    def _streaming_dataset(self) -> Any:
+        """Per-item decode: float views (torchvision), or uint8 squares (batched backend)."""
+        from service.data.decoded import to_uint8_square
+        from service.data.splits import train_val_rows
+        from service.data.torch_dataset import ParquetImageDataset, build_train_dataset
+
+        if not self.batched:
+            return build_train_dataset(self.config)
+        d = self.config.data
+        return ParquetImageDataset(
+            d.train, partial(to_uint8_square, size=d.image_size), n_views=None,
+            max_bad_fraction=d.max_bad_fraction,
+            indices=train_val_rows(self.config).train_rows(d.limit),
+        )  # fmt: skip
+
+    def _source(self, epoch: int) -> Iterator[Any]:
+        """This epoch's loader batches: views (torchvision) or uint8 images (batched)."""
+        if self.config.data.reader != "ray":
+            self.sampler.set_epoch(epoch)
+            return iter(self.loader)
+        from service.data import ray_dataset
+
+        if self.batched:
+            return ray_dataset.iter_image_batches(
+                self.shard, self.batch_size, drop_last=True, device=self.device
+            )
+        return ray_dataset.iter_view_batches(
+            self.shard, self.batch_size, self.config.augment.n_views, drop_last=True
+        )
+
     def epoch(self, epoch: int) -> Iterator[ViewBatch]:
         """The batches of one epoch: exactly ``steps_per_epoch`` of them."""
-        if self.config.data.reader == "ray":
-            from service.data.ray_dataset import iter_view_batches
-
-            batches = iter_view_batches(
-                self.shard, self.batch_size, self.config.augment.n_views, drop_last=True
-            )
-        else:
-            self.sampler.set_epoch(epoch)
-            batches = iter(self.loader)
+        batches = self._source(epoch)
         # Ray Data shards may differ by a batch; every rank must run the same step count.
-        for _, batch in zip(range(self.steps_per_epoch), batches, strict=False):
-            yield batch
+        for _, (data, labels) in zip(range(self.steps_per_epoch), batches, strict=False):
+            if self.batched:
+                data = self.augment(data.to(self.device, non_blocking=True))
+            yield data, labels

@@ -1,0 +1,182 @@
+"""Decode once (service.data.decoded) and TrainBatches with ``augment.backend=batched``.
+
+The decoded tensor must hold exactly what the PIL decode gives, skip and count corrupt rows as
+the per-image reader does, live in shared memory (DataLoader workers read it, nothing is
+copied), and TrainBatches must give each rank its own DistributedSampler share, reshuffled every
+epoch, as views of the same shape as the torchvision backend's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from service.config import REPO_ROOT, load_config
+from service.data import TooManyBadImagesError, decode_image
+from service.data.decoded import (
+    IndexBatchDataset,
+    decode_once_plan,
+    decode_rows,
+    to_uint8_square,
+)
+from service.train.batches import TrainBatches, augment_device, augment_seed
+from service.train.inputs import WorkerInputs
+from tests.helpers import encode_image
+
+TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_decoded_pixels_equal_the_pil_decode():
+    rows = np.array([0, 3, 17, 40, 99])
+    decoded = decode_rows(str(TEST_SUBSET), rows, 32)
+    table = pq.read_table(TEST_SUBSET).take(rows)
+    assert decoded.images.shape == (5, 3, 32, 32) and decoded.images.dtype == torch.uint8
+    for i, blob in enumerate(table.column("image").to_pylist()):
+        expected = torch.from_numpy(np.array(decode_image(blob))).permute(2, 0, 1)
+        assert torch.equal(decoded.images[i], expected)
+    assert decoded.labels.tolist() == table.column("label").to_pylist()
+    assert decoded.stats.total == 5 and decoded.stats.bad == 0
+
+
+def _grey(label: int) -> int:
+    return 20 * label + 10
+
+
+@pytest.fixture()
+def corrupt_parquet(tmp_path):
+    """10 solid-grey images whose grey encodes the label (sizes vary), 3 corrupt rows between."""
+    blobs, labels = [], []
+    for label in range(10):
+        size = (32, 32) if label % 3 else (48, 20)  # other sizes: resized + centre-cropped
+        blobs.append(encode_image(Image.new("RGB", size, (_grey(label),) * 3)))
+        labels.append(label)
+    for at in (2, 6, 11):
+        blobs.insert(at, b"not an image")
+        labels.insert(at, 100 + at)  # would show if a bad row's label leaked
+    path = tmp_path / "corrupt.parquet"
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": labels}), path)
+    return path
+
+
+def test_decode_skips_counts_and_keeps_labels(corrupt_parquet, caplog):
+    with caplog.at_level(logging.WARNING, logger="service.data"):
+        decoded = decode_rows(str(corrupt_parquet), None, 16, max_bad_fraction=0.25)
+    assert decoded.stats.total == 13 and decoded.stats.bad == 3 and len(decoded) == 10
+    assert "skipped 3 of 13 images" in caplog.text and "row 6 (" in caplog.text
+    assert decoded.labels.tolist() == list(range(10))
+    greys = decoded.images.float().mean(dim=(1, 2, 3))
+    assert [round((g - 10) / 20) for g in greys.tolist()] == list(range(10))
+    assert decoded.images.shape == (10, 3, 16, 16)
+    with pytest.raises(TooManyBadImagesError, match=r"corrupt.parquet.*3 of 13"):
+        decode_rows(str(corrupt_parquet), None, 16, max_bad_fraction=0.2)
+
+
+def test_to_uint8_square_centre_crops_other_sizes():
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (20, 0, 40, 20))  # white centre square, black sides
+    square = to_uint8_square(image, 10)
+    assert square.shape == (3, 10, 10) and int(square[:, :, 1:-1].min()) >= 250  # edges: filter
+
+
+class _WritingDataset(IndexBatchDataset):
+    """Writes into the decoded tensor from the worker: visible in the parent only if shared."""
+
+    def __getitem__(self, rows):
+        self.decoded.images[rows[0], 0, 0, 0] = 123
+        return super().__getitem__(rows)
+
+
+def test_decoded_tensor_is_shared_with_loader_workers():
+    decoded = decode_rows(str(TEST_SUBSET), np.arange(8), 32)
+    assert decoded.images.is_shared()
+    decoded.images[:, 0, 0, 0] = 0
+    dataset = _WritingDataset(decoded)
+    sampler = BatchSampler(SequentialSampler(range(len(dataset))), 4, drop_last=True)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=1)
+    batches = list(loader)
+    assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 32, 32)] * 2
+    assert decoded.images[[0, 4], 0, 0, 0].tolist() == [123, 123]  # the worker's writes
+
+
+def test_decode_once_plan_reason():
+    plan = decode_once_plan(1000, 32, copies=2, available=20 * 2**20)
+    assert plan.decode_once and plan.estimated_bytes == 2 * 1000 * 3 * 32 * 32
+    assert "5.9 MiB decoded <= 50% of 20 MiB" in plan.reason()
+    assert not decode_once_plan(10_000, 32, available=10 * 2**20).decode_once
+
+
+# ----------------------------------------------------------- TrainBatches, backend=batched
+
+
+def _inputs(tmp_path, **overrides) -> WorkerInputs:
+    config = load_config(
+        overrides={
+            "data.train": str(TEST_SUBSET), "data.limit": 128, "augment.backend": "batched",
+            "data.augment_device": "cpu", "train.global_batch_size": 32,
+            "train.num_workers": 2, **overrides,
+        }
+    )  # fmt: skip
+    return WorkerInputs(config=config, storage_path=str(tmp_path), run_name="t")
+
+
+def _epoch_rows(batches: TrainBatches, epoch: int) -> list[int]:
+    batches.sampler.set_epoch(epoch)
+    return list(batches.sampler)
+
+
+def test_train_batches_batched_backend(tmp_path, caplog):
+    inputs = _inputs(tmp_path)
+    with caplog.at_level(logging.INFO, logger="service.train"):
+        ranks = [TrainBatches(inputs, rank, 2) for rank in range(2)]
+    assert "decode once into memory, estimated" in caplog.text
+    for tb in ranks:
+        assert tb.steps_per_epoch == 128 // 32
+        decoded = tb.loader.dataset.decoded
+        assert len(decoded) == 128  # data.limit rows of the training split
+        for epoch in (0, 1):
+            rows = _epoch_rows(tb, epoch)
+            seen = []
+            for views, labels in tb.epoch(epoch):
+                assert len(views) == 2 and labels.shape == (16,)
+                for v in views:
+                    assert v.shape == (16, 3, 32, 32) and v.dtype == torch.float32
+                assert not torch.equal(views[0], views[1])
+                seen += labels.tolist()
+            assert seen == decoded.labels[rows].tolist()  # batches follow the sampler's share
+    shares = [[set(_epoch_rows(tb, e)) for tb in ranks] for e in (0, 1)]
+    for a, b in shares:
+        assert len(a) == len(b) == 64 and not a & b  # each rank its own share
+    assert _epoch_rows(ranks[0], 0) != _epoch_rows(ranks[0], 1)  # reshuffled every epoch
+    # Ranks draw different augmentations.
+    assert augment_seed(inputs.config, 0) != augment_seed(inputs.config, 1)
+
+
+def test_train_batches_batched_streams_when_memory_is_short(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("service.data.decoded.available_memory", lambda: 2**18)
+    with caplog.at_level(logging.INFO, logger="service.train"):
+        tb = TrainBatches(_inputs(tmp_path, **{"data.limit": 64}), 0, 2)
+    assert "streaming (decode per item, batched augment), estimated" in caplog.text
+    batches = list(tb.epoch(0))
+    assert len(batches) == 2
+    for views, labels in batches:
+        assert [tuple(v.shape) for v in views] == [(16, 3, 32, 32)] * 2 and labels.shape == (16,)
+
+
+def test_augment_device():
+    config = load_config(overrides={"data.augment_device": "cpu"})
+    assert augment_device(config).type == "cpu"
+    config = load_config(overrides={"data.augment_device": "auto", "train.use_gpu": False})
+    assert augment_device(config).type == "cpu"
+    if not torch.cuda.is_available():
+        config = load_config(overrides={"data.augment_device": "cuda"})
+        with pytest.raises(ValueError, match="no GPU"):
+            augment_device(config)
