@@ -27,6 +27,7 @@ from service.data import (
     build_train_dataset,
     decode_image,
     denormalize,
+    iter_image_batches,
     iter_view_batches,
     make_dataloader,
     make_multiview_batch_fn,
@@ -265,3 +266,42 @@ def test_full_cifar_limit_is_stratified_enough():
     )
     ds = build_train_dataset(config)
     assert len(ds) == 500 and len(set(ds.labels.tolist())) == 10  # not the first 500 airplanes
+
+
+# ----------------------------------------------------------------------- Ray reader shuffling
+
+
+def _class_ordered_parquet(path, classes: int = 4, per_class: int = 64):
+    """``classes x per_class`` small solid images written in class order (one row group)."""
+    blobs = [
+        encode_image(Image.new("RGB", (16, 16), (_grey(c), i, 0)))
+        for c in range(classes)
+        for i in range(per_class)
+    ]
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": labels}), path)
+    return path
+
+
+@pytest.mark.slow  # starts a local Ray instance (ray_local)
+def test_ray_reader_shuffles_class_ordered_rows_every_epoch(ray_local, tmp_path):
+    """Without shuffling, class-ordered data gave single-class batches, the same every epoch."""
+    path = _class_ordered_parquet(tmp_path / "ordered.parquet")
+    for backend in ("torchvision", "batched"):
+        config = load_config(
+            overrides={"data.train": str(path), "data.val_fraction": 0.0,
+                       "data.image_size": 16, "augment.backend": backend}
+        )  # fmt: skip
+        ds = build_ray_train_dataset(config)
+        epochs = []
+        for _ in range(2):
+            if backend == "batched":
+                batches = [labels for _, labels in iter_image_batches(ds, 32)]
+            else:
+                batches = [labels for _, labels in iter_view_batches(ds, 32, n_views=2)]
+            assert len(batches) == 8
+            assert Counter(torch.cat(batches).tolist()) == dict.fromkeys(range(4), 64)
+            mixed = [len(set(b.tolist())) > 1 for b in batches]
+            assert all(mixed), f"{backend}: single-class batches {mixed}"
+            epochs.append(torch.cat(batches).tolist())
+        assert epochs[0] != epochs[1], f"{backend}: the same order in both epochs"
