@@ -173,8 +173,8 @@ def test_preview_png(tmp_path):
         assert png.format == "PNG"
         pixels = np.asarray(png.convert("RGB"))
     tile, pad, header, label_w = 96, 4, 22, 96
-    assert pixels.shape == (  # header, 3 rows of tiles, 2 footer lines with the settings
-        3 * header + 3 * (tile + pad) + pad,
+    assert pixels.shape == (  # header, 3 rows of tiles, 3 footer lines with the settings
+        4 * header + 3 * (tile + pad) + pad,
         label_w + 3 * (tile + pad) + pad,
         3,
     )
@@ -186,6 +186,24 @@ def test_preview_png(tmp_path):
     # Same arguments → same picture (seeded sample and views).
     again = save_augmentation_preview(str(TEST_SUBSET), tmp_path / "q.png", cfg, 32, n_images=3)
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), pixels)
+
+
+def test_preview_shows_the_backend_in_use(tmp_path):
+    """augment.backend=batched: the views are BatchSimCLRAugment's (seeded), not the PIL ones."""
+    pictures = {}
+    for backend in ("torchvision", "batched", "batched"):
+        cfg = AugmentConfig(backend=backend)
+        out = save_augmentation_preview(
+            str(TEST_SUBSET), tmp_path / f"{backend}.png", cfg, 32, n_images=3
+        )
+        pixels = np.asarray(Image.open(out).convert("RGB"))
+        if backend in pictures:  # seeded: the same picture again
+            assert np.array_equal(pixels, pictures[backend])
+        pictures[backend] = pixels
+    tile, pad, header, label_w = 96, 4, 22, 96
+    x = label_w + pad + tile + pad  # view 1 of row 0
+    views = {b: p[header + pad : header + pad + tile, x : x + tile] for b, p in pictures.items()}
+    assert not np.array_equal(views["torchvision"], views["batched"])
 
 
 def test_preview_command_applies_overrides(tmp_path):

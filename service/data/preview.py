@@ -2,7 +2,9 @@
 
 Rows are images; the first column is the original (resized and centre-cropped to the training
 size), the others are independent augmented views, un-normalised for display. Small images are
-enlarged with nearest-neighbour sampling so 32 px pixels stay visible.
+enlarged with nearest-neighbour sampling so 32 px pixels stay visible. The views come from the
+backend the config trains with (``augment.backend``): the per-image torchvision pipeline, or
+``BatchSimCLRAugment`` on the decoded uint8 squares the batched readers deliver.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from torchvision.transforms import v2
 
 from service.config import AugmentConfig
 from service.data.augment import MultiViewTransform, denormalize, simclr_transform
+from service.data.batch_augment import BatchSimCLRAugment
 from service.data.decode import decode_image
+from service.data.decoded import to_uint8_square
 from service.data.errors import CorruptImageError, DataError
 from service.data.parquet import LABEL_COLUMN, LABEL_NAME_COLUMN, read_image_table
 
@@ -26,8 +30,25 @@ _LABEL_WIDTH = 96
 
 
 def _to_pil(view: torch.Tensor, cfg: AugmentConfig) -> Image.Image:
-    pixels = denormalize(view, cfg.mean, cfg.std).mul(255).round().to(torch.uint8)
+    pixels = denormalize(view, cfg.mean, cfg.std).mul(255).round().clamp(0, 255).to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def _views(
+    cfg: AugmentConfig, image_size: int, n_views: int, seed: int, images: list[Image.Image]
+) -> list[list[torch.Tensor]]:
+    """``n_views`` seeded views of each image, from ``cfg.backend``."""
+    if not images:
+        return []
+    if cfg.backend == "batched":
+        batch = torch.stack([to_uint8_square(image, image_size) for image in images])
+        augment = BatchSimCLRAugment(cfg, image_size, n_views=n_views, seed=seed)
+        per_view = augment(batch)
+        return [[view[i] for view in per_view] for i in range(len(images))]
+    views_of = MultiViewTransform(simclr_transform(cfg, image_size), n_views)
+    with torch.random.fork_rng(devices=[]):  # seeded views without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        return [views_of(image) for image in images]
 
 
 def save_augmentation_preview(
@@ -42,7 +63,8 @@ def save_augmentation_preview(
     """Write a grid of ``n_images`` random images x (original + ``n_views`` views) to a PNG.
 
     ``n_views`` defaults to ``cfg.n_views``. Images are a seeded random sample of the data and
-    the views are drawn from a seeded generator, so the same arguments give the same picture.
+    the views are drawn from a seeded generator by ``cfg.backend``, so the same arguments give
+    the same picture.
 
     >>> import tempfile
     >>> out = save_augmentation_preview("service/data/bundled/cifar10-test-subset.parquet",
@@ -60,24 +82,21 @@ def save_augmentation_preview(
         else None
     )
     labels = table.column(LABEL_COLUMN).to_pylist() if LABEL_COLUMN in table.schema.names else None
-    views_of = MultiViewTransform(simclr_transform(cfg, image_size), n_views)
     original = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-
     tile = max(image_size, _MIN_TILE)
     columns = 1 + n_views
+    decoded: list[tuple[str, Image.Image]] = []
+    for i, blob in enumerate(table.column("image").to_pylist()):
+        caption = names[i] if names else (f"label {labels[i]}" if labels else f"image {i}")
+        try:
+            decoded.append((caption, decode_image(blob)))
+        except CorruptImageError:
+            continue  # the preview shows images, not errors; readers report corrupt rows
+    views = _views(cfg, image_size, n_views, seed, [image for _, image in decoded])
     rows: list[tuple[str, list[Image.Image]]] = []
-    with torch.random.fork_rng(devices=[]):  # seeded views without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        for i, blob in enumerate(table.column("image").to_pylist()):
-            caption = names[i] if names else (f"label {labels[i]}" if labels else f"image {i}")
-            try:
-                image = decode_image(blob)
-            except CorruptImageError:
-                continue  # the preview shows images, not errors; readers report corrupt rows
-            tiles = [original(image)] + [_to_pil(v, cfg) for v in views_of(image)]
-            rows.append(
-                (caption, [t.resize((tile, tile), Image.Resampling.NEAREST) for t in tiles])
-            )
+    for (caption, image), image_views in zip(decoded, views, strict=True):
+        tiles = [original(image)] + [_to_pil(v, cfg) for v in image_views]
+        rows.append((caption, [t.resize((tile, tile), Image.Resampling.NEAREST) for t in tiles]))
     if not rows:
         raise DataError(f"none of the {table.num_rows} sampled images in {data_path!r} decode")
 
@@ -85,6 +104,7 @@ def save_augmentation_preview(
     footer = [
         f"strength={cfg.strength}  min_scale={cfg.min_scale}  size={image_size}",
         f"jitter_p={cfg.jitter_p}  grayscale_p={cfg.grayscale_p}  blur={cfg.blur}",
+        f"backend={cfg.backend}",
     ]
     grid_width = _LABEL_WIDTH + columns * (tile + _PAD) + _PAD
     width = max(grid_width, *(int(font.getlength(line)) + 2 * _PAD for line in footer))
