@@ -72,3 +72,32 @@ def test_run_folder_is_accepted_as_a_checkpoint(tmp_path: Path) -> None:
     config = _config(tmp_path)
     _finished_epoch(tmp_path, config, epoch=1)
     assert load_state(tmp_path / "r")["epoch"] == 1
+
+
+def test_training_data_is_compared_by_content_not_path(tmp_path: Path) -> None:
+    """`ray job submit` uploads the checkout (and bundled data) to a new directory per job."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from service.train.identity import data_fingerprint
+
+    bundled = Path("service/data/bundled/cifar10-train-subset.parquet").resolve()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(bundled, tmp_path / name / bundled.name)
+    fewer = tmp_path / "c" / bundled.name
+    fewer.parent.mkdir()
+    pq.write_table(pq.read_table(bundled).slice(0, 100), fewer)
+
+    config = _config(tmp_path, f"data.train={tmp_path / 'a' / bundled.name}")
+    record = {"mlflow_run_id": "abc", "config": config.to_dict(),
+              "data_fingerprint": data_fingerprint(config.data.train)}  # fmt: skip
+    write_record(str(tmp_path / "r"), record)
+    _finished_epoch(tmp_path, config, epoch=0)
+    moved = _config(tmp_path, "train.resume=true", f"data.train={tmp_path / 'b' / bundled.name}")
+    assert plan_run(moved).kind == "resume"
+    other = _config(tmp_path, "train.resume=true", f"data.train={fewer}",
+                    "train.global_batch_size=64")  # fmt: skip
+    with pytest.raises(ConfigError, match="data.train"):
+        plan_run(other)

@@ -21,7 +21,13 @@ from ray.train.torch import TorchTrainer
 from service.config import Config
 from service.tracking.run import TrackedRun, ending_on_error
 from service.train.finalize import finalize_run
-from service.train.identity import RunPlan, latest_checkpoint, plan_run, write_record
+from service.train.identity import (
+    RunPlan,
+    data_fingerprint,
+    latest_checkpoint,
+    plan_run,
+    write_record,
+)
 from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.loop import train_func
 from service.train.preflight import preflight
@@ -169,6 +175,7 @@ def _open_or_reopen(config: Config, plan: RunPlan) -> TrackedRun | None:
 def _record(config: Config, run: TrackedRun | None) -> dict[str, Any]:
     return {
         "run_name": config.train.run_name,
+        "data_fingerprint": data_fingerprint(config.data.train),
         "mlflow_run_id": run.run_id if run else None,
         "tracking_uri": run.uri if run else None,
         "config": config.to_dict(),

@@ -97,9 +97,35 @@ def latest_checkpoint(directory: str) -> str | None:
     return None
 
 
-def changed_keys(recorded: dict[str, Any], config: Config) -> list[str]:
-    """Keys whose value differs from the recorded config and that change what is trained."""
-    old, new = flatten(recorded), config.flat()
+def data_fingerprint(path: str) -> str:
+    """What identifies the training data independently of where it is mounted or uploaded
+    (``ray job submit`` copies the checkout to a new directory per job): each file's name and
+    row count, and the schema. Footers only."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from service.data.parquet import resolve_parquet_files
+
+    filesystem, files = resolve_parquet_files(path)
+    parts = []
+    for file in files:
+        with filesystem.open_input_file(file) as handle:
+            meta = pq.ParquetFile(handle).metadata
+            parts.append(
+                [posixpath.basename(file), meta.num_rows, str(meta.schema.to_arrow_schema())]
+            )
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def changed_keys(record: dict[str, Any], config: Config) -> list[str]:
+    """Keys whose value differs from the recorded run and that change what is trained.
+
+    ``data.train`` is compared by :func:`data_fingerprint` when the record has one."""
+    old, new = flatten(record["config"]), config.flat()
+    if "data_fingerprint" in record:
+        old["data.train"] = record["data_fingerprint"]
+        new["data.train"] = data_fingerprint(config.data.train)
     return sorted(
         key
         for key in set(old) | set(new)
@@ -140,11 +166,11 @@ def plan_run(config: Config) -> RunPlan:
             f"nothing to resume: no run {name!r} in {directory}; drop --resume to start it"
         )
     last_epoch, recorded_config = _checkpoint_epoch(checkpoint) if checkpoint else (None, None)
-    recorded = (record or {}).get("config") or recorded_config
-    changed = changed_keys(recorded, config)
+    record = record if record and record.get("config") else {"config": recorded_config}
+    changed = changed_keys(record, config)
     if changed:
-        listed = ", ".join(f"{k}: {flatten(recorded).get(k)!r} -> {config.flat().get(k)!r}"
-                           for k in changed)  # fmt: skip
+        old = flatten(record["config"])
+        listed = ", ".join(f"{k}: {old.get(k)!r} -> {config.flat().get(k)!r}" for k in changed)
         raise ConfigError(
             f"cannot resume run {name!r}: these keys change what is trained ({listed}). Resume "
             f"with the recorded values, or start a new run under another train.run_name"
