@@ -153,7 +153,7 @@ def test_trial_config_reports_knn_every_epoch() -> None:
 def test_bad_input_fails_before_ray_starts(tmp_path: Path) -> None:
     import ray
 
-    from service.tune import tune_command
+    from service.commands import tune_command
 
     before = ray.is_initialized()
     bad = [f"train.storage_path={tmp_path}", "tune.metric=accuracy"]
@@ -344,7 +344,7 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     trial got before it was killed: its run may hold one more epoch than Tune acted on."""
     from mlflow import MlflowClient
 
-    from service.tune import tune_command
+    from service.commands import tune_command
     from tests.cluster import last_json_line
 
     uri = mlflow_server.url

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.config import Config, config_from_dict, load_config
+from service.config import Config, config_from_dict
 from service.tracking.run import TrackedRun, ending_on_error
 from service.tune.settings import (
     TRIAL_DRIVER_RESOURCES,
@@ -408,19 +408,3 @@ def _register_best(
     state["registered"] = {"trial_id": best.trial_id, **registered}
     _save_state(settings, state)
     return registered
-
-
-def tune_command(
-    config_path: str | Path | None,
-    overrides: list[str] | None = None,
-    num_samples: int | None = None,
-    address: str | None = None,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """``contrastive tune --config FILE [--num-samples N] [--set k=v] [--address A] [--resume]``.
-
-    Returns the JSON-able summary: best_config (the searched keys), best_metric, num_trials,
-    num_stopped_early, num_failed, parent_run_id, model_uri, ...
-    """
-    config = load_config(config_path, overrides)
-    return run_sweep(config, num_samples=num_samples, address=address, resume=resume)
