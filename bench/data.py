@@ -1,6 +1,14 @@
-"""Data throughput: decode + SimCLR augmentation, images per second per CPU core, both readers.
+"""Data throughput: decode + SimCLR augmentation, images per second per CPU core, both readers,
+both augmentation backends (``augment.backend``: per-image torchvision, batched on tensors).
 
     python bench/data.py [--data PATH] [--views 2] [--size 32] [--batch 256] [--ray-cpus 2]
+
+Every reader line has ``reader``, ``backend``, ``views``, ``image_size``, ``images_per_s`` and
+``images_per_cpu_s``. ``torch-decoded`` is the batched backend's decode-once path: the one-off
+decode is reported as ``decode_s`` and the epoch rate excludes it (it is paid once per run, not
+per epoch); ``ray`` lines name their shuffle (``none``, ``local``: block order + local buffer,
+the reader's default; ``random_shuffle``: a full shuffle). ``lightly`` (per-image
+``SimCLRTransform``) is measured when lightly is installed (``.[bench]``).
 
 Prints one JSON line per configuration. "images" are source images: each yields ``--views``
 augmented views. ``cores`` is what the configuration may use for decode + augment (the
@@ -28,9 +36,12 @@ import torch  # noqa: E402
 
 from service.config import BUNDLED_DATA_DIR, AugmentConfig  # noqa: E402
 from service.data import (  # noqa: E402
+    BatchSimCLRAugment,
     ParquetImageDataset,
     augment_ray_dataset,
     decode_image,
+    decode_rows,
+    iter_image_batches,
     iter_view_batches,
     make_dataloader,
     read_image_table,
@@ -98,10 +109,11 @@ def bench_torch(args: argparse.Namespace, workers: int) -> None:
     _emit(
         {
             "reader": "torch",
+            "backend": "torchvision",
             "loader_workers": workers,
             "images": n,
             "views": args.views,
-            "size": args.size,
+            "image_size": args.size,
             "seconds": round(elapsed, 2),
             "images_per_s": round(n / elapsed, 1),
             "cores": cores,
@@ -136,36 +148,94 @@ def bench_stages(args: argparse.Namespace, n: int = 1000) -> None:
     )
 
 
+def _rate_record(
+    reader: str, backend: str, args: argparse.Namespace, n: int, elapsed: float, cpu: float,
+    **extra: object,
+) -> dict:  # fmt: skip
+    return {
+        "reader": reader,
+        "backend": backend,
+        **extra,
+        "views": args.views,
+        "image_size": args.size,
+        "images": n,
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(n / elapsed, 1),
+        "cpu_s": round(cpu, 2),
+        "images_per_cpu_s": round(n / cpu, 1),
+    }
+
+
+def bench_torch_decoded(args: argparse.Namespace, epochs: int = 3) -> None:
+    """Decode once, then per epoch: shuffled index batches → gather → BatchSimCLRAugment (CPU)."""
+    cfg = AugmentConfig(n_views=args.views, backend="batched")
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    decoded = decode_rows(args.data, None, args.size)
+    decode_s, decode_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    augment = BatchSimCLRAugment(cfg, args.size, seed=0)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    n = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(decoded), generator=torch.Generator().manual_seed(epoch))
+        for batch in order.split(args.batch):
+            views = augment(decoded.images.index_select(0, batch))
+            n += len(views[0])
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    decode = {"decode_s": round(decode_s, 2), "decode_cpu_s": round(decode_cpu, 2)}
+    _emit(_rate_record("torch-decoded", "batched", args, n, elapsed, cpu, epochs=epochs, **decode))
+
+
+def bench_lightly(args: argparse.Namespace) -> None:
+    """lightly's per-image ``SimCLRTransform`` (2 views) in the same DataLoader, 1 process."""
+    try:
+        from lightly.transforms import SimCLRTransform
+    except ImportError:
+        _emit({"reader": "lightly", "skipped": "lightly not installed (pip install .[bench])"})
+        return
+    transform = SimCLRTransform(input_size=args.size, gaussian_blur=0.0)
+    ds = ParquetImageDataset(args.data, transform)
+    loader = make_dataloader(ds, args.batch, shuffle=True, drop_last=False)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    n = sum(len(views[0]) for views, _ in loader)
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    _emit(_rate_record("lightly", "SimCLRTransform", args, n, elapsed, cpu))
+
+
+def _ray_epoch(args: argparse.Namespace, backend: str, shuffle: str) -> int:
+    """One pass over the data through the Ray reader; the batched backend augments here."""
+    cfg = AugmentConfig(n_views=args.views, backend=backend)
+    ds = read_ray_dataset(args.data)
+    if shuffle == "random_shuffle":
+        ds = ds.random_shuffle()
+    ds = augment_ray_dataset(ds, cfg, args.size, args.views, shuffle=shuffle == "local")
+    local = shuffle == "local"
+    if backend == "torchvision":
+        batches = iter_view_batches(ds, args.batch, args.views, drop_last=False, shuffle=local)
+        return sum(len(labels) for _, labels in batches)
+    augment = BatchSimCLRAugment(cfg, args.size, seed=0)
+    n = 0
+    for images, _ in iter_image_batches(ds, args.batch, drop_last=False, shuffle=local):
+        n += len(augment(images)[0])
+    return n
+
+
 def bench_ray(args: argparse.Namespace) -> None:
     import ray
 
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        cfg = AugmentConfig(n_views=args.views)
-        for run in ("cold", "warm"):  # cold includes starting worker processes (torch imports)
-            ds = augment_ray_dataset(read_ray_dataset(args.data), cfg, args.size, args.views)
+        runs = [("torchvision", "local", "cold"), ("torchvision", "none", "warm")]
+        runs += [("torchvision", "local", "warm"), ("torchvision", "random_shuffle", "warm")]
+        runs += [("batched", "none", "warm"), ("batched", "local", "warm")]
+        runs += [("batched", "random_shuffle", "warm")]
+        for backend, shuffle, run in runs:  # cold includes starting worker processes
             cpu0, workers0, t0 = _cpu_seconds(), _ray_worker_cpu_seconds(), time.perf_counter()
-            batches = iter_view_batches(ds, args.batch, args.views, drop_last=False)
-            n = sum(len(labels) for _, labels in batches)
+            n = _ray_epoch(args, backend, shuffle)
             elapsed = time.perf_counter() - t0
             # Workers that exit during the run take their CPU time with them: a lower bound.
             cpu = _cpu_seconds() - cpu0 + _ray_worker_cpu_seconds() - workers0
-            _emit(
-                {
-                    "reader": "ray",
-                    "run": run,
-                    "images": n,
-                    "views": args.views,
-                    "size": args.size,
-                    "seconds": round(elapsed, 2),
-                    "images_per_s": round(n / elapsed, 1),
-                    "cores": args.ray_cpus,
-                    "images_per_s_per_core": round(n / elapsed / args.ray_cpus, 1),
-                    "cpu_s": round(cpu, 2),
-                    "images_per_cpu_s": round(n / cpu, 1),
-                }
-            )
+            _emit(_rate_record("ray", backend, args, n, elapsed, cpu, shuffle=shuffle, run=run))
     finally:
         ray.shutdown()
 
@@ -194,6 +264,8 @@ def main() -> None:
     if not args.skip_torch:
         for workers in (0, 1):
             bench_torch(args, workers)
+        bench_torch_decoded(args)
+        bench_lightly(args)
     if not args.skip_ray:
         try:
             bench_ray(args)
