@@ -140,7 +140,9 @@ def test_bad_settings_are_rejected(overrides: dict, message: str) -> None:
 
 def test_without_labels_the_sweep_optimises_the_loss() -> None:
     # without labels the registry's champion metric cannot be kNN either
-    config = load_config(SMOKE, {"data.val": None, "mlflow.champion_metric": "train_loss"})
+    config = load_config(
+        SMOKE, {"data.val": None, "data.val_fraction": 0, "mlflow.champion_metric": "train_loss"}
+    )
     settings = resolve_settings(config)
     assert (settings.metric, settings.mode) == ("train_loss", "min")
 
