@@ -54,9 +54,10 @@ class AugmentConfig:
     jitter_p: float = 0.8
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
-    # "torchvision": per-image PIL pipeline in the loader (the reference); "batched": decoded
-    # uint8 batches augmented at once on data.augment_device (service/data/batch_augment.py).
-    backend: str = "torchvision"
+    # "batched" (default; ~19x the images per CPU-second, smoke kNN 0.398 vs 0.358, see
+    # docs/benchmarks.md): decoded uint8 batches augmented at once on data.augment_device
+    # (service/data/batch_augment.py); "torchvision": the per-image PIL pipeline (the reference).
+    backend: str = "batched"
 
 
 @dataclass

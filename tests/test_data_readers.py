@@ -39,7 +39,7 @@ from tests.helpers import encode_image
 
 TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-CFG = AugmentConfig()
+CFG = AugmentConfig(backend="torchvision")  # the per-image reference pipeline
 # Normalised values can only lie in [(0 - mean) / std, (1 - mean) / std] per channel.
 LOW = min((0 - m) / s for m, s in zip(CFG.mean, CFG.std, strict=True))
 HIGH = max((1 - m) / s for m, s in zip(CFG.mean, CFG.std, strict=True))
