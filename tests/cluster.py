@@ -125,11 +125,19 @@ class RayCluster:
             try:
                 status = self.status(submission_id)
                 if status in TERMINAL_JOB_STATES:
-                    return status, self.jobs().get_job_logs(submission_id)
+                    return status, self._logs_with_status(submission_id, status)
             except (ConnectionError, OSError, RuntimeError) as exc:
                 print(f"[cluster] polling {submission_id}: {type(exc).__name__}: {exc}")
             time.sleep(2)
         raise TimeoutError(f"job {submission_id} still running after {timeout} s")
+
+    def _logs_with_status(self, submission_id: str, status: str) -> str:
+        """The job's logs, ending with its status message (what the job server says about a job
+        that failed before or outside its entrypoint, e.g. an empty log), so a failed
+        assertion's log tail always says why."""
+        logs = self.jobs().get_job_logs(submission_id)
+        message = self.jobs().get_job_info(submission_id).message
+        return f"{logs}\n[job {submission_id} {status}: {message}]"
 
     def stop(self) -> None:
         """Kill this cluster's processes only. `ray stop` would kill every Ray process on the
