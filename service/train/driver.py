@@ -77,7 +77,8 @@ def check_cluster_fits(config: Config, trials: int = 1) -> None:
 
 
 def _train_dataset(config: Config) -> tuple[dict[str, Any], int | None]:
-    """Ray Data reader: a lazily augmented dataset (re-randomised each epoch) and its row count."""
+    """Ray Data reader: the lazy training dataset (decoded only with augment.backend=batched,
+    augmented per view with torchvision; shuffled every epoch) and its row count."""
     if config.data.reader != "ray":
         return {}, None
     from service.data.ray_dataset import build_ray_train_dataset
