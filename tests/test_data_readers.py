@@ -118,7 +118,7 @@ def test_ray_reader_streams_files_from_config(ray_local, tmp_path):
     pq.write_table(table.slice(80, 80), tmp_path / "parts" / "part-1.parquet")
     config = load_config(  # every row trains: no held-out validation rows
         overrides={"data.train": str(tmp_path / "parts"), "augment.n_views": 2,
-                   "data.val_fraction": 0.0}
+                   "data.val_fraction": 0.0, "augment.backend": "torchvision"}
     )  # fmt: skip
     shard = build_ray_train_dataset(config).streaming_split(1)[0]  # a DataIterator, like a shard
     labels = torch.cat([lab for _, lab in iter_view_batches(shard, 50, 2, drop_last=False)])
@@ -168,7 +168,7 @@ def mixed_parquet(tmp_path_factory):
 
 
 # Geometry only: a solid grey stays that grey, so each view tells which label it must carry.
-PLAIN = AugmentConfig(strength=0.0, grayscale_p=0.0)
+PLAIN = AugmentConfig(strength=0.0, grayscale_p=0.0, backend="torchvision")
 
 
 def _labels_from_pixels(view: torch.Tensor) -> list[int]:
