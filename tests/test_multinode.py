@@ -25,6 +25,7 @@ COMMON = [
     "train.epochs=2",
     "train.seed=0",
     "data.val=null",
+    "data.val_fraction=0",
     "data.test=null",
     "mlflow.enabled=false",
 ]
