@@ -33,3 +33,25 @@ def test_a_val_file_keeps_every_training_row() -> None:
     config = load_config(None, ["data.val=service/data/bundled/cifar10-test-subset.parquet"])
     rows = train_val_rows(config)
     assert len(rows.val) == 0 and len(rows.train) == 5000
+
+
+def test_ray_reader_streams_unless_rows_are_selected_and_large_selections_are_refused(
+    monkeypatch,
+) -> None:
+    from service.data import checks
+
+    held_out = holdout_split(100, 0.1, seed=0)
+    assert not held_out.keeps_every_row() and not held_out.keeps_every_row(limit=50)
+    every = holdout_split(100, 0.0, seed=0)
+    assert every.keeps_every_row() and every.keeps_every_row(limit=100)
+    assert not every.keeps_every_row(limit=50)
+
+    config = load_config(None, ["data.reader=ray"])
+    assert checks.data_problems(config) == []
+    monkeypatch.setattr(checks, "EAGER_SELECTION_MAX_BYTES", 1000)  # the bundled file is 1.4 MB
+    assert any("data.val to a held-out Parquet file" in p for p in checks.data_problems(config))
+    config = load_config(
+        None, ["data.reader=ray", "data.val_fraction=0",
+               "data.val=service/data/bundled/cifar10-test-subset.parquet"],
+    )  # fmt: skip
+    assert checks.data_problems(config) == []

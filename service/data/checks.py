@@ -28,6 +28,7 @@ READERS = ("torch", "ray")
 AUGMENT_BACKENDS = ("torchvision", "batched")
 AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
+EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on the driver
 
 
 def data_config_problems(d: DataConfig) -> list[str]:
@@ -104,15 +105,31 @@ def _split_problems(config: Config) -> list[str]:
     global batch (else a worker would find an empty epoch)."""
     from service.data.splits import train_val_rows
 
-    rows = len(train_val_rows(config).train_rows(config.data.limit))
-    batch = config.train.global_batch_size
-    if rows >= batch:
-        return []
-    return [
-        f"data.train: {rows} training rows (after holding out data.val_fraction="
-        f"{config.data.val_fraction} and data.limit={config.data.limit}) are fewer than one "
-        f"global batch of {batch}; lower train.global_batch_size or add data"
-    ]
+    d, split = config.data, train_val_rows(config)
+    rows, batch = len(split.train_rows(d.limit)), config.train.global_batch_size
+    problems = []
+    if rows < batch:
+        problems.append(
+            f"data.train: {rows} training rows (after holding out data.val_fraction="
+            f"{d.val_fraction} and data.limit={d.limit}) are fewer than one "
+            f"global batch of {batch}; lower train.global_batch_size or add data"
+        )
+    if d.reader == "ray" and not split.keeps_every_row(d.limit):
+        size = _files_bytes(d.train)
+        if size > EAGER_SELECTION_MAX_BYTES:
+            problems.append(
+                f"data.train is {size / 2**30:.1f} GiB: holding rows out (data.val_fraction) or "
+                f"data.limit would make the Ray reader select rows eagerly on the driver; "
+                f"set data.val to a held-out Parquet file (and data.val_fraction: 0) to stream"
+            )
+    return problems
+
+
+def _files_bytes(path: str) -> int:
+    from service.data.parquet import resolve_parquet_files
+
+    filesystem, files = resolve_parquet_files(path)
+    return sum(info.size or 0 for info in filesystem.get_file_info(files))
 
 
 def data_problems(config: Config) -> list[str]:

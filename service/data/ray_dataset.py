@@ -276,7 +276,10 @@ def build_ray_train_dataset(config: Config) -> Any:
     ``Config`` describes (for ``TorchTrainer``), block order shuffled every epoch."""
     from service.data.splits import train_val_rows
 
-    rows = train_val_rows(config).train_rows(config.data.limit)
+    split, limit = train_val_rows(config), config.data.limit
+    # Every row trains: stream the files lazily; otherwise the selected rows are read eagerly
+    # (pre-flight refuses that for large data: hold out a file with data.val instead).
+    rows = None if split.keeps_every_row(limit) else split.train_rows(limit)
     ds = read_ray_dataset(config.data.train, indices=rows)
     return augment_ray_dataset(
         ds,

@@ -32,6 +32,11 @@ class SplitRows:
         """The first ``limit`` training rows (all when None), sorted for sequential reads."""
         return np.sort(self.train[:limit])
 
+    def keeps_every_row(self, limit: int | None = None) -> bool:
+        """Nothing held out and nothing cut by ``limit``: a reader may stream the files as they
+        are instead of selecting rows (which the Ray reader does eagerly)."""
+        return len(self.val) == 0 and (limit is None or limit >= len(self.train))
+
 
 def holdout_split(num_rows: int, val_fraction: float, seed: int) -> SplitRows:
     """Seeded permutation; the first ``round(val_fraction * num_rows)`` rows are held out."""

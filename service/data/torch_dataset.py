@@ -178,17 +178,30 @@ def make_dataloader(
     )
 
 
-def build_train_dataset(config: Config) -> ParquetImageDataset:
-    """The contrastive training dataset a ``Config`` describes (``data.train`` without the
-    held-out validation rows, at most ``data.limit`` of them; n views)."""
+def build_train_dataset(
+    config: Config,
+    rows: np.ndarray | None = None,
+    item_transform: Callable[[Any], Any] | None = None,
+) -> ParquetImageDataset:
+    """The contrastive training dataset a ``Config`` describes: ``data.train`` without the
+    held-out validation rows, at most ``data.limit`` of them (or the given ``rows``). Items are
+    the n SimCLR views, or one ``item_transform`` output (e.g. a uint8 square to augment in
+    batches)."""
     from service.data.splits import train_val_rows
 
+    if rows is None:
+        rows = train_val_rows(config).train_rows(config.data.limit)
+    if item_transform is not None:
+        transform, n_views = item_transform, None
+    else:
+        transform = simclr_transform(config.augment, config.data.image_size)
+        n_views = config.augment.n_views
     return ParquetImageDataset(
         config.data.train,
-        simclr_transform(config.augment, config.data.image_size),
-        n_views=config.augment.n_views,
+        transform,
+        n_views=n_views,
         max_bad_fraction=config.data.max_bad_fraction,
-        indices=train_val_rows(config).train_rows(config.data.limit),
+        indices=rows,
     )
 
 

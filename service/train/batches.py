@@ -95,8 +95,10 @@ class TrainBatches:
 
     def _build_loader(self, rank: int, world: int) -> int:
         from service.data import make_dataloader
+        from service.data.splits import train_val_rows
 
-        dataset = self._decoded_dataset(world) if self.batched else None
+        rows = train_val_rows(self.config).train_rows(self.config.data.limit)
+        dataset = self._decoded_dataset(rows, world) if self.batched else None
         if dataset is not None:  # decode once: one gather per index batch, no per-item work
             from torch.utils.data import BatchSampler, DataLoader
 
@@ -108,7 +110,7 @@ class TrainBatches:
                 pin_memory=self.device.type == "cuda",
             )  # fmt: skip
             return len(dataset)
-        dataset = self._streaming_dataset()
+        dataset = self._streaming_dataset(rows)
         self.sampler = self._sampler(dataset, rank, world)
         self.loader = make_dataloader(
             dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
@@ -124,13 +126,11 @@ class TrainBatches:
             seed=self.config.train.seed, drop_last=True,
         )  # fmt: skip
 
-    def _decoded_dataset(self, world: int) -> Any:
+    def _decoded_dataset(self, rows: np.ndarray, world: int) -> Any:
         """The decoded training rows when they fit in memory (else None: stream), logged."""
         from service.data.decoded import IndexBatchDataset, decode_once_plan, decode_rows
-        from service.data.splits import train_val_rows
 
         d = self.config.data
-        rows = train_val_rows(self.config).train_rows(d.limit)
         plan = decode_once_plan(len(rows), d.image_size, copies=world)
         if not plan.decode_once:
             log.warning("data: streaming (decode per item, batched augment), %s", plan.reason())
@@ -139,20 +139,15 @@ class TrainBatches:
         decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction)
         return IndexBatchDataset(decoded)
 
-    def _streaming_dataset(self) -> Any:
+    def _streaming_dataset(self, rows: np.ndarray) -> Any:
         """Per-item decode: float views (torchvision), or uint8 squares (batched backend)."""
         from service.data.decoded import to_uint8_square
-        from service.data.splits import train_val_rows
-        from service.data.torch_dataset import ParquetImageDataset, build_train_dataset
+        from service.data.torch_dataset import build_train_dataset
 
         if not self.batched:
-            return build_train_dataset(self.config)
-        d = self.config.data
-        return ParquetImageDataset(
-            d.train, partial(to_uint8_square, size=d.image_size), n_views=None,
-            max_bad_fraction=d.max_bad_fraction,
-            indices=train_val_rows(self.config).train_rows(d.limit),
-        )  # fmt: skip
+            return build_train_dataset(self.config, rows)
+        square = partial(to_uint8_square, size=self.config.data.image_size)
+        return build_train_dataset(self.config, rows, item_transform=square)
 
     def _source(self, epoch: int) -> Iterator[Any]:
         """This epoch's loader batches: views (torchvision) or uint8 images (batched)."""
