@@ -166,6 +166,30 @@ class FaultConfig:
 
 
 @dataclass
+class TextConfig:
+    """Image–text (CLIP-style) mode: set ``column`` to the caption column of the Parquet files."""
+
+    column: str | None = None  # None → image-only training; set → image–text mode
+    context_length: int = 32  # tokens per caption (end-of-text included; padded with 0)
+    vocab_size: int = 2048  # byte-level BPE fitted on the training captions (service/text)
+    width: int = 128  # text Transformer width
+    layers: int = 3
+    heads: int = 4
+    class_name_column: str = "label_name"  # zero-shot: class names from this column
+    # Zero-shot prompts: each class name is put into every template and the embeddings averaged.
+    templates: list[str] = field(
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a blurry photo of a {}.",
+            "a low resolution photo of the {}.",
+            "a close-up photo of a {}.",
+            "a photo of the small {}.",
+            "itap of a {}.",
+        ]
+    )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -176,6 +200,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     @property
     def per_worker_batch_size(self) -> int:
