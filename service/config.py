@@ -117,6 +117,13 @@ class TrainConfig:
     # the k-th micro-batches of all ranks) in both passes; running stats update once per sample.
     # null or >= the per-worker batch: the plain step.
     micro_batch_size: int | None = None
+    # Time-budgeted training (docs/training.md): train for this many minutes of *training* time
+    # (monitor evaluation and checkpointing excluded) and lay the LR schedule over the budget;
+    # train.epochs is then an upper bound (set it high). null: train for train.epochs.
+    time_budget_minutes: float | None = None
+    # With a time budget: linear LR warmup over this fraction of the budget (warmup_epochs must
+    # stay 0 then: epochs are not the schedule's unit).
+    warmup_fraction: float = 0.0
 
 
 @dataclass
