@@ -17,7 +17,8 @@ from service.config import Config
 from service.losses import build_loss
 from service.models import build_model, maybe_convert_sync_batchnorm, unwrap
 from service.train.amp import Amp, amp_policy
-from service.train.optim import build_optimizer, warmup_cosine
+from service.train.budget import TrainClock
+from service.train.optim import build_optimizer, time_warmup_cosine, warmup_cosine
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainState:
     epoch_step: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Training seconds so far (rank 0's clock, shared when a time budget is set); checkpointed.
+    clock: TrainClock = field(default_factory=TrainClock)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -70,11 +73,15 @@ def build_state(
     criterion = criterion.to(device)
     optimizer = build_optimizer([model, criterion], config.train)
     t = config.train
-    scheduler = warmup_cosine(
-        optimizer, t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
-    )
+    clock = TrainClock(t.time_budget_minutes, rank=rank, world=world, device=device)
+    if t.time_budget_minutes is not None:  # the schedule follows training time / budget
+        scheduler = time_warmup_cosine(optimizer, lambda: clock.progress, t.warmup_fraction)
+    else:
+        scheduler = warmup_cosine(
+            optimizer, t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
+        )
     return TrainState(
         config=config, device=device, model=model, criterion=criterion, optimizer=optimizer,
         scheduler=scheduler, amp=amp_policy(t.amp, device), rank=rank, world=world,
-        run_dir=run_dir,
+        run_dir=run_dir, clock=clock,
     )  # fmt: skip
