@@ -16,7 +16,7 @@ momentum SGD without a word: ``train_config_problems`` refuses that configuratio
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -43,13 +43,41 @@ def train_config_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             f"train.lr_scaling must be one of {'|'.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}"
         )
-    numeric = isinstance(cfg.lr, int | float) and not isinstance(cfg.lr, bool)
-    if numeric and not (math.isfinite(cfg.lr) and cfg.lr > 0):  # a non-number: a type problem
+    if _is_number(cfg.lr) and not (math.isfinite(cfg.lr) and cfg.lr > 0):  # a non-number: a type problem
         problems.append(f"train.lr must be a finite number > 0, got {cfg.lr}")
+    problems += _time_budget_problems(cfg)
     if cfg.optimizer == "lars" and cfg.weight_decay == 0:
         problems.append(
             "train.optimizer=lars with train.weight_decay=0 does no layer adaptation (timm's Lars "
             "adapts only decayed groups); set weight_decay > 0, e.g. 1e-6, or use sgd"
+        )
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _time_budget_problems(cfg: TrainConfig) -> list[str]:
+    """``train.time_budget_minutes`` / ``train.warmup_fraction`` (non-numbers: type problems)."""
+    problems = []
+    budget, warmup = cfg.time_budget_minutes, cfg.warmup_fraction
+    if _is_number(budget) and not (math.isfinite(budget) and budget > 0):
+        problems.append(
+            f"train.time_budget_minutes must be a positive number of minutes (or null for no "
+            f"budget), got {budget}"
+        )
+    if _is_number(warmup) and not (0 <= warmup < 1):
+        problems.append(f"train.warmup_fraction must be in [0, 1), got {warmup}")
+    if budget is None and _is_number(warmup) and warmup > 0:
+        problems.append(
+            "train.warmup_fraction applies to time-budgeted runs only; set "
+            "train.time_budget_minutes, or warm up with train.warmup_epochs"
+        )
+    if budget is not None and _is_number(cfg.warmup_epochs) and cfg.warmup_epochs > 0:
+        problems.append(
+            "with train.time_budget_minutes the LR schedule runs over the budget, not over "
+            "epochs: set train.warmup_epochs=0 and warm up with train.warmup_fraction (e.g. 0.05)"
         )
     return problems
 
@@ -128,3 +156,27 @@ def warmup_cosine(
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_cosine_factor(progress: float, warmup_fraction: float) -> float:
+    """LR factor at ``progress`` in [0, 1] of the run: linear warmup from 0 over the first
+    ``warmup_fraction``, then cosine decay to 0 at 1.
+
+    >>> warmup_cosine_factor(0.05, 0.1), warmup_cosine_factor(0.55, 0.1)
+    (0.5, 0.5)
+    """
+    progress = min(1.0, max(0.0, progress))
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    decay = (progress - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, decay)))
+
+
+def time_warmup_cosine(
+    optimizer: torch.optim.Optimizer, progress: Callable[[], float], warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine laid over a time budget: each ``scheduler.step()`` sets the LR from
+    ``progress()`` (training time / budget, the same on every rank), not from the step count."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _step: warmup_cosine_factor(progress(), warmup_fraction)
+    )
