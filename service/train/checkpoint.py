@@ -3,8 +3,8 @@
 One ``state.pt`` per checkpoint directory, loaded with ``weights_only=True`` (no code is
 unpickled). It holds everything needed to resume exactly — model incl. projection head, the
 loss's state (MoCo key encoder and queue, a learnable temperature), optimizer, scheduler, AMP
-scaler, epoch, global step, metric history — plus the resolved config, so ``evaluate
---checkpoint`` can rebuild the encoder without any other file.
+scaler, epoch, global step, metric history, training seconds (``TrainClock``) — plus the
+resolved config, so ``evaluate --checkpoint`` can rebuild the encoder without any other file.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def training_state_dict(s: TrainState) -> dict[str, Any]:
         "epoch": s.epoch,
         "global_step": s.global_step,
         "history": s.history,
+        "train_seconds": s.clock.elapsed_s,
         "config": s.config.to_dict(),
     }
 
@@ -85,6 +86,7 @@ def restore_training_state(s: TrainState, saved: dict[str, Any]) -> None:
     s.epoch = saved["epoch"] + 1
     s.global_step = saved["global_step"]
     s.history = list(saved["history"])
+    s.clock.restore(saved.get("train_seconds", 0.0))  # a time-budgeted run resumes its budget
 
 
 def checkpoint_config(saved: dict[str, Any]) -> Config:
