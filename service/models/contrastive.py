@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.config import ModelConfig
+from service.config import Config, ModelConfig
 from service.models.backbones import build_backbone
 from service.models.heads import ProjectionHead
 
@@ -53,6 +53,21 @@ def build_model(cfg: ModelConfig) -> ContrastiveModel:
         batch_norm=cfg.proj_batch_norm,
     )
     return ContrastiveModel(backbone, head, channels_last=cfg.channels_last)
+
+
+def build_training_model(config: Config) -> nn.Module:
+    """What trains: ``ContrastiveModel`` (images only), or ``ImageTextModel`` when
+    ``config.text.column`` names a caption column (image–text mode).
+
+    >>> type(build_training_model(Config())).__name__
+    'ContrastiveModel'
+    """
+    text = getattr(config, "text", None)
+    if text is not None and text.column:
+        from service.models.image_text import build_image_text_model
+
+        return build_image_text_model(config)
+    return build_model(config.model)
 
 
 def maybe_convert_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
