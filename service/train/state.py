@@ -15,7 +15,7 @@ from torch import nn
 
 from service.config import Config
 from service.losses import build_loss
-from service.models import build_model, maybe_convert_sync_batchnorm, unwrap
+from service.models import build_training_model, maybe_convert_sync_batchnorm, unwrap
 from service.train.amp import Amp, amp_policy
 from service.train.budget import TrainClock
 from service.train.optim import build_optimizer, time_warmup_cosine, warmup_cosine
@@ -62,7 +62,7 @@ def build_state(
     gather_distributed: bool = True,
 ) -> TrainState:
     """Model (→ ``wrap``, default: move to ``device``), loss, optimizer and warmup-cosine LR."""
-    model = maybe_convert_sync_batchnorm(build_model(config.model), config.model.sync_batchnorm)
+    model = maybe_convert_sync_batchnorm(build_training_model(config), config.model.sync_batchnorm)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = wrap(model) if wrap is not None else model.to(device)
