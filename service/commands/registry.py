@@ -1,5 +1,5 @@
-"""``contrastive registry promote``, ``contrastive pull`` and ``contrastive embed``: the MLflow
-model registry from the command line.
+"""``contrastive registry list``/``promote``, ``contrastive pull`` and ``contrastive embed``: the
+MLflow model registry from the command line.
 
 Without ``--tracking-uri`` every command uses the store pretraining used: the one
 ``service.tracking.uri.resolve_tracking_uri`` picks ($MLFLOW_TRACKING_URI, else ``mlruns.db`` in
@@ -8,6 +8,7 @@ the current directory), never MLflow's own default. Each result names the store 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -27,6 +28,9 @@ def promote_command(
 
     uri, shown = _store(tracking_uri)
     result = promote(name, version, alias, tracking_uri=uri)
+    previous = result["previous"]
+    was = "was not set before" if previous is None else f"previously v{previous}"
+    print(f"{name}@{alias} -> v{result['version']} ({was})", file=sys.stderr, flush=True)
     return {
         "name": name,
         "version": version,
@@ -34,6 +38,19 @@ def promote_command(
         "previous": result["previous"],
         "tracking_uri": shown,
     }
+
+
+def list_command(name: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Print every version of ``name`` (or of all registered models) as a table on stdout:
+    aliases, champion metric and value, run id, creation time, towers. Returns the rows."""
+    from mlflow import MlflowClient
+
+    from service.registry.listing import format_table, list_versions
+
+    uri, shown = _store(tracking_uri)
+    rows = list_versions(MlflowClient(uri), name)
+    print(format_table(rows) if rows else f"no registered models in {shown}", flush=True)
+    return {"versions": [r.to_dict() for r in rows], "tracking_uri": shown}
 
 
 def pull_command(spec: str, out: str, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -51,10 +68,22 @@ def embed_command(
     output_path: str,
     batch_size: int = 256,
     tracking_uri: str | None = None,
+    *,
+    text_column: str | None = None,
+    normalize: bool = False,
 ) -> dict[str, Any]:
-    """One embedding per decodable image row of ``input_path``, written to ``output_path``."""
+    """One embedding per decodable image row of ``input_path`` (or per text of ``text_column``,
+    with an image–text model), written to ``output_path`` with its input ``row_id``."""
     from service.registry.embed import embed_parquet
 
     uri, shown = _store(tracking_uri)
-    summary = embed_parquet(model, input_path, output_path, batch_size=batch_size, tracking_uri=uri)
+    summary = embed_parquet(
+        model,
+        input_path,
+        output_path,
+        batch_size=batch_size,
+        tracking_uri=uri,
+        text_column=text_column,
+        normalize=normalize,
+    )
     return {**summary, "tracking_uri": shown}

@@ -1,7 +1,12 @@
-"""Batch inference: one embedding per image row of a Parquet dataset, written to a new Parquet.
+"""Batch inference: one embedding per row of a Parquet dataset, written to a new Parquet.
 
 Streams record batches (memory stays bounded by ``batch_size``), keeps every non-image column
-(ids, labels, ...) for the rows it embeds, and skips corrupt images, counting them.
+(ids, labels, ...) for the rows it embeds plus ``row_id`` (the row's index in the input, so
+rows can be matched back when corrupt ones are skipped), and skips corrupt images, counting them.
+
+Image embeddings are the backbone's raw features, **not** L2-normalised, unless
+``normalize=True``. Text embeddings (``text_column=...``, image–text models only) come from the
+text tower and its projection, and are always L2-normalised (the joint space of zero-shot).
 
     >>> embed_parquet("models:/contrastive-encoder@champion", "in.parquet", "out.parquet")
     ... # doctest: +SKIP
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,15 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from service.registry.load import load_encoder
 
 EMBEDDING_COLUMN = "embedding"
+ROW_ID_COLUMN = "row_id"
+
+# values of one batch → (indices of the rows that could be embedded, their features [n, d])
+BatchEncoder = Callable[[list[Any]], tuple[list[int], torch.Tensor | None]]
 
 
 def _progress(done: int, total: int, skipped: int, started: float) -> None:
@@ -35,6 +46,46 @@ def _progress(done: int, total: int, skipped: int, started: float) -> None:
     )
 
 
+def _image_batch_encoder(
+    model_uri: str, tracking_uri: str | None, device: torch.device
+) -> BatchEncoder:
+    from service.data.decode import decode_image
+    from service.data.errors import CorruptImageError
+
+    encoder, preprocess = load_encoder(model_uri, tracking_uri)
+    encoder = encoder.to(device)
+
+    def encode(values: list[Any]) -> tuple[list[int], torch.Tensor | None]:
+        images, rows = [], []
+        for i, data in enumerate(values):
+            try:
+                images.append(preprocess(decode_image(data)))
+                rows.append(i)
+            except CorruptImageError:
+                pass
+        if not rows:
+            return rows, None
+        return rows, encoder(torch.stack(images).to(device))
+
+    return encode
+
+
+def _text_batch_encoder(
+    model_uri: str, tracking_uri: str | None, device: torch.device
+) -> BatchEncoder:
+    from service.registry.text import load_text_encoder
+
+    encoder = load_text_encoder(model_uri, tracking_uri).to(device)
+
+    def encode(values: list[Any]) -> tuple[list[int], torch.Tensor | None]:
+        rows = [i for i, text in enumerate(values) if isinstance(text, str)]  # nulls skipped
+        if not rows:
+            return rows, None
+        return rows, encoder.encode([values[i] for i in rows])
+
+    return encode
+
+
 @torch.inference_mode()
 def embed_parquet(
     model_uri: str,
@@ -44,23 +95,31 @@ def embed_parquet(
     tracking_uri: str | None = None,
     *,
     image_column: str = "image",
+    text_column: str | None = None,
+    normalize: bool = False,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Embed every decodable image of ``input_parquet`` (file, directory, glob or URI) with the
-    encoder at ``model_uri``; write the non-image columns + ``embedding`` (fixed-size list of
-    float32) to ``output_parquet``. Returns counts, the embedding dim and the output path."""
-    from service.data.decode import decode_image
-    from service.data.errors import CorruptImageError
+    encoder at ``model_uri`` (or, with ``text_column``, every non-null text with the model's
+    text tower); write ``row_id`` + the non-image columns + ``embedding`` (fixed-size list of
+    float32) to ``output_parquet``. ``normalize`` L2-normalises image embeddings (text ones
+    always are). Returns counts, the embedding dim and the output path."""
     from service.data.parquet import inspect_parquet
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     source = inspect_parquet(input_parquet)
-    if image_column not in source.columns:
-        raise ValueError(f"{input_parquet!r} has no column {image_column!r} ({source.columns})")
-    encoder, preprocess = load_encoder(model_uri, tracking_uri)
+    column = text_column or image_column
+    if column not in source.columns:
+        raise ValueError(f"{input_parquet!r} has no column {column!r} ({source.columns})")
+    if ROW_ID_COLUMN in source.columns or EMBEDDING_COLUMN in source.columns:
+        raise ValueError(
+            f"{input_parquet!r} already has a {ROW_ID_COLUMN!r} or {EMBEDDING_COLUMN!r} column; "
+            "the output adds both: rename it first"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = encoder.to(device)
+    make = _text_batch_encoder if text_column else _image_batch_encoder
+    encode = make(model_uri, tracking_uri, device)
     keep = [c for c in source.columns if c != image_column]
     dataset = pds.dataset(source.files, filesystem=source.filesystem, format="parquet")
 
@@ -73,28 +132,20 @@ def embed_parquet(
     started = last_report = time.monotonic()
     try:
         for batch in dataset.to_batches(columns=source.columns, batch_size=batch_size):
-            images, rows = [], []
-            for i, data in enumerate(batch.column(image_column).to_pylist()):
-                try:
-                    images.append(preprocess(decode_image(data)))
-                    rows.append(i)
-                except CorruptImageError:
-                    skipped += 1
-                    if len(first_bad) < 10:
-                        first_bad.append(done + i)
-            done += batch.num_rows
-            if rows:
-                features = encoder(torch.stack(images).to(device)).float().cpu().numpy()
+            rows, features = encode(batch.column(column).to_pylist())
+            bad = sorted(set(range(batch.num_rows)) - set(rows))
+            skipped += len(bad)
+            first_bad += [done + i for i in bad[: max(0, 10 - len(first_bad))]]
+            if features is not None:
+                if normalize:
+                    features = F.normalize(features.float(), dim=1)
+                table = _output_table(batch.select(keep), rows, done, features)
                 dim = features.shape[1]
-                table = pa.Table.from_batches([batch.select(keep)]).take(pa.array(rows))
-                flat = pa.array(features.astype(np.float32, copy=False).reshape(-1))
-                table = table.append_column(
-                    EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, dim)
-                )
                 if writer is None:
                     writer = pq.ParquetWriter(output, table.schema, compression="zstd")
                 writer.write_table(table)
                 written += table.num_rows
+            done += batch.num_rows
             if time.monotonic() - last_report > 5 or done == source.num_rows:
                 _progress(done, source.num_rows, skipped, started)
                 last_report = time.monotonic()
@@ -102,13 +153,16 @@ def embed_parquet(
         if writer is not None:
             writer.close()
     if writer is None:
+        what = "text" if text_column else "decodable image"
         raise ValueError(
-            f"no decodable image in {input_parquet!r} ({skipped} corrupt of {done}); "
-            "nothing written"
+            f"no {what} in {input_parquet!r} ({skipped} skipped of {done}); nothing written"
         )
     return {
         "model_uri": model_uri,
         "output": str(output),
+        "column": column,
+        "tower": "text" if text_column else "image",
+        "normalized": bool(normalize or text_column),
         "rows_in": done,
         "rows_out": written,
         "skipped_corrupt": skipped,
@@ -116,3 +170,17 @@ def embed_parquet(
         "embedding_dim": dim,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _output_table(
+    batch: pa.RecordBatch, rows: list[int], offset: int, features: torch.Tensor
+) -> pa.Table:
+    """``row_id`` (index in the whole input), the kept columns of ``rows``, ``embedding``."""
+    features_np = features.float().cpu().numpy().astype(np.float32, copy=False)
+    table = pa.Table.from_batches([batch]).take(pa.array(rows, pa.int64()))
+    ids = pa.array(np.asarray(rows, dtype=np.int64) + offset, pa.int64())
+    table = table.add_column(0, ROW_ID_COLUMN, ids)
+    flat = pa.array(features_np.reshape(-1))
+    return table.append_column(
+        EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, features_np.shape[1])
+    )

@@ -69,17 +69,22 @@ def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 
 
-def resolve_version(client: Any, ref: ModelRef) -> Any:
-    """The ``ModelVersion`` for ``ref``; ``RegistryLookupError`` listing what exists otherwise."""
+def resolve_registered_model(client: Any, name: str) -> Any:
+    """The ``RegisteredModel`` ``name``; ``RegistryLookupError`` listing the models otherwise."""
     try:
-        client.get_registered_model(ref.name)
+        return client.get_registered_model(name)
     except Exception as exc:
         if not _is_missing(exc):
             raise
         names = sorted(m.name for m in client.search_registered_models(max_results=50))
         raise RegistryLookupError(
-            f"no registered model named {ref.name!r}; registered models: {names or 'none'}"
+            f"no registered model named {name!r}; registered models: {names or 'none'}"
         ) from exc
+
+
+def resolve_version(client: Any, ref: ModelRef) -> Any:
+    """The ``ModelVersion`` for ``ref``; ``RegistryLookupError`` listing what exists otherwise."""
+    resolve_registered_model(client, ref.name)
     try:
         if ref.alias is not None:
             return client.get_model_version_by_alias(ref.name, ref.alias)
