@@ -82,8 +82,18 @@ def _cmd_pull(a: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_embed(a: argparse.Namespace) -> dict[str, Any]:
     return commands.embed_command(
-        a.model, a.input, a.output, batch_size=a.batch_size, tracking_uri=a.tracking_uri
+        a.model,
+        a.input,
+        a.output,
+        batch_size=a.batch_size,
+        tracking_uri=a.tracking_uri,
+        text_column=a.text_column,
+        normalize=a.normalize,
     )
+
+
+def _cmd_registry_list(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.list_command(a.name, tracking_uri=a.tracking_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", required=True)
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_cmd_promote)
+    p = registry.add_parser("list", help="registered models: versions, aliases, metric, run")
+    p.add_argument("name", nargs="?", default=None, help="one registered model (default: all)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_cmd_registry_list)
 
     p = sub.add_parser("pull", help="download a registered encoder for offline use")
     p.add_argument("spec", help="NAME@ALIAS or NAME/VERSION")
@@ -169,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help="embed this text column with the text tower (image-text models; L2-normalised)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise image embeddings (default: the backbone's raw features)",
+    )
     p.set_defaults(func=_cmd_embed)
 
     return parser

@@ -13,13 +13,19 @@ from service.commands.data import pack_command, preview_command
 from service.commands.demo import demo_command
 from service.commands.evaluate import evaluate_command
 from service.commands.pretrain import pretrain_command
-from service.commands.registry import embed_command, promote_command, pull_command
+from service.commands.registry import (
+    embed_command,
+    list_command,
+    promote_command,
+    pull_command,
+)
 from service.commands.tune import tune_command
 
 __all__ = [
     "demo_command",
     "embed_command",
     "evaluate_command",
+    "list_command",
     "pack_command",
     "pretrain_command",
     "preview_command",
