@@ -62,10 +62,16 @@ class FlushReport:
     dropped_metrics: int
     unlogged_artifacts: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    unlogged_tags: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.unlogged_metrics or self.dropped_metrics or self.unlogged_artifacts)
+        return not (
+            self.unlogged_metrics
+            or self.dropped_metrics
+            or self.unlogged_artifacts
+            or self.unlogged_tags
+        )
 
 
 @dataclass
@@ -109,6 +115,7 @@ class MetricLogger:
         self.flush_timeout_s = flush_timeout_s
         self._client = MlflowClient(tracking_uri)
         self._metrics: deque[Any] = deque()  # mlflow.entities.Metric, in logging order
+        self._tags: dict[str, str] = {}  # run tags awaiting sending; the latest value wins
         self._artifacts: deque[_PendingArtifact] = deque()
         self._lock = threading.RLock()
         self._next_attempt = 0.0  # time.monotonic() before which we only buffer
@@ -147,6 +154,14 @@ class MetricLogger:
                         redact_uri(self.tracking_uri),
                     )
                 self.dropped_metrics += overflow
+            self._try_send(force=False)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values as strings), sent with the next batch; buffered like metrics.
+
+        For values that are not charts (``epoch``, ``global_step``): a tag keeps the latest."""
+        with self._lock:
+            self._tags.update({str(key): str(value) for key, value in tags.items()})
             self._try_send(force=False)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -225,23 +240,29 @@ class MetricLogger:
         """Send pending metrics then artifacts; True when nothing is left. Caller holds the lock."""
         if not force and time.monotonic() < self._next_attempt:
             return False
-        if not self._metrics and not self._artifacts:
+        from mlflow.entities import RunTag
+
+        if not self._metrics and not self._artifacts and not self._tags:
             return True
         with fast_fail_http(self.request_timeout_s):
-            while self._metrics:
+            while self._metrics or self._tags:
                 batch = list(islice(self._metrics, METRICS_PER_BATCH))
+                tags = [RunTag(key, value) for key, value in self._tags.items()]
                 try:
-                    self._client.log_batch(self.run_id, metrics=batch)
+                    self._client.log_batch(self.run_id, metrics=batch, tags=tags)
                     self.logged_metrics += len(batch)
                 except Exception as exc:
                     if not _is_permanent(exc):
                         self._on_transient_failure(exc)
                         return False
-                    self._errors.append(f"log_batch rejected {len(batch)} metrics: {exc}")
+                    self._errors.append(
+                        f"log_batch rejected {len(batch)} metrics, {len(tags)} tags: {exc}"
+                    )
                     log.error("MLflow rejected %d metric values (dropped): %s", len(batch), exc)
                     self.dropped_metrics += len(batch)
                 for _ in batch:
                     self._metrics.popleft()
+                self._tags.clear()
             while self._artifacts:
                 item = self._artifacts[0]
                 try:
@@ -287,6 +308,7 @@ class MetricLogger:
                 unlogged_artifacts=[a.local_path for a in self._artifacts]
                 + list(self._failed_artifacts),
                 errors=list(self._errors),
+                unlogged_tags=len(self._tags),
             )
 
     def _describe_pending(self) -> str:

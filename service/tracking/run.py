@@ -7,8 +7,10 @@ never be left RUNNING by an exception between its creation and the end of the wo
     >>> with tracked_run(Config()) as run:  # doctest: +SKIP
     ...     run.logger().log_metrics({"train_loss": 4.2}, step=0)
 
-Epoch metrics are logged at ``step=epoch``; :func:`backfill_epochs` logs the checkpointed epochs
-a run lacks after a restart (the one place that knows how an epoch row maps onto MLflow).
+Epoch metrics are logged at ``step=global_step`` (epoch 0, the random-init validation metrics,
+at step 0); ``epoch`` and ``global_step`` become run tags, not charts. :func:`log_epoch` and
+:func:`backfill_epochs` (the checkpointed epochs a run lacks after a restart) are the one place
+that knows how an epoch row maps onto MLflow.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from service.config import Config
 
 log = logging.getLogger("service.tracking")
 
-EPOCH_KEY_METRIC = "train_loss"  # every logged epoch has it; its steps say which epochs landed
+EPOCH_KEY_METRIC = "train_loss"  # every trained epoch has it; its steps say which epochs landed
+# History keys that are not charts: run tags (epoch, global_step: the latest; num_nodes: set once
+# by the loop).
+EPOCH_TAG_KEYS = ("epoch", "global_step")
+NOT_METRICS = (*EPOCH_TAG_KEYS, "num_nodes")
 
 
 def mlflow_client(uri: str) -> Any:
@@ -123,28 +129,67 @@ def tracked_run(
         yield handle
 
 
+def epoch_step(row: Mapping[str, Any]) -> int:
+    """The MLflow step of a history row: its ``global_step`` (0 for the random-init epoch 0)."""
+    return int(row.get("global_step", 0))
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The chartable values of a history row (``epoch``/``global_step``/``num_nodes`` are tags)."""
+    return {k: float(v) for k, v in row.items() if k not in NOT_METRICS}
+
+
+def epoch_tags(row: Mapping[str, Any]) -> dict[str, str]:
+    return {k: str(int(row[k])) for k in EPOCH_TAG_KEYS if k in row}
+
+
 def log_epoch(logger: Any, metrics: Mapping[str, Any]) -> None:
-    """One epoch's metrics at ``step=epoch`` in one batch, so an epoch lands whole or not."""
-    logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(metrics["epoch"]))
+    """One epoch's metrics at ``step=global_step`` in one batch (an epoch lands whole or not),
+    then the ``epoch``/``global_step`` tags.
+
+    >>> log_epoch(logger, {"epoch": 1, "global_step": 39, "train_loss": 5.1})  # doctest: +SKIP
+    """
+    logger.log_metrics(epoch_metrics(metrics), step=epoch_step(metrics))
+    logger.set_tags(epoch_tags(metrics))
+
+
+def _key_metric(row: Mapping[str, Any]) -> str | None:
+    """The metric whose steps say whether ``row`` landed: ``train_loss``, or for the random-init
+    epoch 0 (monitor metrics only) its first metric."""
+    if EPOCH_KEY_METRIC in row:
+        return EPOCH_KEY_METRIC
+    return min(epoch_metrics(row), default=None)
 
 
 def backfill_epochs(client: Any, run_id: str, history: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Log the epochs of ``history`` that the run lacks (same ``step=epoch``); return them.
+    """Log the epochs of ``history`` that the run lacks (same ``step=global_step``); return
+    their ``epoch`` numbers. The ``epoch``/``global_step`` tags follow the last row.
 
     Epoch metrics are logged after the checkpoint that carries them is persisted, so a process
     that dies in between (or is stopped by Tune on that very report) leaves a gap that only the
     checkpointed/reported history can fill.
     """
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
-    logged = {m.step for m in client.get_metric_history(run_id, EPOCH_KEY_METRIC)}
-    missing = [row for row in history if int(row["epoch"]) not in logged]
+    logged: dict[str, set[int]] = {}
+    missing = []
+    for row in history:
+        key = _key_metric(row)
+        if key is None:
+            continue
+        if key not in logged:
+            logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
+        if epoch_step(row) not in logged[key]:
+            missing.append(row)
     now = int(time.time() * 1000)
     metrics = [
-        Metric(key, float(value), now, int(row["epoch"]))
+        Metric(key, value, now, epoch_step(row))
         for row in missing
-        for key, value in row.items()
+        for key, value in epoch_metrics(row).items()
     ]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    if missing and history:
+        tags = [RunTag(k, v) for k, v in epoch_tags(history[-1]).items()]
+        client.log_batch(run_id, tags=tags)
     return [int(row["epoch"]) for row in missing]
