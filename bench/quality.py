@@ -1,0 +1,197 @@
+"""Representation quality per minute of training: pretrain for a wall-clock budget, then the
+evaluation protocol, beside the random-init encoder of the same architecture (and, when lightly
+is installed, a SimCLR built from lightly's blocks in a plain loop, same budget, same protocol).
+
+Protocol (fixed seeds): freeze the backbone; weighted kNN (k=200, τ=0.1, cosine) and a linear
+probe, the full training set as bank / probe training set, the full **test** split as queries.
+No choice is made on these numbers (that is what the validation split is for), so the test split
+is the right one to report. Each budget is its own run with the LR schedule laid over that budget
+(``train.time_budget_minutes``): the curve is "the best encoder in T minutes", not the
+checkpoints of one long run.
+
+Prints one JSON line per (method, budget), logs each to MLflow (experiment ``quality-bench``) and
+draws accuracy vs training minutes (``--plot``, also logged).
+
+    python bench/quality.py --minutes 2 5 10 --plot docs/images/quality_curve.png
+    python bench/quality.py --config jobs/configs/smoke-cpu.yaml --minutes 25 --no-lightly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.config import Config, load_config
+from service.data.augment import eval_transform
+from service.eval.offline import evaluate_encoder
+from service.models import build_backbone, build_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def protocol(encoder: nn.Module, config: Config, train: str, test: str) -> dict[str, float]:
+    """kNN-200 and linear top-1 of a frozen encoder on the test split (bank: the training set)."""
+    torch.manual_seed(0)
+    transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
+    result = evaluate_encoder(
+        encoder.eval(), transform, train, test, knn_k=200, knn_temperature=0.1,
+        linear_epochs=config.eval.linear_epochs, linear_lr=config.eval.linear_lr,
+    )  # fmt: skip
+    return {"test_knn_top1": result["knn_top1"], "test_linear_top1": result["linear_top1"]}
+
+
+def bench_config(args: argparse.Namespace, minutes: float) -> Config:
+    """The named config on the full data, trained for ``minutes`` (every training row trains:
+    nothing is selected on these runs, and the test split only gives the final number)."""
+    return load_config(args.config, overrides={
+        "data.train": args.train, "data.test": args.test, "data.val_fraction": 0.0,
+        "train.time_budget_minutes": minutes, "train.epochs": 10_000,
+        "train.run_name": f"quality-{Path(args.config).stem}-{minutes:g}min-{int(time.time())}",
+        "mlflow.experiment": "quality-bench", "mlflow.registered_model_name": None,
+    })  # fmt: skip
+
+
+def run_ours(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
+    from service.train.checkpoint import load_encoder_from_checkpoint, load_state
+    from service.train.driver import run_pretraining
+
+    config = bench_config(args, minutes)
+    started = time.perf_counter()
+    summary = run_pretraining(config)
+    wall = time.perf_counter() - started
+    backbone, _ = load_encoder_from_checkpoint(summary["checkpoint"])
+    last = load_state(summary["checkpoint"])["history"][-1]
+    return {"method": "ours", "config": args.config, "budget_min": minutes,
+            "wall_min": round(wall / 60, 2), "epochs": last.get("epoch"),
+            **protocol(backbone, config, args.train, args.test)}  # fmt: skip
+
+
+def run_random(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_config(args.config)
+    torch.manual_seed(config.train.seed)
+    backbone = build_model(config.model).backbone
+    return {"method": "random_init", "config": args.config, "budget_min": 0.0,
+            **protocol(backbone, config, args.train, args.test)}  # fmt: skip
+
+
+def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
+    """SimCLR from lightly's transform, projection head and NT-Xent in a plain single-process
+    loop: our backbone and optimiser settings, so only the training machinery differs."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+
+    from service.data import ParquetImageDataset, make_dataloader
+
+    config = load_config(args.config)
+    m, a, t = config.model, config.augment, config.train
+    torch.manual_seed(t.seed)
+    backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem)
+    head = SimCLRProjectionHead(backbone.out_dim, m.proj_hidden_dim, m.proj_out_dim)
+    transform = SimCLRTransform(
+        input_size=config.data.image_size, cj_strength=a.strength, min_scale=a.min_scale,
+        gaussian_blur=0.0, normalize={"mean": a.mean, "std": a.std},
+    )  # fmt: skip
+    data = ParquetImageDataset(args.train, transform)
+    loader = make_dataloader(data, batch_size=t.global_batch_size, shuffle=True, drop_last=True,
+                             num_workers=1)  # fmt: skip
+    criterion = NTXentLoss(temperature=config.loss.temperature)
+    params = list(backbone.parameters()) + list(head.parameters())
+    lr = t.lr * t.global_batch_size / 256
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    budget, trained, epochs = minutes * 60, 0.0, 0
+    while trained < budget:
+        for views, _ in loader:
+            start = time.perf_counter()
+            for group in optimizer.param_groups:  # cosine over the time budget, like ours
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(trained / budget, 1.0)))
+            z0, z1 = (head(backbone(v)) for v in views)
+            loss = criterion(z0, z1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trained += time.perf_counter() - start
+            if trained >= budget:
+                break
+        epochs += 1
+    return {"method": "lightly_simclr", "config": args.config, "budget_min": minutes,
+            "epochs": epochs, **protocol(backbone, config, args.train, args.test)}  # fmt: skip
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for ax, metric in zip(axes, ("test_knn_top1", "test_linear_top1"), strict=True):
+        for method, style in (("ours", "o-"), ("lightly_simclr", "s--")):
+            pts = sorted((r["budget_min"], r[metric]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=method)
+        for r in rows:
+            if r["method"] == "random_init":
+                ax.axhline(r[metric], color="grey", ls=":", label="random init")
+        ax.set(xlabel="training minutes (wall clock, evaluation excluded)",
+               ylabel=f"{metric} (CIFAR-10 test split)", title=metric)  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_to_mlflow(rows: list[dict[str, Any]], figure: Path | None) -> None:
+    import mlflow
+
+    from service.tracking.uri import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
+    mlflow.set_experiment("quality-bench")
+    for row in rows:
+        with mlflow.start_run(run_name=f"{row['method']}-{row['budget_min']:g}min"):
+            mlflow.log_params({k: v for k, v in row.items() if not isinstance(v, float)})
+            mlflow.log_metrics({k: v for k, v in row.items() if isinstance(v, float)})
+            if figure is not None:
+                mlflow.log_artifact(str(figure), "plots")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/smoke-cpu.yaml")
+    p.add_argument("--train", default=str(SHARED / "cifar10-train.parquet"))
+    p.add_argument("--test", default=str(SHARED / "cifar10-test.parquet"))
+    p.add_argument("--minutes", type=float, nargs="+", default=[2.0, 5.0])
+    p.add_argument("--no-lightly", action="store_true", help="skip the lightly baseline")
+    p.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-minutes PNG")
+    args = p.parse_args()
+    try:
+        import lightly  # noqa: F401
+
+        with_lightly = not args.no_lightly
+    except ImportError:
+        with_lightly = False
+        print(json.dumps({"note": "lightly not installed (pip install -e '.[bench]'): skipped"}))
+    rows = [run_random(args)]
+    print(json.dumps(rows[-1]), flush=True)
+    for minutes in args.minutes:
+        runs = [run_ours] + ([run_lightly] if with_lightly else [])
+        for run in runs:
+            rows.append(run(args, minutes))
+            print(json.dumps(rows[-1]), flush=True)
+    figure = plot(rows, args.plot) if args.plot else None
+    log_to_mlflow(rows, figure)
+
+
+if __name__ == "__main__":
+    main()
