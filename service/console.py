@@ -20,12 +20,17 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Progress", "RayNoiseFilter", "is_ray_noise", "say"]
+__all__ = ["Progress", "RayNoiseFilter", "filter_ray_worker_output", "is_ray_noise", "say"]
 
 
 def say(stage: str, message: str, *, stream: IO[str] | None = None) -> None:
-    """Print ``[stage] message`` once to stderr (flushed, so it interleaves with Ray's output)."""
-    print(f"[{stage}] {message}", file=stream or sys.stderr, flush=True)
+    """Print ``[stage] message`` once to stderr (flushed, so it interleaves with Ray's output).
+
+    Written with ``write``, not ``print``: inside a Ray Train worker ``print`` is patched to
+    both print and log the line, and the driver would show it twice."""
+    out = stream or sys.stderr
+    out.write(f"[{stage}] {message}\n")
+    out.flush()
 
 
 def _duration(seconds: float) -> str:
@@ -44,7 +49,8 @@ class Progress:
 
     On a terminal it is a tqdm bar; otherwise (a log file, ``ray job submit``) it prints one line
     every ``interval`` seconds with done/total, rate and ETA, and a last line when it closes.
-    ``clock`` is injectable for tests.
+    Work that ends within ``interval`` prints nothing (the bar appears after ``interval`` too):
+    short work, such as the per-epoch kNN monitor, stays quiet. ``clock`` is injectable for tests.
 
         >>> import io
         >>> out = io.StringIO()
@@ -80,6 +86,7 @@ class Progress:
         self._bar: Any = None
         self._start = 0.0
         self._last = 0.0
+        self._lines = 0
 
     def __enter__(self) -> Progress:
         self._start = self._last = self.clock()
@@ -88,7 +95,7 @@ class Progress:
 
             self._bar = tqdm(
                 total=self.total, desc=f"[{self.label}]", unit=f" {self.unit}",
-                file=self.stream, leave=True, dynamic_ncols=True,
+                file=self.stream, leave=True, dynamic_ncols=True, delay=self.interval,
             )  # fmt: skip
         return self
 
@@ -101,6 +108,7 @@ class Progress:
         now = self.clock()
         if now - self._last >= self.interval:
             self._last = now
+            self._lines += 1
             say(self.label, self._line(now), stream=self.stream)
 
     def _rate(self, now: float) -> float:
@@ -123,6 +131,8 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            return
+        if self._lines == 0:  # ended within the first interval: nothing worth a line
             return
         now = self.clock()
         of = f"/{self.total}" if self.total is not None else ""
@@ -169,3 +179,34 @@ class RayNoiseFilter(logging.Filter):
         except Exception:  # a malformed record is not ours to judge: let it through
             return True
         return not is_ray_noise(text)
+
+
+def _filtered(handler: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def handle(batch: dict[str, Any]) -> None:
+        lines = [line for line in batch.get("lines", []) if not is_ray_noise(line)]
+        if lines:
+            handler({**batch, "lines": lines})
+
+    handle.ray_noise_filtered = True  # type: ignore[attr-defined]
+    return handle
+
+
+def filter_ray_worker_output() -> bool:
+    """Drop Ray's known internal lines from the worker output Ray forwards to this driver
+    (``log_to_driver``); every other line is printed as before. Returns whether it is installed.
+
+    Worker lines never pass through the driver's ``logging``: Ray's log monitor hands batches
+    of lines to handlers of ``ray._private.ray_logging.global_worker_stdstream_dispatcher``, so
+    the filter wraps the one that prints them. That is Ray's private API: when it changes the
+    output is left as it is."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, h if getattr(h, "ray_noise_filtered", False) else _filtered(h))
+                for name, h in dispatcher.handlers
+            ]
+        return True
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.config import Config
+from service.console import filter_ray_worker_output, say
 from service.tracking.run import TrackedRun, ending_on_error
 from service.train.finalize import finalize_run
 from service.train.identity import (
@@ -48,8 +50,18 @@ def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
+        filter_ray_worker_output()
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(min_cpus) + 1), include_dashboard=False)
+    # Ray Train patches print() in its workers to print AND log each line (it mistakes Ray's own
+    # stdout redirection for a third-party wrapper), so every worker print reached the console
+    # twice. The workers of an embedded Ray inherit this process's environment.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
+    say("ray", f"starting a local Ray ({cpus} CPUs)...")
+    started = time.monotonic()
+    ray.init(num_cpus=cpus, include_dashboard=False)
+    filter_ray_worker_output()
+    say("ray", f"ready in {time.monotonic() - started:.0f} s")
 
 
 def check_cluster_fits(config: Config, trials: int = 1) -> None:
