@@ -1,85 +1,225 @@
-"""PNG plots logged with a run: training curves and a 2-D map of the learned embeddings.
+"""PNG plots logged with a run: training curves, a 2-D map of the learned embeddings, and the
+pretrained-vs-random-init comparison.
 
 Uses matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``: no global figure state,
-no GUI backend, safe in Ray workers and threads.
+no GUI backend, safe in Ray workers and threads. Each ``plot_*`` writes a PNG and returns its path;
+the ``*_figure`` builders return the :class:`~matplotlib.figure.Figure` (for tests and notebooks).
 
-    >>> history = [{"epoch": 1, "step": 10, "loss": 5.1, "lr": 1e-3, "knn_top1": 0.21}]
-    >>> plot_training_curves(history, "/tmp/doc-curves.png").name
+Epochs are user-facing (``docs/architecture.md``): 1..N count completed epochs and epoch 0 is the
+random-init evaluation before training.
+
+    >>> history = [{"epoch": 0, "knn_top1": 0.18},
+    ...            {"epoch": 1, "train_loss": 5.1, "lr": 1e-3, "knn_top1": 0.31}]
+    >>> plot_training_curves(history, "/tmp/doc-curves.png", chance_loss=5.54).name
     'doc-curves.png'
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# (panel title, candidate keys in a history row): the loop may prefix names ("train/loss").
-_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("loss", "train_loss", "train/loss", "step_loss")),
-    ("learning rate", ("lr", "learning_rate", "train/lr")),
-    ("kNN top-1", ("knn_top1", "val_knn_top1", "eval/knn_top1", "val/knn_top1")),
+_LOSS_KEYS = ("train_loss", "loss", "step_loss", "train/loss")
+_LR_KEYS = ("lr", "learning_rate", "train/lr")
+_TEMPERATURE_KEYS = ("temperature",)
+_KNN_KEYS = ("knn_top1", "val_knn_top1", "eval/knn_top1", "val/knn_top1")
+# Image-text validation monitor (service.eval.image_text): (history key, legend label).
+_IMAGE_TEXT_SERIES = (
+    ("val_zeroshot_top1", "zero-shot top-1"),
+    ("val_i2t_recall@5", "image→text recall@5"),
+    ("val_t2i_recall@5", "text→image recall@5"),
 )
+_DPI = 120
+_REFERENCE_STYLE = {"linestyle": "--", "color": "0.45", "linewidth": 1.2}
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _series(history: Sequence[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, list, list]:
-    """(x label, xs, ys) for the first key present; x is the first of step / epoch /
-    global_step that every such row has (per-epoch history reads best against epochs)."""
-    for key in keys:
-        rows = [r for r in history if r.get(key) is not None]
-        if not rows:
-            continue
-        for x_key in ("step", "epoch", "global_step"):
-            if all(r.get(x_key) is not None for r in rows):
-                return x_key, [r[x_key] for r in rows], [float(r[key]) for r in rows]
-        return "record", list(range(len(rows))), [float(r[key]) for r in rows]
-    return "", [], []
+def _save(fig: Any, out_png: str | os.PathLike[str]) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def _first(row: Mapping[str, Any], keys: Sequence[str]) -> float | None:
+    return next((float(row[k]) for k in keys if row.get(k) is not None), None)
+
+
+def user_epochs(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that have an ``epoch``, renumbered to user-facing epochs if needed.
+
+    Histories written before the epoch-0 (random-init) entry existed numbered training epochs
+    from 0: a row with a training loss at epoch 0 marks one, and its epochs are shifted by one.
+
+    >>> [r["epoch"] for r in user_epochs([{"epoch": 0, "train_loss": 5.0}, {"epoch": 1}])]
+    [1, 2]
+    >>> [r["epoch"] for r in user_epochs([{"epoch": 0, "knn_top1": 0.1}, {"epoch": 1}])]
+    [0, 1]
+    """
+    rows = [dict(r) for r in history if r.get("epoch") is not None]
+    zero_based = any(r["epoch"] == 0 and _first(r, _LOSS_KEYS) is not None for r in rows)
+    for r in rows:
+        r["epoch"] = int(r["epoch"]) + int(zero_based)
+    return rows
+
+
+def _series(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, with_init: bool
+) -> tuple[list[int], list[float]]:
+    """(epochs, values) of the first of ``keys`` each row has; epoch 0 only ``with_init``."""
+    picked = [
+        (r["epoch"], v)
+        for r in rows
+        if (with_init or r["epoch"] >= 1) and (v := _first(r, keys)) is not None
+    ]
+    return [e for e, _ in picked], [v for _, v in picked]
+
+
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _epoch_axis(ax: Any, last_epoch: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(-0.3, max(last_epoch, 1) + 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = random init)")
+    ax.grid(alpha=0.3)
+
+
+def _marker(n: int) -> str | None:
+    return "o" if n <= 40 else None
+
+
+def _loss_panel(
+    ax: Any, rows: Sequence[Mapping[str, Any]], chance_loss: float | None, chance_label: str
+) -> None:
+    xs, ys = _series(rows, _LOSS_KEYS, with_init=False)
+    ax.set_title("train loss")
+    if not xs:
+        _no_data(ax, "no training loss recorded")
+        return
+    ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, linewidth=1.8, label="train loss")
+    if chance_loss is not None:
+        ax.axhline(chance_loss, **_REFERENCE_STYLE, label=f"{chance_label} = {chance_loss:.2f}")
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def _knn_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    xs, ys = _series(rows, _KNN_KEYS, with_init=True)
+    ax.set_title("kNN top-1 (validation split)")
+    if not xs:
+        _no_data(ax, "no kNN: no validation split")
+        return
+    ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, linewidth=1.8, label="kNN top-1")
+    if xs[0] == 0:
+        ax.axhline(ys[0], **_REFERENCE_STYLE, label=f"random init = {ys[0]:.3f}")
+    trained = [(y, x) for x, y in zip(xs, ys, strict=True) if x >= 1]
+    if trained:
+        # max() keeps the first of equal values: the earliest epoch that reached the best.
+        best_y, best_x = max(trained, key=lambda t: t[0])
+        ax.set_title(f"kNN top-1 (validation split)\nbest {best_y:.3f} at epoch {best_x}")
+        ax.plot([best_x], [best_y], marker="*", markersize=12, color="tab:orange", zorder=3)
+    if max(ys) <= 1.0:  # a fraction, not a percentage
+        ax.set_ylim(0, min(1.0, max(ys) * 1.25 + 0.02))
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _image_text_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    ax.set_title("image–text validation")
+    for key, label in _IMAGE_TEXT_SERIES:
+        xs, ys = _series(rows, (key,), with_init=True)
+        if xs:
+            ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, linewidth=1.8, label=label)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _schedule_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Learning rate (left axis) and temperature (right axis): per-epoch (end-of-epoch) values."""
+    lr_x, lr_y = _series(rows, _LR_KEYS, with_init=False)
+    t_x, t_y = _series(rows, _TEMPERATURE_KEYS, with_init=False)
+    ax.set_title("learning rate and temperature")
+    if not lr_x and not t_x:
+        _no_data(ax, "no schedule recorded")
+        return
+    handles = []
+    if lr_x:
+        handles += ax.plot(lr_x, lr_y, marker=_marker(len(lr_x)), markersize=4, label="lr")
+        ax.set_ylabel("learning rate")
+        ax.yaxis.set_major_formatter(lambda value, _: f"{value:.1e}")  # no offset text
+    if t_x:
+        twin = ax.twinx()
+        handles += twin.plot(
+            t_x, t_y, marker=_marker(len(t_x)), markersize=4, color="tab:red", label="temperature"
+        )
+        twin.set_ylabel("temperature")
+        low, high = min(t_y), max(t_y)
+        pad = max(0.1 * (high - low), 0.05 * abs(high) or 0.05)
+        twin.set_ylim(low - pad, high + pad)  # a constant temperature is a flat line, not noise
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8)
+
+
+def training_curves_figure(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    chance_loss: float | None = None,
+    chance_label: str = "indistinguishable embeddings",
+) -> Any:
+    """The training-curves :class:`~matplotlib.figure.Figure` (see :func:`plot_training_curves`)."""
+    rows = user_epochs(history)
+    image_text = any(_first(r, [k for k, _ in _IMAGE_TEXT_SERIES]) is not None for r in rows)
+    with_knn = not image_text or any(_first(r, _KNN_KEYS) is not None for r in rows)
+    panels: list[Any] = [lambda ax: _loss_panel(ax, rows, chance_loss, chance_label)]
+    if with_knn:
+        panels.append(lambda ax: _knn_panel(ax, rows))
+    if image_text:
+        panels.append(lambda ax: _image_text_panel(ax, rows))
+    panels.append(lambda ax: _schedule_panel(ax, rows))
+    fig, axes = _figure(4.0 * len(panels), 4.0, ncols=len(panels))
+    last_epoch = max((r["epoch"] for r in rows), default=1)
+    for ax, draw in zip(axes, panels, strict=True):
+        _epoch_axis(ax, last_epoch)
+        draw(ax)
+    return fig
 
 
 def plot_training_curves(
-    history: Sequence[dict[str, Any]], out_png: str | os.PathLike[str]
+    history: Sequence[Mapping[str, Any]],
+    out_png: str | os.PathLike[str],
+    *,
+    chance_loss: float | None = None,
+    chance_label: str = "indistinguishable embeddings",
 ) -> Path:
-    """Loss, learning rate and kNN top-1 against step (or epoch) side by side; returns the path.
+    """Per-epoch curves side by side; returns the PNG path.
 
-    ``history`` rows are whatever the loop recorded, e.g. ``{"step": 120, "epoch": 2,
-    "loss": 4.3, "lr": 3e-4}`` per logging step and ``{"epoch": 2, "knn_top1": 0.41}`` per eval.
-    Missing series are shown as an empty panel saying so.
+    ``history`` is the loop's per-epoch rows (``state["history"]``): ``{"epoch": 2,
+    "train_loss": 4.3, "lr": 3e-4, "temperature": 0.5, "knn_top1": 0.41}``, with an epoch-0 row
+    of random-init validation metrics when the run had a validation split. Panels: train loss
+    (with ``chance_loss``, the loss of indistinguishable embeddings, e.g. log(2B−1) for NT-Xent,
+    as a dashed line), kNN top-1 from its random-init value (dashed) with the best trained epoch,
+    image–text zero-shot/recall@5 when logged, learning rate and temperature. Missing series
+    show as a panel saying so.
     """
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = _figure(13, 3.6, ncols=len(_PANELS))
-    for ax, (title, keys) in zip(axes, _PANELS, strict=True):
-        x_label, xs, ys = _series(history, keys)
-        ax.set_title(title)
-        if not xs:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            continue
-        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.5)
-        ax.set_xlabel(x_label)
-        ax.grid(alpha=0.3)
-        if title == "kNN top-1":
-            if max(ys) <= 1.0:  # a fraction, not a percentage
-                ax.set_ylim(0, 1)
-            best = int(np.argmax(ys))
-            ax.set_title(f"{title} (best {ys[best]:.3f} at {x_label} {xs[best]})")
-        if title == "learning rate":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    fig.savefig(out)
-    return out
+    return _save(
+        training_curves_figure(history, chance_loss=chance_loss, chance_label=chance_label),
+        out_png,
+    )
 
 
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -119,17 +259,35 @@ def plot_embeddings(
     features: np.ndarray,
     labels: np.ndarray,
     out_png: str | os.PathLike[str],
-    label_names: Sequence[str] | dict[int, str] | None = None,
+    label_names: Sequence[str] | Mapping[int, str] | None = None,
     *,
     method: str = "auto",
     max_points: int = 5000,
     seed: int = 0,
 ) -> Path:
-    """Scatter a 2-D projection of ``features`` coloured by ``labels``, with a legend.
+    """Scatter a 2-D projection of ``features`` coloured by ``labels``, with a legend that names
+    each class by ``label_names`` (a list indexed by label, or a ``{label: name}`` mapping such as
+    the data's ``label_name`` column gives) or by its integer label when there are none.
 
     ``method``: ``auto`` (t-SNE if scikit-learn is installed, else PCA), ``pca`` or ``tsne``.
     At most ``max_points`` rows (seeded random subset) are drawn to keep t-SNE affordable.
     """
+    fig = embeddings_figure(
+        features, labels, label_names, method=method, max_points=max_points, seed=seed
+    )
+    return _save(fig, out_png)
+
+
+def embeddings_figure(
+    features: np.ndarray,
+    labels: np.ndarray,
+    label_names: Sequence[str] | Mapping[int, str] | None = None,
+    *,
+    method: str = "auto",
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Any:
+    """The :func:`plot_embeddings` :class:`~matplotlib.figure.Figure`."""
     features = np.asarray(features)
     labels = np.asarray(labels)
     if features.shape[0] != labels.shape[0]:
@@ -143,9 +301,7 @@ def plot_embeddings(
     method = _default_method() if method == "auto" else method
     xy = project_2d(features, method=method, seed=seed)
 
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax,) = _figure(7.5, 6)
+    fig, (ax,) = _figure(8, 6)
     classes = np.unique(labels)
     cmap = _colormap(len(classes))
     for i, cls in enumerate(classes):
@@ -156,10 +312,9 @@ def plot_embeddings(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(
-        loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False
+        loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, markerscale=2, frameon=False
     )
-    fig.savefig(out)
-    return out
+    return fig
 
 
 def _colormap(n: int) -> Any:
@@ -168,12 +323,63 @@ def _colormap(n: int) -> Any:
     return colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"].resampled(max(n, 1))
 
 
-def _name(cls: Any, label_names: Sequence[str] | dict[int, str] | None) -> str:
+def _name(cls: Any, label_names: Sequence[str] | Mapping[int, str] | None) -> str:
     if label_names is None:
         return str(cls)
-    if isinstance(label_names, dict):
-        return str(label_names.get(cls, cls))
+    if isinstance(label_names, Mapping):
+        return str(label_names.get(int(cls), cls))
     try:
         return str(label_names[int(cls)])
     except (IndexError, ValueError, TypeError):
         return str(cls)
+
+
+def plot_baseline_comparison(
+    pretrained: Mapping[str, float],
+    random_init: Mapping[str, float],
+    out_png: str | os.PathLike[str],
+    *,
+    split: str = "test",
+) -> Path:
+    """Grouped bars: kNN and linear-probe top-1 of the pretrained encoder beside the same
+    architecture at random init, evaluated on ``split``; returns the PNG path.
+
+    ``pretrained`` / ``random_init`` hold ``knn_top1`` and ``linear_top1`` (fractions), as in
+    ``service.eval.offline.evaluate_beside_random``'s result and its ``baseline_random``.
+
+    >>> plot_baseline_comparison({"knn_top1": 0.42, "linear_top1": 0.5},
+    ...     {"knn_top1": 0.32, "linear_top1": 0.45}, "/tmp/doc-bars.png").name
+    'doc-bars.png'
+    """
+    return _save(baseline_comparison_figure(pretrained, random_init, split=split), out_png)
+
+
+_PROBES = (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"))
+
+
+def baseline_comparison_figure(
+    pretrained: Mapping[str, float], random_init: Mapping[str, float], *, split: str = "test"
+) -> Any:
+    """The :func:`plot_baseline_comparison` :class:`~matplotlib.figure.Figure`."""
+    missing = [k for k, _ in _PROBES for d in (pretrained, random_init) if k not in d]
+    if missing:
+        raise ValueError(f"baseline comparison needs knn_top1 and linear_top1; missing {missing}")
+    fig, (ax,) = _figure(5.5, 3.8)
+    x = np.arange(len(_PROBES))
+    width = 0.38
+    for offset, (label, values, color) in zip(
+        (-width / 2, width / 2),
+        (("pretrained", pretrained, "tab:blue"), ("random init", random_init, "0.6")),
+        strict=True,
+    ):
+        heights = [float(values[k]) for k, _ in _PROBES]
+        bars = ax.bar(x + offset, heights, width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{h:.1%}" for h in heights], padding=2, fontsize=9)
+    ax.set_xticks(x, [name for _, name in _PROBES])
+    top = max(float(d[k]) for k, _ in _PROBES for d in (pretrained, random_init))
+    ax.set_ylim(0, min(1.0, top * 1.2 + 0.05))
+    ax.yaxis.set_major_formatter("{x:.0%}")
+    ax.set_title(f"pretrained vs random init ({split} split)")
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
