@@ -64,6 +64,13 @@ def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
     say("ray", f"ready in {time.monotonic() - started:.0f} s")
 
 
+def train_log_level() -> str:
+    """Console level of Ray Train's own loggers: WARNING (its INFO lines — resources requested,
+    process group, "Reporting training result …" per worker and epoch — stay in the session's
+    logs/train/ files); ``CONTRASTIVE_RAY_TRAIN_LOG_LEVEL=INFO`` brings them back."""
+    return os.environ.get("CONTRASTIVE_RAY_TRAIN_LOG_LEVEL", "WARNING").upper()
+
+
 def check_cluster_fits(config: Config, trials: int = 1) -> None:
     """Fail before training when trials × workers × resources exceed the cluster's totals."""
     t = config.train
@@ -132,6 +139,7 @@ def build_trainer(
             storage_path=inputs.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
         datasets=datasets,
     )
