@@ -34,6 +34,7 @@ from service.eval.offline import evaluate_encoder
 from service.models import build_backbone, build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BUNDLED = Path(__file__).resolve().parents[1] / "service" / "data" / "bundled"
 
 
 def protocol(encoder: nn.Module, config: Config, train: str, test: str) -> dict[str, float]:
@@ -47,28 +48,31 @@ def protocol(encoder: nn.Module, config: Config, train: str, test: str) -> dict[
     return {"test_knn_top1": result["knn_top1"], "test_linear_top1": result["linear_top1"]}
 
 
-def bench_config(args: argparse.Namespace, minutes: float) -> Config:
-    """The named config on the full data, trained for ``minutes`` (every training row trains:
+def bench_config(args: argparse.Namespace, minutes: float, **overrides: Any) -> Config:
+    """The named config on the given data, trained for ``minutes`` (every training row trains:
     nothing is selected on these runs, and the test split only gives the final number)."""
+    tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in overrides.items())
     return load_config(args.config, overrides={
         "data.train": args.train, "data.test": args.test, "data.val_fraction": 0.0,
         "train.time_budget_minutes": minutes, "train.epochs": 10_000,
-        "train.run_name": f"quality-{Path(args.config).stem}-{minutes:g}min-{int(time.time())}",
+        "train.run_name": f"quality-{Path(args.config).stem}-{minutes:g}min{tag}-{time.time():.0f}",
         "mlflow.experiment": "quality-bench", "mlflow.registered_model_name": None,
+        **overrides,
     })  # fmt: skip
 
 
-def run_ours(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, minutes: float, **overrides: Any) -> dict[str, Any]:
+    """Our pretraining (``run_pretraining``) for ``minutes``, then the protocol."""
     from service.train.checkpoint import load_encoder_from_checkpoint, load_state
     from service.train.driver import run_pretraining
 
-    config = bench_config(args, minutes)
+    config = bench_config(args, minutes, **overrides)
     started = time.perf_counter()
     summary = run_pretraining(config)
     wall = time.perf_counter() - started
     backbone, _ = load_encoder_from_checkpoint(summary["checkpoint"])
     last = load_state(summary["checkpoint"])["history"][-1]
-    return {"method": "ours", "config": args.config, "budget_min": minutes,
+    return {"method": "ours", "config": args.config, "budget_min": minutes, **overrides,
             "wall_min": round(wall / 60, 2), "epochs": last.get("epoch"),
             **protocol(backbone, config, args.train, args.test)}  # fmt: skip
 

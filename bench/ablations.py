@@ -1,0 +1,79 @@
+"""Ablations of the seeds' claims in our implementation, small scale on CPU, same time budget:
+kNN vs temperature, vs global batch (more negatives should help), and NT-Xent vs MoCo vs hard
+negatives. Each row is one time-budgeted pretraining run (``bench/quality.py::run_ours``) then
+the protocol: weighted kNN-200 and the linear probe, bank = the training set, queries = the
+**test** split (a report, not a selection: recipes are chosen on the validation split).
+
+One JSON line per run; ``--plot`` draws the three panels.
+
+    python bench/ablations.py --minutes 2 --plot docs/images/ablations.png
+    python bench/ablations.py --only temperature --minutes 1      # one family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from quality import BUNDLED, run_ours
+
+FAMILIES: dict[str, list[dict[str, Any]]] = {
+    "temperature": [{"loss.temperature": t} for t in (0.1, 0.2, 0.5, 1.0)],
+    "global_batch": [{"train.global_batch_size": b} for b in (128, 256, 512, 1024)],
+    "loss": [
+        {"loss.name": "ntxent"},
+        {"loss.name": "moco", "loss.moco_queue_size": 4096},
+        {"loss.name": "hard_negative", "loss.top_k": 64},
+    ],
+}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+    fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.8), dpi=120)
+    for ax, family in zip(list(axes) if len(families) > 1 else [axes], families, strict=True):
+        mine = [r for r in rows if r["family"] == family]
+        labels = [r["setting"] for r in mine]
+        ax.bar(labels, [100 * r["test_knn_top1"] for r in mine], color="tab:blue")
+        ax.set(title=family, ylabel="kNN-200 top-1 % (test split)")
+        ax.tick_params(axis="x", rotation=20)
+        ax.set_ylim(bottom=min(100 * r["test_knn_top1"] for r in mine) - 5)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/smoke-cpu.yaml")
+    p.add_argument("--train", default=str(BUNDLED / "cifar10-train-subset.parquet"))
+    p.add_argument("--test", default=str(BUNDLED / "cifar10-test-subset.parquet"))
+    p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
+    p.add_argument("--only", choices=list(FAMILIES), nargs="+", default=list(FAMILIES))
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args()
+    rows = []
+    for family in args.only:
+        for overrides in FAMILIES[family]:
+            started = time.perf_counter()
+            row = run_ours(args, args.minutes, **overrides)
+            setting = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+            wall = round((time.perf_counter() - started) / 60, 2)
+            rows.append({"family": family, "setting": setting, **row, "run_wall_min": wall})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.plot:
+        print(json.dumps({"plot": str(plot(rows, args.plot))}))
+
+
+if __name__ == "__main__":
+    main()
