@@ -74,7 +74,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ntxent"  # ntxent | symmetric | moco | hard_negative | debiased
+    # ntxent | symmetric | moco | hard_negative | debiased | supcon | triplet | pairwise | siglip
+    name: str = "ntxent"
     temperature: float = 0.5
     learnable_temperature: bool = False
     chunk_size: int | None = None  # memory-bounded mode: never builds the full B x B logits
@@ -82,6 +83,10 @@ class LossConfig:
     tau_plus: float = 0.1  # debiased: class prior of false negatives (Chuang et al. 2020)
     moco_momentum: float = 0.99
     moco_queue_size: int = 4096
+    # triplet / pairwise: distance margin between L2-normalised embeddings (distances in [0, 2]);
+    # null: the loss's default (triplet 0.2, pairwise 1.0)
+    margin: float | None = None
+    siglip_bias_init: float = -10.0  # siglip: initial logit bias b (Zhai et al. 2023)
 
 
 @dataclass
