@@ -96,6 +96,10 @@ def _cmd_registry_list(a: argparse.Namespace) -> dict[str, Any]:
     return commands.list_command(a.name, tracking_uri=a.tracking_uri)
 
 
+def _cmd_ui(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.ui_command(a.backend_store_uri, port=a.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="contrastive", description="Distributed contrastive pretraining on Ray + MLflow"
@@ -170,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="one registered model (default: all)")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_cmd_registry_list)
+
+    p = sub.add_parser("ui", help="the MLflow UI on this store (127.0.0.1) until Ctrl-C")
+    p.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db); an "
+        "http(s) server's URL is printed, nothing started",
+    )
+    p.add_argument("--port", type=int, default=5000, help="local port (default 5000)")
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("pull", help="download a registered encoder for offline use")
     p.add_argument("spec", help="NAME@ALIAS or NAME/VERSION")

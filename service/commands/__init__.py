@@ -20,6 +20,7 @@ from service.commands.registry import (
     pull_command,
 )
 from service.commands.tune import tune_command
+from service.commands.ui import ui_command
 
 __all__ = [
     "demo_command",
@@ -32,4 +33,5 @@ __all__ = [
     "promote_command",
     "pull_command",
     "tune_command",
+    "ui_command",
 ]
