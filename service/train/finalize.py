@@ -35,7 +35,11 @@ def finalize_run(
     backbone, _ = load_encoder_from_checkpoint(checkpoint_dir)
     history = state["history"]
     _progress("plotting training curves and augmentation preview")
-    logger.log_artifact(plot_training_curves(history, workdir / "training_curves.png"), "plots")
+    chance, chance_label = chance_loss(config)
+    curves = plot_training_curves(
+        history, workdir / "training_curves.png", chance_loss=chance, chance_label=chance_label
+    )
+    logger.log_artifact(curves, "plots")
     preview = save_augmentation_preview(
         config.data.train,
         workdir / "augmentation_preview.png",
@@ -49,10 +53,11 @@ def finalize_run(
         _progress(f"embedding the test split {config.data.test}")
         transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
         features, labels = extract_features(backbone, config.data.test, transform)
-        logger.log_artifact(
-            plot_embeddings(features.numpy(), labels.numpy(), workdir / "test_embeddings.png"),
-            "plots",
+        names = class_names(config.data.test, config.text.class_name_column)
+        embedded = plot_embeddings(
+            features.numpy(), labels.numpy(), workdir / "test_embeddings.png", names
         )
+        logger.log_artifact(embedded, "plots")
 
     summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
     if config.mlflow.registered_model_name:
@@ -89,3 +94,40 @@ def champion_metric(config: Config, history: list[dict[str, Any]]) -> tuple[str,
             f"choose one of those, e.g. knn_top1 (needs a validation split) or train_loss"
         )
     return name, float(value)
+
+
+def chance_loss(config: Config) -> tuple[float | None, str]:
+    """The loss of indistinguishable embeddings for this run's loss, views and global batch
+    (NT-Xent: log(nB−1), e.g. log(2B−1) for two views), and its legend label; None when the
+    loss has no simple formula.
+
+    >>> from service.config import Config
+    >>> value, label = chance_loss(Config())
+    >>> round(value, 4), label
+    (5.5413, 'indistinguishable embeddings (2 views, B=128)')
+    """
+    from service.losses import build_loss
+
+    n_views, batch = config.augment.n_views, config.train.global_batch_size
+    criterion = build_loss(config.loss, config.model.proj_out_dim, gather_distributed=False)
+    value = criterion.expected_initial_loss(n_views, batch)
+    if config.text.column:  # image-text: one image and one caption per row, not augmented views
+        return value, f"indistinguishable embeddings (B={batch})"
+    return value, f"indistinguishable embeddings ({n_views} views, B={batch})"
+
+
+def class_names(path: str, column: str) -> dict[int, str] | None:
+    """``{label: name}`` from the data's ``label`` and ``column`` (e.g. ``label_name``) columns;
+    None when the data has no such column (plots then show the integer labels).
+
+    >>> class_names("service/data/bundled/cifar10-test-subset.parquet", "label_name")[3]
+    'cat'
+    """
+    from service.data.parquet import LABEL_COLUMN, inspect_parquet, read_rows
+
+    source = inspect_parquet(path)
+    if column not in source.columns or LABEL_COLUMN not in source.columns:
+        return None
+    table = read_rows(source, [LABEL_COLUMN, column]).group_by([LABEL_COLUMN, column]).aggregate([])
+    labels, names = table.column(LABEL_COLUMN).to_pylist(), table.column(column).to_pylist()
+    return {int(k): str(v) for k, v in zip(labels, names, strict=True) if v is not None}
