@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.console import Progress
+
 
 @torch.no_grad()
 def extract_features(
@@ -20,9 +22,12 @@ def extract_features(
     device: torch.device | str = "cpu",
     max_bad_fraction: float = 0.01,
     indices: np.ndarray | None = None,
+    label: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(features [n, d] float32 on CPU, labels [n] int64)`` for every decodable row
-    (of the global row ``indices`` when given, e.g. a held-out validation split)."""
+    (of the global row ``indices`` when given, e.g. a held-out validation split).
+
+    Long extractions show progress under ``label`` (images/s and ETA, ``service.console``)."""
     from service.data import ParquetImageDataset, make_dataloader
 
     dataset = ParquetImageDataset(
@@ -33,8 +38,9 @@ def extract_features(
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
-    for images, batch_labels in loader:
-        features.append(encoder(images.to(device)).float().cpu())
-        labels.append(batch_labels)
+    with Progress(len(dataset), label, unit="images") as progress:
+        for images, batch_labels in progress.iterate(loader, size=lambda batch: len(batch[1])):
+            features.append(encoder(images.to(device)).float().cpu())
+            labels.append(batch_labels)
     encoder.train(was_training)
     return torch.cat(features), torch.cat(labels)

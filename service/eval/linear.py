@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.console import Progress
+
 
 def linear_probe_top1(
     train_features: torch.Tensor,
@@ -38,15 +40,16 @@ def linear_probe_top1(
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-x_train.shape[0] // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(x_train.shape[0], generator=generator)
-        for start in range(0, x_train.shape[0], batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(classifier(x_train[idx]), train_labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with Progress(epochs, "linear probe", unit="epochs") as progress:
+        for _ in progress.iterate(range(epochs)):
+            order = torch.randperm(x_train.shape[0], generator=generator)
+            for start in range(0, x_train.shape[0], batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(classifier(x_train[idx]), train_labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     with torch.no_grad():
         predicted = classifier(x_test).argmax(dim=1)
     return float((predicted == test_labels).float().mean())
