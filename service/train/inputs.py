@@ -38,6 +38,9 @@ class WorkerInputs:
     rows: int | None = None  # training rows for the Ray Data reader (footer count); None: torch
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    # Image–text mode (text.column set): the run's tokenizer (service.text.Tokenizer.to_json),
+    # fitted on the driver; workers tokenise their caption batches with it.
+    tokenizer_json: str | None = None
 
     @property
     def run_dir(self) -> str:
