@@ -414,11 +414,12 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
         # Every epoch Tune acted on is in the run exactly once (logged by rank 0, or by the
         # driver's backfill when ASHA stopped the trial on that very report); a stopped trial
         # may also hold the epoch it was in when it was stopped.
+        # Steps are global steps: 0 is the random-init kNN (epoch 0), then one per trained epoch.
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "knn_top1"))
-        assert steps[: trial["epochs"]] == list(range(trial["epochs"])), (trial, steps)
-        assert len(set(steps)) == len(steps) and set(steps) <= {0, 1}, (trial, steps)
+        assert steps[0] == 0 and len(set(steps)) == len(steps), (trial, steps)
+        assert trial["epochs"] <= len(steps) - 1 <= 2, (trial, steps)
         if trial["outcome"] == "completed":
-            assert steps == [0, 1]
+            assert len(steps) == 3, (trial, steps)
 
     version = client.get_model_version_by_alias("tune-test-encoder", "latest-trained")
     assert version.run_id == summary["best_run_id"]

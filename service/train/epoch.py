@@ -1,10 +1,16 @@
-"""Per-step and end-of-epoch bookkeeping: throughput, the kNN monitor, report + checkpoint."""
+"""Per-step and end-of-epoch bookkeeping: throughput, progress lines, the validation monitor,
+report + checkpoint.
+
+Epochs shown to people and recorded in the history count completed epochs from 1 (``epoch`` 1..N);
+epoch 0 is the random-init monitor row. ``TrainState.epoch`` stays 0-based (the current epoch).
+"""
 
 from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,14 +41,133 @@ class EpochMeter:
         return rate
 
     def epoch_metrics(self, s: TrainState) -> dict[str, Any]:
+        """The history row of the epoch that just ended (``epoch``: 1-based, completed)."""
         return {
-            "epoch": s.epoch,
+            "epoch": s.epoch + 1,
             "global_step": s.global_step,
             "train_loss": self.loss_sum / max(1, self.steps),
             "lr": s.scheduler.get_last_lr()[0],
             "temperature": float(s.criterion.temperature),
             "images_per_s": self.images / max(time.perf_counter() - self.start, 1e-9),
         }
+
+
+def _clock_text(seconds: float | None) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour); ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class StepProgress:
+    """The loop's progress line (rank 0), at most one every ``interval`` seconds, e.g.
+    ``epoch 2/4 step 30/39 loss 5.12 412 img/s ETA epoch 0:12 run 1:40``.
+
+    Workers are never TTYs, so these are plain lines. The run ETA is the budget left with
+    ``train.time_budget_minutes``, else the remaining steps at this epoch's pace (training only).
+
+        >>> ticks = iter([0.0, 12.0])
+        >>> p = StepProgress(epochs=4, steps_per_epoch=40, clock=lambda: next(ticks))
+        >>> p.start_epoch(1)
+        >>> p.update(epoch_step=20, loss=5.123, images=2560)
+        'epoch 2/4 step 20/40 loss 5.12 213 img/s ETA epoch 0:12 run 1:00'
+    """
+
+    def __init__(
+        self,
+        epochs: int,
+        steps_per_epoch: int,
+        *,
+        budgeted: bool = False,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.epochs, self.steps_per_epoch, self.budgeted = epochs, steps_per_epoch, budgeted
+        self.interval, self.clock = interval, clock
+        self.epoch = 0
+        self._epoch_start = self._last = 0.0
+        self._loss_sum, self._steps, self._images = 0.0, 0, 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """``epoch``: the 0-based epoch starting now (``TrainState.epoch``)."""
+        self.epoch = epoch
+        self._epoch_start = self._last = self.clock()
+        self._loss_sum, self._steps, self._images = 0.0, 0, 0
+
+    def update(
+        self, epoch_step: int, loss: float, images: int, budget_left_s: float | None = None
+    ) -> str | None:
+        """Count one step; the line to print when ``interval`` has passed, else None.
+        ``loss`` shown: the mean since the previous line; img/s: over the same window."""
+        self._loss_sum, self._steps, self._images = (
+            self._loss_sum + loss, self._steps + 1, self._images + images
+        )  # fmt: skip
+        now = self.clock()
+        if now - self._last < self.interval:
+            return None
+        rate = self._images / max(now - self._last, 1e-9)
+        per_step = (now - self._epoch_start) / max(1, epoch_step)
+        left_in_epoch = max(0, self.steps_per_epoch - epoch_step)
+        if self.budgeted:
+            run_left = budget_left_s
+            of = ""
+        else:
+            run_left = per_step * (
+                left_in_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
+            )
+            of = f"/{self.epochs}"
+        line = (
+            f"epoch {self.epoch + 1}{of} step {epoch_step}/{self.steps_per_epoch} "
+            f"loss {self._loss_sum / self._steps:.2f} {rate:.0f} img/s "
+            f"ETA epoch {_clock_text(per_step * left_in_epoch)} run {_clock_text(run_left)}"
+        )
+        self._last, self._loss_sum, self._steps, self._images = now, 0.0, 0, 0
+        return line
+
+
+def epoch_summary(metrics: dict[str, Any], epochs: int | None) -> str:
+    """The end-of-epoch line: 1-based epoch and rounded metrics.
+
+    >>> epoch_summary({"epoch": 2, "global_step": 78, "train_loss": 5.01234, "knn_top1": 0.41}, 4)
+    'epoch 2/4 done (step 78): train_loss 5.012, knn_top1 0.41'
+    """
+    shown = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if k not in ("epoch", "global_step", "num_nodes")
+    )
+    of = f"/{epochs}" if epochs else ""
+    return f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {shown}"
+
+
+class Monitor(Protocol):
+    """A per-epoch validation monitor (rank 0). ``due(epoch)``: whether to evaluate after the
+    1-based epoch ``epoch`` has completed (the last epoch is always evaluated by the loop);
+    ``__call__(model, device)``: metrics of the *unwrapped* training model."""
+
+    def due(self, epoch: int) -> bool: ...
+
+    def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+
+def monitor_due(config: Config, epoch: int) -> bool:
+    """Every ``eval.knn_every_epochs`` completed epochs (1-based ``epoch``) and the last one."""
+    return epoch >= config.train.epochs or epoch % config.eval.knn_every_epochs == 0
+
+
+def build_monitor(config: Config) -> Monitor | None:
+    """The validation monitor of ``config``: None without a validation split; image–text
+    retrieval/zero-shot when ``text.column`` is set; else kNN top-1 on the backbone."""
+    if not config.data.has_val:
+        return None
+    text = getattr(config, "text", None)
+    if text is not None and getattr(text, "column", None):
+        from service.eval.image_text import ImageTextMonitor
+
+        return ImageTextMonitor(config)
+    return KnnMonitor(config)
 
 
 class KnnMonitor:
@@ -65,13 +190,14 @@ class KnnMonitor:
         self.val_rows = rows.val if not config.data.val else None
 
     def due(self, epoch: int) -> bool:
-        every, last = self.config.eval.knn_every_epochs, self.config.train.epochs - 1
-        return epoch == last or (epoch + 1) % every == 0
+        return monitor_due(self.config, epoch)
 
-    def __call__(self, backbone: nn.Module, device: torch.device) -> float:
+    def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """``{"knn_top1": x}`` of ``model.backbone`` (``model``: the unwrapped training model)."""
         from service.eval.features import extract_features
         from service.eval.knn import knn_top1
 
+        backbone = model.backbone
         d, e = self.config.data, self.config.eval
         bank, bank_labels = extract_features(
             backbone, d.train, self.transform, indices=self.bank_rows, device=device
@@ -79,18 +205,20 @@ class KnnMonitor:
         val, val_labels = extract_features(
             backbone, d.val or d.train, self.transform, indices=self.val_rows, device=device
         )
-        return knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
+        top1 = knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
+        return {"knn_top1": top1}
 
 
-def report_epoch(s: TrainState, metrics: dict[str, Any]) -> None:
+def report_epoch(s: TrainState, metrics: dict[str, Any], final: bool = False) -> None:
     """``ray.train.report`` the epoch, with a checkpoint when due (rank 0 writes it).
 
-    Final metrics always go with a checkpoint: Train V2 keeps ``Result.metrics`` only then.
+    Final metrics always go with a checkpoint: Train V2 keeps ``Result.metrics`` only then
+    (``final``: the run stops after this epoch, e.g. its time budget is spent mid-epoch).
     """
     import ray.train
 
     t = s.config.train
-    save = s.epoch == t.epochs - 1 or (s.epoch + 1) % t.checkpoint_every_epochs == 0
+    save = final or s.epoch == t.epochs - 1 or (s.epoch + 1) % t.checkpoint_every_epochs == 0
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if save and s.rank == 0:

@@ -34,7 +34,8 @@ RESUMABLE_SECTIONS = ("eval.", "mlflow.", "tune.", "fault.")
 @dataclass(frozen=True)
 class RunPlan:
     """What ``run_pretraining`` will do: train a ``new`` run, ``resume`` one, or nothing
-    (``done``: the recorded run already trained every requested epoch)."""
+    (``done``: the recorded run already trained every requested epoch, or spent its
+    ``train.time_budget_minutes``)."""
 
     kind: str
     run_dir: str
@@ -135,7 +136,8 @@ def changed_keys(record: dict[str, Any], config: Config) -> list[str]:
     )
 
 
-def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any]]:
+def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any], float]:
+    """Epoch (0-based), config and training seconds of a checkpoint."""
     from service.train.checkpoint import load_state
 
     if "://" in checkpoint:  # object store: read the small state through a local download
@@ -145,7 +147,7 @@ def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any]]:
             saved = load_state(local)
     else:
         saved = load_state(checkpoint)
-    return int(saved["epoch"]), saved["config"]
+    return int(saved["epoch"]), saved["config"], float(saved.get("train_seconds", 0.0))
 
 
 def plan_run(config: Config) -> RunPlan:
@@ -165,7 +167,9 @@ def plan_run(config: Config) -> RunPlan:
         raise ConfigError(
             f"nothing to resume: no run {name!r} in {directory}; drop --resume to start it"
         )
-    last_epoch, recorded_config = _checkpoint_epoch(checkpoint) if checkpoint else (None, None)
+    last_epoch, recorded_config, trained_s = (
+        _checkpoint_epoch(checkpoint) if checkpoint else (None, None, 0.0)
+    )
     record = record if record and record.get("config") else {"config": recorded_config}
     changed = changed_keys(record, config)
     if changed:
@@ -181,5 +185,7 @@ def plan_run(config: Config) -> RunPlan:
             f"cannot resume run {name!r} with train.epochs={config.train.epochs}: it has already "
             f"trained {done} epochs; raise train.epochs to train more"
         )
-    kind = "done" if config.train.epochs == done else "resume"
+    budget = config.train.time_budget_minutes  # unchanged from the record (a training key)
+    spent = budget is not None and last_epoch is not None and trained_s >= 60 * budget
+    kind = "done" if config.train.epochs == done or spent else "resume"
     return RunPlan(kind, directory, record, last_epoch)

@@ -1,8 +1,12 @@
 """The per-worker training function that Ray Train's ``TorchTrainer`` runs on every rank.
 
-``train_func`` reads as: set up (state, batches, logging) → for each epoch, ``train_step`` over
-its batches → end of epoch (kNN, report + checkpoint, MLflow). Only rank 0 writes checkpoints
-and logs to MLflow.
+``train_func`` reads as: set up (state, batches, logging) → epoch 0 (the validation monitor at
+random init) → for each epoch, ``train_step`` over its batches → end of epoch (monitor, report +
+checkpoint, MLflow). Only rank 0 writes checkpoints, logs to MLflow and prints progress.
+
+With ``train.time_budget_minutes`` the loop stops after the step at which rank 0's training
+clock (shared with every rank, ``service.train.budget``) reaches the budget; that last, partial
+epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then an upper bound.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from service.console import say
 from service.models import unwrap
 from service.train.batches import TrainBatches
 from service.train.checkpoint import load_state, restore_training_state
-from service.train.epoch import EpochMeter, KnnMonitor, report_epoch
+from service.train.epoch import (
+    EpochMeter,
+    Monitor,
+    StepProgress,
+    build_monitor,
+    epoch_summary,
+    report_epoch,
+)
 from service.train.faults import maybe_kill
 from service.train.inputs import WorkerInputs
 from service.train.state import TrainState, build_state
@@ -29,7 +41,7 @@ log = logging.getLogger("service.train")
 
 def _say(s: TrainState, message: str) -> None:
     if s.rank == 0:
-        print(f"[train] {message}", flush=True)
+        say("train", message)
 
 
 def _node_ids(world_size: int) -> list[str]:
@@ -63,9 +75,9 @@ def setup(inputs: WorkerInputs) -> tuple[TrainState, TrainBatches]:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             restore_training_state(s, load_state(ckpt_dir, map_location=s.device))
-        if rank == 0:
-            log.warning("resumed from checkpoint after epoch %d (step %d)", s.epoch - 1,
-                        s.global_step)  # fmt: skip
+        if rank == 0:  # s.epoch (0-based, the next one) = epochs completed
+            log.warning("resumed from checkpoint after epoch %d (step %d, %.1f min of training)",
+                        s.epoch, s.global_step, s.clock.elapsed_s / 60)  # fmt: skip
     return s, batches
 
 
@@ -78,8 +90,10 @@ def _run_logger(inputs: WorkerInputs, s: TrainState, resumed: bool) -> Any:
 
     run = TrackedRun(inputs.tracking_uri or "", inputs.mlflow_run_id)
     logger = run.logger()
+    logger.set_tags({"num_nodes": s.num_nodes})
     if resumed:  # each restart (worker failure or resubmitted job) is visible in the run
-        logger.log_metrics({"resumed_from_epoch": s.epoch - 1}, step=s.global_step)
+        # value: the epochs completed (1-based, as everywhere people see epochs)
+        logger.log_metrics({"resumed_from_epoch": s.epoch}, step=s.global_step)
         try:
             with fast_fail_http(5.0):
                 filled = backfill_epochs(run.client(), run.run_id, s.history)
@@ -91,12 +105,21 @@ def _run_logger(inputs: WorkerInputs, s: TrainState, resumed: bool) -> Any:
 
 
 def _log_step(s: TrainState, logger: Any, loss: float, meter: EpochMeter) -> None:
+    """Per-step charts under ``step/`` (the per-epoch values keep the plain names)."""
     if logger is not None and s.global_step % s.config.train.log_every_steps == 0:
         logger.log_metrics(
-            {"step_loss": loss, "lr": s.scheduler.get_last_lr()[0],
-             "temperature": float(s.criterion.temperature), "images_per_s": meter.window_rate()},
+            {"step/loss": loss, "step/lr": s.scheduler.get_last_lr()[0],
+             "step/temperature": float(s.criterion.temperature),
+             "step/images_per_s": meter.window_rate()},
             step=s.global_step,
         )  # fmt: skip
+
+
+def _show_progress(s: TrainState, progress: StepProgress | None, loss: float, images: int) -> None:
+    if progress is not None:
+        line = progress.update(s.epoch_step, loss, images, s.clock.remaining_s)
+        if line is not None:
+            _say(s, line)
 
 
 def _step0_check(s: TrainState, loss: float) -> None:
@@ -110,37 +133,79 @@ def _step0_check(s: TrainState, loss: float) -> None:
                 f"({100 * off:.0f}% off){flag}")  # fmt: skip
 
 
-def end_of_epoch(s: TrainState, meter: EpochMeter, knn: KnnMonitor | None, logger: Any) -> None:
-    """kNN (when due), report + checkpoint, then MLflow: logged after the checkpoint is
-    persisted, so a restart never duplicates an epoch."""
-    metrics = {**meter.epoch_metrics(s), "num_nodes": s.num_nodes}
-    if knn is not None and knn.due(s.epoch):
-        metrics["knn_top1"] = knn(unwrap(s.model).backbone, s.device)
-    s.history.append(metrics)
-    report_epoch(s, metrics)
+def _log_epoch(logger: Any, metrics: dict[str, Any]) -> None:
     if logger is not None:
         from service.tracking.run import log_epoch
 
         log_epoch(logger, metrics)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-    _say(s, f"epoch {s.epoch + 1}/{s.config.train.epochs} {shown}")
+
+
+def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> None:
+    """Epoch 0: the monitor's metrics of the randomly initialised model (history + MLflow at
+    step 0), so curves start from the random-init value. Not ``ray.train.report``-ed: Tune's
+    iterations stay the trained epochs."""
+    if monitor is None or s.global_step != 0:
+        return
+    metrics: dict[str, Any] = {"epoch": 0, "global_step": 0}
+    metrics.update(monitor(unwrap(s.model), s.device))
+    s.history.append(metrics)
+    _log_epoch(logger, metrics)
+    _say(s, epoch_summary(metrics, None) + " (random init)")
+
+
+def end_of_epoch(
+    s: TrainState, meter: EpochMeter, monitor: Monitor | None, logger: Any, final: bool = False
+) -> None:
+    """Monitor (when due, and always on the ``final`` epoch), report + checkpoint, then MLflow:
+    logged after the checkpoint is persisted, so a restart never duplicates an epoch."""
+    metrics = {**meter.epoch_metrics(s), "num_nodes": s.num_nodes}
+    if monitor is not None and (final or monitor.due(metrics["epoch"])):
+        metrics.update(monitor(unwrap(s.model), s.device))
+    s.history.append(metrics)
+    report_epoch(s, metrics, final=final)
+    _log_epoch(logger, metrics)
+    budgeted = s.config.train.time_budget_minutes is not None
+    line = epoch_summary(metrics, None if budgeted else s.config.train.epochs)
+    if budgeted:
+        line += f" [{s.clock.elapsed_s / 60:.1f}/{s.config.train.time_budget_minutes:g} min]"
+    _say(s, line)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``loop_config["inputs"]`` is a :class:`WorkerInputs`."""
     inputs: WorkerInputs = loop_config["inputs"]
     s, batches = setup(inputs)
+    t = s.config.train
     logger = _run_logger(inputs, s, resumed=s.global_step > 0)
-    knn = KnnMonitor(s.config) if s.config.data.has_val and s.rank == 0 else None
-    for epoch in range(s.epoch, s.config.train.epochs):
+    monitor = build_monitor(s.config) if s.rank == 0 else None
+    random_init_epoch(s, monitor, logger)
+    progress = None
+    if s.rank == 0:
+        progress = StepProgress(
+            t.epochs, batches.steps_per_epoch, budgeted=t.time_budget_minutes is not None
+        )
+    for epoch in range(s.epoch, t.epochs):
+        if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
+            break
         s.model.train()
         meter, s.epoch, s.epoch_step = EpochMeter(), epoch, 0
+        if progress is not None:
+            progress.start_epoch(epoch)
+        s.clock.resume()  # training time: this epoch's data and steps
         for views, _labels in batches.epoch(s.epoch):
             maybe_kill(s.config.fault, s.rank, s.global_step, inputs.fault_marker_dir)
             loss = train_step(s, views)
-            meter.update(loss, views[0].shape[0] * s.world)
+            s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
+            images = views[0].shape[0] * s.world
+            meter.update(loss, images)
             _step0_check(s, loss)
             _log_step(s, logger, loss, meter)
-        end_of_epoch(s, meter, knn, logger)
+            _show_progress(s, progress, loss, images)
+            if s.clock.exhausted:
+                break
+        s.clock.pause()  # the monitor and the checkpoint are not training time
+        end_of_epoch(s, meter, monitor, logger, final=s.clock.exhausted or epoch == t.epochs - 1)
+        if s.clock.exhausted:
+            break
     if logger is not None:
         logger.flush()

@@ -43,7 +43,8 @@ def train_config_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             f"train.lr_scaling must be one of {'|'.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}"
         )
-    if _is_number(cfg.lr) and not (math.isfinite(cfg.lr) and cfg.lr > 0):  # a non-number: a type problem
+    # a non-number is a type problem (config.py), not this rule
+    if _is_number(cfg.lr) and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         problems.append(f"train.lr must be a finite number > 0, got {cfg.lr}")
     problems += _time_budget_problems(cfg)
     if cfg.optimizer == "lars" and cfg.weight_decay == 0:
@@ -162,8 +163,8 @@ def warmup_cosine_factor(progress: float, warmup_fraction: float) -> float:
     """LR factor at ``progress`` in [0, 1] of the run: linear warmup from 0 over the first
     ``warmup_fraction``, then cosine decay to 0 at 1.
 
-    >>> warmup_cosine_factor(0.05, 0.1), warmup_cosine_factor(0.55, 0.1)
-    (0.5, 0.5)
+    >>> [round(warmup_cosine_factor(p, 0.1), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     progress = min(1.0, max(0.0, progress))
     if progress < warmup_fraction:

@@ -74,7 +74,8 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-# What the training loop reports per epoch (and rank 0 logs to MLflow at step=epoch).
+# What the training loop reports per epoch (``epoch`` 1-based; rank 0 logs the values to MLflow
+# at step=global_step, epoch/global_step as run tags).
 EPOCH_METRICS = ("epoch", "global_step", "train_loss", "lr", "temperature", "images_per_s")
 
 

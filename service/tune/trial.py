@@ -47,7 +47,7 @@ class EpochReportCallback(TuneReportCallback):
     """
 
     def after_report(self, run_context, metrics, checkpoint):  # noqa: D102 (Ray callback)
-        enriched = [{**m, "epochs_completed": int(m["epoch"]) + 1} for m in metrics]
+        enriched = [{**m, "epochs_completed": int(m["epoch"])} for m in metrics]  # 1-based
         super().after_report(run_context, enriched, checkpoint)
 
 
