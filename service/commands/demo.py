@@ -3,12 +3,12 @@ Ray and a local MLflow store, evaluate against a random-init encoder, and say wh
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
 from service.commands.config import load_checked_config
 from service.commands.evaluate import evaluate_command
+from service.console import say
 
 
 def demo_command(config_path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -21,13 +21,13 @@ def demo_command(config_path: str | None, overrides: list[str] | None = None) ->
     config = load_checked_config(config_path, overrides)
     # Every demo is a new pretraining: a new run name, never the previous demo's checkpoints.
     config.train.run_name += time.strftime("-%Y%m%d-%H%M%S")
-    print(
-        f"[demo] pretraining {config.model.arch} with {config.loss.name} on {config.data.train} "
+    say(
+        "demo",
+        f"pretraining {config.model.arch} with {config.loss.name} on {config.data.train} "
         f"({config.train.num_workers} Ray workers, global batch {config.train.global_batch_size})",
-        file=sys.stderr,
     )
     summary = run_pretraining(config)
-    print("[demo] evaluating the encoder (linear + kNN) beside a random-init one", file=sys.stderr)
+    say("demo", "evaluating the encoder (linear + kNN) beside a random-init one")
     summary["evaluation"] = evaluate_command(
         config.data.train,
         config.data.test,
@@ -43,10 +43,8 @@ def _say_where(summary: dict[str, Any]) -> None:
     uri = summary.get("tracking_uri")
     if not uri:
         return
-    ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-    print(
-        f"[demo] done. checkpoint: {summary['checkpoint']}\n"
-        f"[demo] MLflow run {summary.get('run_id')} (open with: {ui}); "
-        f"registered model: {summary.get('model_uri')}",
-        file=sys.stderr,
-    )
+    # A tracking server has its own UI; a local store is opened with `contrastive ui`.
+    ui = uri if uri.startswith("http") else f"contrastive ui --backend-store-uri {uri}"
+    say("demo", f"done. checkpoint: {summary['checkpoint']}")
+    say("demo", f"MLflow run {summary.get('run_id')}; registered model: {summary.get('model_uri')}")
+    say("demo", f"open the results: {ui}")
