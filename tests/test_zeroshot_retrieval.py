@@ -92,9 +92,9 @@ def test_retrieval_recall_matches_brute_force_with_repeated_captions(seed: int) 
     recall = retrieval_recall(images, texts, ids, ks=(1, 5, 10))
     for k in (1, 5, 10):
         i2t, t2i = _reference_recall(images.tolist(), texts.tolist(), captions, k)
-        assert recall[f"i2t_recall@{k}"] == pytest.approx(i2t)
-        assert recall[f"t2i_recall@{k}"] == pytest.approx(t2i)
-    assert 0 < recall["i2t_recall@1"] < 1
+        assert recall[f"i2t_recall_at_{k}"] == pytest.approx(i2t)
+        assert recall[f"t2i_recall_at_{k}"] == pytest.approx(t2i)
+    assert 0 < recall["i2t_recall_at_1"] < 1
 
 
 def test_identical_captions_are_one_target() -> None:
@@ -105,7 +105,7 @@ def test_identical_captions_are_one_target() -> None:
     ids, distinct = caption_groups(["a", "a", "b"])
     assert distinct == ["a", "b"]
     recall = retrieval_recall(images, texts, ids, ks=(1,))
-    assert recall == {"i2t_recall@1": 1.0, "t2i_recall@1": 1.0}
+    assert recall == {"i2t_recall_at_1": 1.0, "t2i_recall_at_1": 1.0}
 
 
 def test_retrieval_shape_errors() -> None:

@@ -10,7 +10,8 @@ target, never competing copies of it: the text gallery is the *distinct* caption
   that caption string is among the k most similar.
 
 Ranks count only strictly more similar gallery items (ties resolve in the target's favour).
-Recall@k is the fraction of queries with a hit at k (0–1).
+Recall@k is the fraction of queries with a hit at k (0–1), named ``i2t_recall_at_{k}`` /
+``t2i_recall_at_{k}``: MLflow metric names may not contain ``@``.
 
 >>> ids, distinct = caption_groups(["a cat", "a dog", "a cat"])
 >>> ids.tolist(), distinct
@@ -83,15 +84,17 @@ def retrieval_recall(
     caption_ids: torch.Tensor,
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, float]:
-    """``{"i2t_recall@k", "t2i_recall@k"}`` for each ``k``: images ``[n, d]``, *distinct* captions
-    ``[m, d]`` and ``caption_ids [n]`` (image ``i`` is paired with caption ``caption_ids[i]``,
+    """``{"i2t_recall_at_{k}", "t2i_recall_at_{k}"}`` for each ``k``: images ``[n, d]``,
+    *distinct* captions ``[m, d]`` and ``caption_ids [n]`` (image ``i`` is paired with caption ``caption_ids[i]``,
     see :func:`caption_groups`).
 
     >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     >>> texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> recall = retrieval_recall(images, texts, torch.tensor([0, 1, 1]), ks=(1, 2))
-    >>> {k: round(v, 3) for k, v in recall.items()}  # image 2 is closer to caption 0 than 1
-    {'i2t_recall@1': 0.667, 'i2t_recall@2': 1.0, 't2i_recall@1': 1.0, 't2i_recall@2': 1.0}
+    >>> recall["i2t_recall_at_1"], recall["i2t_recall_at_2"]  # image 2 is nearer caption 0
+    (0.6666666865348816, 1.0)
+    >>> recall["t2i_recall_at_1"], recall["t2i_recall_at_2"]
+    (1.0, 1.0)
     """
     if image_embeddings.shape[0] != caption_ids.shape[0]:
         raise ValueError(
@@ -99,6 +102,6 @@ def retrieval_recall(
         )
     i2t = image_to_text_ranks(image_embeddings, text_embeddings, caption_ids)
     t2i = text_to_image_ranks(image_embeddings, text_embeddings, caption_ids)
-    out = {f"i2t_recall@{k}": float((i2t < k).float().mean()) for k in ks}
-    out.update({f"t2i_recall@{k}": float((t2i < k).float().mean()) for k in ks})
+    out = {f"i2t_recall_at_{k}": float((i2t < k).float().mean()) for k in ks}
+    out.update({f"t2i_recall_at_{k}": float((t2i < k).float().mean()) for k in ks})
     return out
