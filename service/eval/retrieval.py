@@ -85,8 +85,8 @@ def retrieval_recall(
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, float]:
     """``{"i2t_recall_at_{k}", "t2i_recall_at_{k}"}`` for each ``k``: images ``[n, d]``,
-    *distinct* captions ``[m, d]`` and ``caption_ids [n]`` (image ``i`` is paired with caption ``caption_ids[i]``,
-    see :func:`caption_groups`).
+    *distinct* captions ``[m, d]`` and ``caption_ids [n]`` (image ``i`` is paired with caption
+    ``caption_ids[i]``, see :func:`caption_groups`).
 
     >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     >>> texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
