@@ -161,7 +161,14 @@ class Progress:
 # Ray's own messages that say nothing to a user of an embedded run (each one explained in
 # docs/console.md). Anything else — and every real warning or error — passes.
 RAY_NOISE: tuple[re.Pattern[str], ...] = tuple(
-    re.compile(p) for p in (r"Failed to query Ray Train Controller actor state",)
+    re.compile(p)
+    for p in (
+        # Ray Train's PlacementGroupCleaner asks the State API (served by the dashboard) every
+        # second whether the controller lives; with no dashboard (embedded Ray) every ask fails.
+        r"Failed to query Ray Train Controller actor state",
+        # Ray Train's own PreemptionWatcher actor trips a core_worker check about itself.
+        r"Actor with class name: 'PreemptionWatcher' .*max_restarts > 0",
+    )
 )
 
 
