@@ -113,10 +113,19 @@ def build_trainer(
     run: TrackedRun | None = None,
     storage_path: str | None = None,
     run_name: str | None = None,
+    tokenizer_json: str | None = None,
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial)."""
+    """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial).
+
+    Image–text mode: ``tokenizer_json`` is the run's tokenizer; when not given (a Tune trial)
+    it is fitted here, on the training captions, before any worker starts.
+    """
     t = config.train
     datasets, rows = _train_dataset(config)
+    if tokenizer_json is None and config.text.column:
+        from service.text import fit_tokenizer
+
+        tokenizer_json = fit_tokenizer(config).to_json()
     inputs = WorkerInputs(
         config=config,
         storage_path=resolve_storage_path(storage_path or t.storage_path),
@@ -124,6 +133,7 @@ def build_trainer(
         rows=rows,
         mlflow_run_id=run.run_id if run else None,
         tracking_uri=run.uri if run else None,
+        tokenizer_json=tokenizer_json,
     )
     return TorchTrainer(
         train_func,
@@ -167,16 +177,70 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
         return _already_done(config, plan)
     with ending_on_error(_open_or_reopen(config, plan)) as run:
         write_record(plan.run_dir, _record(config, run))
+        tokenizer_json = run_tokenizer_json(config, plan.run_dir)  # image–text mode only
         connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
         check_cluster_fits(config)
-        result = fit(build_trainer(config, run=run))
+        result = fit(build_trainer(config, run=run, tokenizer_json=tokenizer_json))
         summary = _summary(config, result)
         # finalize reads the checkpoint from local disk: as_directory() is the directory itself
         # on a local/shared filesystem and a temporary download from an object store.
         local = result.checkpoint.as_directory() if result.checkpoint else nullcontext()
         with tempfile.TemporaryDirectory() as workdir, local as local_dir:
             summary.update(finalize_run(config, run, local_dir, Path(workdir)))
+            summary.update(image_text_evaluation(config, run, local_dir, tokenizer_json))
     return summary
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def run_tokenizer_json(config: Config, run_dir: str) -> str | None:
+    """Image–text mode: the run's tokenizer as JSON, fitted on the training captions on the
+    driver (before Ray starts) and saved as ``<run_dir>/tokenizer.json``; a resumed run reuses
+    the saved one, so its token ids never change. None in image-only mode."""
+    if not config.text.column:
+        return None
+    from pyarrow import fs
+
+    from service.text import fit_tokenizer
+
+    filesystem, folder = fs.FileSystem.from_uri(resolve_storage_path(run_dir))
+    path = f"{folder.rstrip('/')}/{TOKENIZER_FILE}"
+    if filesystem.get_file_info(path).type == fs.FileType.File:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+    print("[pretrain] fitting the tokenizer on the training captions", file=sys.stderr)
+    text = fit_tokenizer(config).to_json()
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+    return text
+
+
+def image_text_evaluation(
+    config: Config, run: TrackedRun | None, checkpoint_dir: str | None, tokenizer_json: str | None
+) -> dict[str, Any]:
+    """Image–text mode: ``test_*`` zero-shot/retrieval metrics of the final model on
+    ``data.test`` beside ``random_*`` (same architecture, seeded random init), into the MLflow
+    run (at the last global step) and the summary."""
+    if not (config.text.column and config.data.test and checkpoint_dir and tokenizer_json):
+        return {}
+    from service.eval.image_text import evaluate_beside_random_init
+    from service.models import build_training_model
+    from service.text import Tokenizer
+    from service.train.checkpoint import load_state
+
+    saved = load_state(checkpoint_dir)
+    model = build_training_model(config)
+    model.load_state_dict(saved["model"])
+    metrics = evaluate_beside_random_init(
+        model, Tokenizer.from_json(tokenizer_json), config, lambda: build_training_model(config)
+    )
+    if run is not None and metrics:
+        logger = run.logger()
+        logger.log_metrics(metrics, step=int(saved["global_step"]))
+        logger.flush()
+    return metrics
 
 
 def _open_or_reopen(config: Config, plan: RunPlan) -> TrackedRun | None:
