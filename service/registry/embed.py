@@ -104,6 +104,7 @@ def embed_parquet(
     text tower); write ``row_id`` + the non-image columns + ``embedding`` (fixed-size list of
     float32) to ``output_parquet``. ``normalize`` L2-normalises image embeddings (text ones
     always are). Returns counts, the embedding dim and the output path."""
+    from service.data.errors import DataError
     from service.data.parquet import inspect_parquet
 
     if batch_size < 1:
@@ -111,9 +112,9 @@ def embed_parquet(
     source = inspect_parquet(input_parquet)
     column = text_column or image_column
     if column not in source.columns:
-        raise ValueError(f"{input_parquet!r} has no column {column!r} ({source.columns})")
+        raise DataError(f"{input_parquet!r} has no column {column!r} ({source.columns})")
     if ROW_ID_COLUMN in source.columns or EMBEDDING_COLUMN in source.columns:
-        raise ValueError(
+        raise DataError(
             f"{input_parquet!r} already has a {ROW_ID_COLUMN!r} or {EMBEDDING_COLUMN!r} column; "
             "the output adds both: rename it first"
         )
