@@ -7,8 +7,10 @@ config that describes its architecture) is this command's job, so the evaluation
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.commands.config import load_checked_config
@@ -51,7 +53,20 @@ def _log_to_run(result: dict[str, Any], config: Config, run_id: str) -> None:
 
     logger = MetricLogger(resolve_tracking_uri(config.mlflow), run_id)
     logger.log_metrics(evaluation_metrics(result), step=0)
-    logger.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "baseline_random" in result:
+            logger.log_artifact(_comparison_chart(result, Path(tmp)), "plots")
+        logger.flush()  # before the chart's directory goes: uploads may be deferred to here
+
+
+def _comparison_chart(result: dict[str, Any], workdir: Path) -> Path:
+    """plots/pretrained_vs_random.png: the evaluation's kNN and linear top-1 beside random
+    init, on the test split."""
+    from service.tracking.plots import plot_baseline_comparison
+
+    return plot_baseline_comparison(
+        result, result["baseline_random"], workdir / "pretrained_vs_random.png", split="test"
+    )
 
 
 def evaluate_command(
