@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from service.config import Config, raise_problems
 from service.data.checks import augment_config_problems, data_config_problems, data_problems
+from service.eval.image_text import CHAMPION_METRICS as IMAGE_TEXT_CHAMPIONS
+from service.eval.image_text import image_text_problems
 from service.losses import build_loss, check_loss_config
 from service.models.backbones import model_config_problems
 from service.train.amp import amp_problems
@@ -24,6 +26,7 @@ from service.train.optim import train_config_problems
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 CHAMPION_METRICS = {"knn_top1": "validation", "train_loss": None}
+CHAMPION_METRICS.update(dict.fromkeys(IMAGE_TEXT_CHAMPIONS, "validation"))  # text mode only
 
 
 def loss_problems(config: Config) -> list[str]:
@@ -75,6 +78,7 @@ def config_problems(config: Config) -> list[str]:
         *amp_problems(t.amp),
         *gradcache_problems(config),
         *tracking_problems(config),
+        *image_text_problems(config),
     ]
     if t.placement_strategy not in PLACEMENT_STRATEGIES:
         problems.append(
