@@ -28,12 +28,14 @@ through ``ParquetImageDataset`` instead, still batched on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError
 from service.data.parquet import (
@@ -118,11 +120,13 @@ def decode_once_plan(
 @dataclass
 class DecodedImages:
     """Decoded training rows: ``images`` uint8 ``[N, 3, S, S]`` in shared memory, ``labels``
-    int64 ``[N]`` (``-1`` where unlabelled), and the decode outcome."""
+    int64 ``[N]`` (``-1`` where unlabelled), the decode outcome, and in image–text mode the
+    captions of the same rows (``texts``, aligned with ``images``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     stats: DecodeStats
+    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -133,8 +137,11 @@ def decode_rows(
     indices: np.ndarray | None,
     size: int,
     max_bad_fraction: float = 0.01,
+    text_column: str | None = None,
 ) -> DecodedImages:
-    """Decode rows ``indices`` of ``path`` (all when None) into one shared uint8 tensor.
+    """Decode rows ``indices`` of ``path`` (all when None) into one shared uint8 tensor; with
+    ``text_column``, keep each kept row's caption (a null or empty caption drops its row, counted
+    like a corrupt image, and a corrupt image drops its caption).
 
     Raises :class:`~service.data.errors.TooManyBadImagesError` above ``max_bad_fraction``.
 
@@ -143,8 +150,9 @@ def decode_rows(
     ((4, 3, 32, 32), torch.uint8, True, 4)
     """
     source = inspect_parquet(path)
-    table = read_rows(source, default_columns(source), indices)
+    table = read_rows(source, default_columns(source, text_column), indices)
     n = table.num_rows
+    captions = table.column(text_column).to_pylist() if text_column else None
     images = torch.empty((n, 3, size, size), dtype=torch.uint8).share_memory_()
     if source.has_label:
         all_labels = table.column(LABEL_COLUMN).to_numpy().astype(np.int64)
@@ -154,6 +162,9 @@ def decode_rows(
     stats = DecodeStats()
     kept: list[int] = []
     for i, blob in enumerate(table.column(IMAGE_COLUMN).to_pylist()):
+        if captions is not None and not is_caption(captions[i]):
+            stats.add_bad(f"row {int(file_rows[i])} (null or empty caption)")
+            continue
         try:
             image = decode_image(blob)
         except CorruptImageError as exc:
@@ -166,14 +177,16 @@ def decode_rows(
     stats.warn(where)
     stats.check(max_bad_fraction, where)
     labels = torch.from_numpy(all_labels[np.asarray(kept, dtype=np.int64)])
+    texts = [captions[i] for i in kept] if captions is not None else None
     # A view of the shared storage: the (few) skipped rows' slots stay unused at the end.
-    return DecodedImages(images[: len(kept)], labels, stats)
+    return DecodedImages(images[: len(kept)], labels, stats, texts)
 
 
 class IndexBatchDataset(Dataset):
-    """``dataset[list of row indices]`` → ``(uint8 [b, 3, S, S], int64 [b])``: one gather per
-    batch. Use with ``DataLoader(batch_size=None, sampler=BatchSampler(...))``; workers index
-    the shared tensor, nothing is copied to them."""
+    """``dataset[list of row indices]`` → ``(uint8 [b, 3, S, S], int64 [b])`` (image–text mode:
+    ``(images, labels, list of b captions)``): one gather per batch. Use with
+    ``DataLoader(batch_size=None, sampler=BatchSampler(...))``; workers index the shared tensor,
+    nothing is copied to them."""
 
     def __init__(self, decoded: DecodedImages) -> None:
         self.decoded = decoded
@@ -181,6 +194,9 @@ class IndexBatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.decoded)
 
-    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: list[int]) -> tuple[Any, ...]:
         index = torch.as_tensor(rows, dtype=torch.long)
-        return self.decoded.images.index_select(0, index), self.decoded.labels[index]
+        images, labels = self.decoded.images.index_select(0, index), self.decoded.labels[index]
+        if self.decoded.texts is None:
+            return images, labels
+        return images, labels, [self.decoded.texts[r] for r in rows]

@@ -170,9 +170,31 @@ def inspect_parquet(path: str) -> ParquetSource:
     )
 
 
-def default_columns(source: ParquetSource) -> list[str]:
-    """The columns the readers use: ``image`` plus ``label``/``label_name`` when present."""
-    return [c for c in (IMAGE_COLUMN, LABEL_COLUMN, LABEL_NAME_COLUMN) if c in source.columns]
+def default_columns(source: ParquetSource, text_column: str | None = None) -> list[str]:
+    """The columns the readers use: ``image`` plus ``label``/``label_name`` when present, plus
+    the caption column ``text_column`` in image–text mode (it must exist)."""
+    columns = [c for c in (IMAGE_COLUMN, LABEL_COLUMN, LABEL_NAME_COLUMN) if c in source.columns]
+    if text_column and text_column not in columns:
+        columns.append(text_column)
+    return columns
+
+
+def text_column_problem(source: ParquetSource, column: str) -> str | None:
+    """``None`` when every file has ``column`` as strings; else what is wrong (for messages)."""
+    if column not in source.columns:
+        return (
+            f"{source.path!r} has no caption column {column!r} (columns: {source.columns}); "
+            f"set text.column to the caption column, or add one (`contrastive data captions`, "
+            f"`contrastive data pack --captions`)"
+        )
+    for file in source.files:
+        schema, _ = _read_schema(source.filesystem, file)
+        if column not in schema.names:
+            return f"{file!r} has no caption column {column!r} (columns: {schema.names})"
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return f"{file!r}: caption column {column!r} is {kind}, expected strings"
+    return None
 
 
 def sample_indices(num_rows: int, limit: int, seed: int) -> np.ndarray:

@@ -50,6 +50,7 @@ import torch
 
 from service.config import AugmentConfig, Config
 from service.data.augment import simclr_transform, split_at_to_image
+from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError, TooManyBadImagesError
 from service.data.parquet import (
@@ -77,9 +78,14 @@ def view_column(index: int) -> str:
 
 
 def read_ray_dataset(
-    path: str, limit: int | None = None, seed: int = 0, indices: np.ndarray | None = None
+    path: str,
+    limit: int | None = None,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+    text_column: str | None = None,
 ) -> Any:
-    """A lazy ``ray.data.Dataset`` of ``image`` (+ ``label``) rows, validated up front.
+    """A lazy ``ray.data.Dataset`` of ``image`` (+ ``label``, + the caption ``text_column`` in
+    image–text mode) rows, validated up front.
 
     Files, columns and emptiness are checked with pyarrow (footers only) before Ray is touched,
     so a wrong path fails here with a :class:`DataError`, not inside a remote task. ``limit``
@@ -91,6 +97,8 @@ def read_ray_dataset(
 
     source = inspect_parquet(path)
     columns = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in source.columns]
+    if text_column:
+        columns.append(text_column)  # read_rows names it if a file lacks it
     if indices is None:
         indices = limit_indices(source, limit, seed)
     if indices is not None:
@@ -112,17 +120,27 @@ def _row_id(blob: Any) -> str:
 class _DecodingBatchFn:
     """Decode a numpy map batch, dropping corrupt rows under the per-batch ceiling."""
 
-    def __init__(self, image_size: int, max_bad_fraction: float, map_batch_size: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        max_bad_fraction: float,
+        map_batch_size: int,
+        text_column: str | None = None,
+    ) -> None:
         self.image_size = image_size
         self.max_bad_fraction = max_bad_fraction
         self.map_batch_size = map_batch_size
+        self.text_column = text_column
 
     def _decode(self, batch: dict[str, np.ndarray]) -> tuple[list[Any], dict[str, np.ndarray]]:
         """Decoded images of the kept rows, and their ``label`` and ``n_skipped`` columns.
 
         Corrupt rows are dropped (labels stay with their own images) and their count is carried
-        on the next kept row in ``n_skipped`` (on the last kept row for trailing ones)."""
+        on the next kept row in ``n_skipped`` (on the last kept row for trailing ones). With a
+        ``text_column``, a null or empty caption drops its row the same way, and the kept rows'
+        captions travel in that column."""
         blobs = batch[IMAGE_COLUMN]
+        texts = batch[self.text_column] if self.text_column else None
         labels = batch.get(LABEL_COLUMN)
         if labels is None:
             labels = np.full(len(blobs), NO_LABEL, dtype=np.int64)
@@ -130,6 +148,9 @@ class _DecodingBatchFn:
         keep: list[int] = []
         images: list[Any] = []
         for i, blob in enumerate(blobs):
+            if texts is not None and not is_caption(texts[i]):
+                stats.add_bad(f"{_row_id(blob)} (null or empty caption)")
+                continue
             try:
                 images.append(decode_image(blob))
             except CorruptImageError as exc:
@@ -152,6 +173,8 @@ class _DecodingBatchFn:
             bad_rows = np.setdiff1d(np.arange(len(blobs)), kept)
             np.add.at(skipped, np.minimum(np.searchsorted(kept, bad_rows), len(kept) - 1), 1)
         columns = {LABEL_COLUMN: np.asarray(labels, dtype=np.int64)[kept], SKIPPED_COLUMN: skipped}
+        if texts is not None:
+            columns[self.text_column] = np.asarray([texts[i] for i in kept], dtype=object)
         return images, columns
 
 
@@ -177,8 +200,9 @@ class MultiViewBatchFn(_DecodingBatchFn):
         n_views: int,
         max_bad_fraction: float = 0.01,
         map_batch_size: int = MAP_BATCH_SIZE,
+        text_column: str | None = None,
     ) -> None:
-        super().__init__(image_size, max_bad_fraction, map_batch_size)
+        super().__init__(image_size, max_bad_fraction, map_batch_size, text_column)
         # Built here, on the driver, so bad augmentation settings fail before any task runs.
         # Per view only the PIL ops run; to-tensor and Normalize run once on the stacked batch.
         self.pil_ops, self.tensor_ops = split_at_to_image(simclr_transform(cfg, image_size))
@@ -219,9 +243,13 @@ class DecodeBatchFn(_DecodingBatchFn):
     """
 
     def __init__(
-        self, image_size: int, max_bad_fraction: float = 0.01, map_batch_size: int = MAP_BATCH_SIZE
+        self,
+        image_size: int,
+        max_bad_fraction: float = 0.01,
+        map_batch_size: int = MAP_BATCH_SIZE,
+        text_column: str | None = None,
     ) -> None:
-        super().__init__(image_size, max_bad_fraction, map_batch_size)
+        super().__init__(image_size, max_bad_fraction, map_batch_size, text_column)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from service.data.decoded import to_uint8_square
@@ -253,18 +281,22 @@ def augment_ray_dataset(
     map_batch_size: int = MAP_BATCH_SIZE,
     num_cpus: float = 1.0,
     shuffle: bool = True,
+    text_column: str | None = None,
 ) -> Any:
     """Append the decode (+ multi-view augmentation with ``cfg.backend=torchvision``) stage
     (stateless Ray tasks) to ``ds``; ``shuffle`` visits its blocks in a new order every epoch.
 
     Blocks are first split to ``map_batch_size`` rows: a Parquet row group is one block, and one
     block is one task, so a file written as a single row group would otherwise be decoded on one
-    CPU (and block-order shuffling would have one block to move).
+    CPU (and block-order shuffling would have one block to move). ``text_column``: the captions
+    travel with their rows (see :func:`iter_captioned_batches`).
     """
     if cfg.backend == "batched":
-        fn: Any = DecodeBatchFn(image_size, max_bad_fraction, map_batch_size)
+        fn: Any = DecodeBatchFn(image_size, max_bad_fraction, map_batch_size, text_column)
     else:
-        fn = make_multiview_batch_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size)
+        fn = MultiViewBatchFn(
+            cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column
+        )
     ds = ds.repartition(target_num_rows_per_block=map_batch_size)
     if shuffle:
         ds = ds.randomize_block_order()  # no seed: a new order every execution (epoch)
@@ -273,20 +305,23 @@ def augment_ray_dataset(
 
 def build_ray_train_dataset(config: Config) -> Any:
     """The lazy, decoded (and with ``augment.backend=torchvision`` augmented) training dataset a
-    ``Config`` describes (for ``TorchTrainer``), block order shuffled every epoch."""
+    ``Config`` describes (for ``TorchTrainer``), block order shuffled every epoch. Image–text mode
+    (``text.column`` set): one view per row, captions carried along."""
     from service.data.splits import train_val_rows
 
     split, limit = train_val_rows(config), config.data.limit
     # Every row trains: stream the files lazily; otherwise the selected rows are read eagerly
     # (pre-flight refuses that for large data: hold out a file with data.val instead).
     rows = None if split.keeps_every_row(limit) else split.train_rows(limit)
-    ds = read_ray_dataset(config.data.train, indices=rows)
+    text_column = config.text.column
+    ds = read_ray_dataset(config.data.train, indices=rows, text_column=text_column)
     return augment_ray_dataset(
         ds,
         config.augment,
         config.data.image_size,
-        config.augment.n_views,
+        1 if text_column else config.augment.n_views,
         max_bad_fraction=config.data.max_bad_fraction,
+        text_column=text_column,
     )
 
 
@@ -368,3 +403,39 @@ def iter_image_batches(
     ):
         _require(batch, [PIXELS_COLUMN], hint)
         yield batch[PIXELS_COLUMN], batch[LABEL_COLUMN]
+
+
+def iter_captioned_batches(
+    shard_or_dataset: Any,
+    batch_size: int,
+    text_column: str,
+    drop_last: bool = True,
+    stats: DecodeStats | None = None,
+    device: str | torch.device = "cpu",
+    prefetch_batches: int = 1,
+    shuffle: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Image–text mode: yield ``(images, labels [b], captions: list of b str)`` from a dataset
+    or shard built with ``text_column``; ``images`` are the decoded uint8 ``[b,3,S,S]``
+    (``augment.backend=batched``) or the one float view (``torchvision``). Arguments as in
+    :func:`iter_view_batches`.
+
+    ``iter_torch_batches`` cannot carry strings, so batches come as numpy and only the numeric
+    columns become tensors (on ``device``)."""
+    for batch in shard_or_dataset.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer_rows(batch_size) if shuffle else None,
+    ):
+        image_column = PIXELS_COLUMN if PIXELS_COLUMN in batch else view_column(0)
+        _require(batch, [image_column, text_column], f"was the dataset built with {text_column=}?")
+        if stats is not None:
+            skipped = int(batch[SKIPPED_COLUMN].sum()) if SKIPPED_COLUMN in batch else 0
+            stats.add_ok(len(batch[LABEL_COLUMN]))
+            if skipped:
+                stats.add_bad(n=skipped)
+        images = torch.from_numpy(np.ascontiguousarray(batch[image_column])).to(device)
+        labels = torch.from_numpy(np.asarray(batch[LABEL_COLUMN], dtype=np.int64))
+        yield images, labels.to(device), [str(t) for t in batch[text_column]]

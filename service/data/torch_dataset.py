@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from service.config import Config
 from service.data.augment import MultiViewTransform, eval_transform, simclr_transform
+from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError
 from service.data.parquet import (
@@ -43,6 +44,11 @@ class ParquetImageDataset(Dataset):
     ``n_views=k``   → items ``([Tensor[3,H,W]] * k, label)``, ``k`` independent draws of
     ``transform`` (contrastive training). ``label`` is ``-1`` when the data has no label column.
 
+    ``text_column`` (image–text data): captions are read and checked with the images — a row with
+    a null or empty caption is skipped and counted like a corrupt image (and a corrupt image's
+    caption goes with it); :attr:`texts` holds the usable rows' captions in item order, and with
+    ``return_text=True`` items are ``(image or views, label, caption)``.
+
     >>> from service.data.augment import eval_transform
     >>> ds = ParquetImageDataset("service/data/bundled/cifar10-test-subset.parquet",
     ...                          eval_transform(32, [0.5] * 3, [0.25] * 3), limit=10)
@@ -60,11 +66,15 @@ class ParquetImageDataset(Dataset):
         max_bad_fraction: float = 0.01,
         seed: int = 0,
         indices: np.ndarray | None = None,
+        text_column: str | None = None,
+        return_text: bool = False,
     ) -> None:
+        if return_text and not text_column:
+            raise ValueError("return_text=True needs a text_column")
         if n_views is not None and n_views < 1:
             raise ValueError(f"n_views must be >= 1 or None, got {n_views}")
         source = inspect_parquet(path)
-        columns = default_columns(source)
+        columns = default_columns(source, text_column)
         if indices is None:  # explicit row ids (e.g. a train/validation split) win over limit
             indices = limit_indices(source, limit, seed)
         table = read_rows(source, columns, indices)
@@ -80,12 +90,18 @@ class ParquetImageDataset(Dataset):
         else:
             self._labels = np.full(table.num_rows, NO_LABEL, dtype=np.int64)
         self.class_names = _class_names(table) if source.has_label_name else {}
+        self._texts = table.column(text_column).to_pylist() if text_column else None
+        self.return_text = return_text
 
         # Row ids in messages are global 0-based rows over the sorted files, so they can be found.
         file_rows = indices if indices is not None else np.arange(table.num_rows)
         self.stats = DecodeStats()
         good = np.ones(table.num_rows, dtype=bool)
         for i, blob in enumerate(self._images.to_pylist()):
+            if self._texts is not None and not is_caption(self._texts[i]):
+                good[i] = False
+                self.stats.add_bad(f"row {int(file_rows[i])} (null or empty caption)")
+                continue
             try:
                 decode_image(blob)
                 self.stats.add_ok()
@@ -105,13 +121,21 @@ class ParquetImageDataset(Dataset):
         """Labels of the usable rows, in item order (``-1`` where unlabelled)."""
         return self._labels[self._rows]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | list[torch.Tensor], int]:
+    @property
+    def texts(self) -> list[str] | None:
+        """Captions of the usable rows, in item order (None without a ``text_column``)."""
+        if self._texts is None:
+            return None
+        return [self._texts[row] for row in self._rows]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         row = int(self._rows[index])
         image = decode_image(self._images[row].as_py())
         label = int(self._labels[row])
-        if self._many is None:
-            return self.transform(image), label
-        return self._many(image), label
+        item = self.transform(image) if self._many is None else self._many(image)
+        if self.return_text:
+            return item, label, self._texts[row]  # type: ignore[index]
+        return item, label
 
 
 def _class_names(table: Any) -> dict[int, str]:
@@ -129,13 +153,15 @@ def _class_names(table: Any) -> dict[int, str]:
     )
 
 
-def collate_views(
-    batch: Sequence[tuple[torch.Tensor | list[torch.Tensor], int]],
-) -> tuple[list[torch.Tensor] | torch.Tensor, torch.Tensor]:
+def collate_views(batch: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     """``[(views, label)] * b`` → ``([Tensor[b,3,H,W]] per view, Tensor[b])``.
 
-    Eval items ``(Tensor, label)`` collate to ``(Tensor[b,3,H,W], Tensor[b])``.
+    Eval items ``(Tensor, label)`` collate to ``(Tensor[b,3,H,W], Tensor[b])``; captioned items
+    ``(x, label, caption)`` to the same plus the list of ``b`` captions.
     """
+    if len(batch[0]) == 3:
+        x, labels = collate_views([item[:2] for item in batch])
+        return x, labels, [item[2] for item in batch]
     first, _ = batch[0]
     labels = torch.tensor([label for _, label in batch], dtype=torch.long)
     if isinstance(first, torch.Tensor):
@@ -186,7 +212,8 @@ def build_train_dataset(
     """The contrastive training dataset a ``Config`` describes: ``data.train`` without the
     held-out validation rows, at most ``data.limit`` of them (or the given ``rows``). Items are
     the n SimCLR views, or one ``item_transform`` output (e.g. a uint8 square to augment in
-    batches)."""
+    batches). Image–text mode (``text.column`` set): one view, and items carry the caption
+    ``(x, label, caption)``."""
     from service.data.splits import train_val_rows
 
     if rows is None:
@@ -195,18 +222,25 @@ def build_train_dataset(
         transform, n_views = item_transform, None
     else:
         transform = simclr_transform(config.augment, config.data.image_size)
-        n_views = config.augment.n_views
+        n_views = 1 if config.text.column else config.augment.n_views
     return ParquetImageDataset(
         config.data.train,
         transform,
         n_views=n_views,
         max_bad_fraction=config.data.max_bad_fraction,
         indices=rows,
+        text_column=config.text.column,
+        return_text=bool(config.text.column),
     )
 
 
-def build_eval_dataset(config: Config, path: str, limit: int | None = None) -> ParquetImageDataset:
-    """A single-view, deterministic dataset (kNN / linear probe / embedding) over ``path``."""
+def build_eval_dataset(
+    config: Config, path: str, limit: int | None = None, with_text: bool = False
+) -> ParquetImageDataset:
+    """A single-view, deterministic dataset (kNN / linear probe / embedding) over ``path``.
+    ``with_text`` (image–text evaluation): rows without a usable ``text.column`` caption are
+    skipped and counted, and ``dataset.texts`` holds the captions in item order (items stay
+    ``(image, label)``)."""
     return ParquetImageDataset(
         path,
         eval_transform(config.data.image_size, config.augment.mean, config.augment.std),
@@ -214,4 +248,5 @@ def build_eval_dataset(config: Config, path: str, limit: int | None = None) -> P
         limit=limit,
         max_bad_fraction=config.data.max_bad_fraction,
         seed=config.train.seed,
+        text_column=config.text.column if with_text else None,
     )

@@ -6,6 +6,13 @@ step count on every rank.
 device (``data.augment_device``: the worker's GPU when it has one) and
 :class:`~service.data.batch_augment.BatchSimCLRAugment` turns them into views there. Either way
 an epoch yields ``(views, labels)``, so ``train_step`` is the same for both.
+
+Image–text mode (``text.column`` set): either reader carries each row's caption with its image
+(a row whose image does not decode, or whose caption is null/empty, is dropped whole and counted),
+and an epoch yields ``([image, tokens], labels)``: ONE augmented view float ``[b, 3, H, W]``
+(either backend) and the captions tokenised here, in the worker, with the run's tokenizer
+(``WorkerInputs.tokenizer_json``) into int64 ``[b, text.context_length]`` on the CPU
+(``train_step`` moves them). Tokenising is per batch, so nothing is cached across epochs.
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ class TrainBatches:
         self.config: Config = inputs.config
         self.batch_size = self.config.per_worker_batch_size
         self.batched = self.config.augment.backend == "batched"
+        self.text_column = self.config.text.column
+        self.tokenizer: Any = self._tokenizer(inputs) if self.text_column else None
         self.augment: Any = None
         if self.batched:
             from service.data.batch_augment import BatchSimCLRAugment
@@ -77,6 +86,7 @@ class TrainBatches:
                 self.config.augment,
                 self.config.data.image_size,
                 seed=augment_seed(self.config, rank),
+                n_views=1 if self.text_column else None,  # image–text: one view per image
             )
         if self.config.data.reader == "ray":
             import ray.train
@@ -92,6 +102,17 @@ class TrainBatches:
                 f"{self.config.train.global_batch_size} per epoch; lower "
                 f"train.global_batch_size or add data"
             )
+
+    @staticmethod
+    def _tokenizer(inputs: WorkerInputs) -> Any:
+        from service.text import Tokenizer
+
+        if not inputs.tokenizer_json:
+            raise ValueError(
+                f"text.column={inputs.config.text.column!r} (image–text mode) but the driver "
+                f"passed no tokenizer (WorkerInputs.tokenizer_json)"
+            )
+        return Tokenizer.from_json(inputs.tokenizer_json)
 
     def _build_loader(self, rank: int, world: int) -> int:
         from service.data import make_dataloader
@@ -136,7 +157,7 @@ class TrainBatches:
             log.warning("data: streaming (decode per item, batched augment), %s", plan.reason())
             return None
         log.info("data: decode once into memory, %s (one copy per rank: %d)", plan.reason(), world)
-        decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction)
+        decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction, self.text_column)
         return IndexBatchDataset(decoded)
 
     def _streaming_dataset(self, rows: np.ndarray) -> Any:
@@ -156,6 +177,11 @@ class TrainBatches:
             return iter(self.loader)
         from service.data import ray_dataset
 
+        if self.text_column:
+            return ray_dataset.iter_captioned_batches(
+                self.shard, self.batch_size, self.text_column, drop_last=True,
+                device=self.device if self.batched else "cpu",
+            )  # fmt: skip
         if self.batched:
             return ray_dataset.iter_image_batches(
                 self.shard, self.batch_size, drop_last=True, device=self.device
@@ -165,10 +191,24 @@ class TrainBatches:
         )
 
     def epoch(self, epoch: int) -> Iterator[ViewBatch]:
-        """The batches of one epoch: exactly ``steps_per_epoch`` of them."""
+        """The batches of one epoch: exactly ``steps_per_epoch`` of them; image–text mode:
+        ``([image view, tokens], labels)``."""
         batches = self._source(epoch)
+        if self.text_column:
+            yield from self._text_epoch(batches)
+            return
         # Ray Data shards may differ by a batch; every rank must run the same step count.
         for _, (data, labels) in zip(range(self.steps_per_epoch), batches, strict=False):
             if self.batched:
                 data = self.augment(data.to(self.device, non_blocking=True))
             yield data, labels
+
+    def _text_epoch(self, batches: Iterator[Any]) -> Iterator[ViewBatch]:
+        """Loader ``(images or [view], labels, captions)`` → ``([view, tokens], labels)``."""
+        length = self.config.text.context_length
+        for _, (data, labels, texts) in zip(range(self.steps_per_epoch), batches, strict=False):
+            if self.batched:
+                (view,) = self.augment(data.to(self.device, non_blocking=True))
+            else:  # torchvision: the DataLoader gives [view], the Ray reader the view itself
+                view = data[0] if isinstance(data, list) else data
+            yield [view, self.tokenizer.encode(texts, length)], labels
