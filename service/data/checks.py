@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.config import AugmentConfig, Config, DataConfig
+from service.config import AugmentConfig, Config, DataConfig, TextConfig
 from service.data.augment import MAX_STRENGTH
+from service.data.captions import is_caption
 from service.data.decode import decode_image
 from service.data.errors import DataError
 from service.data.parquet import (
@@ -22,6 +23,7 @@ from service.data.parquet import (
     ParquetSource,
     inspect_parquet,
     read_rows,
+    text_column_problem,
 )
 
 READERS = ("torch", "ray")
@@ -72,6 +74,65 @@ def augment_config_problems(a: AugmentConfig) -> list[str]:
     if a.backend not in AUGMENT_BACKENDS:
         problems.append(
             f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
+        )
+    return problems
+
+
+MIN_CONTEXT_LENGTH = 4  # a few tokens of caption plus the end-of-text token
+MIN_VOCAB_SIZE = 258  # the byte-level alphabet (256) plus pad and end-of-text (service.text)
+
+
+def text_config_problems(t: TextConfig) -> list[str]:
+    """What is wrong with the ``text`` section (empty when nothing; only checked when
+    ``text.column`` is set: image-only runs ignore the section)."""
+    if t.column is None:
+        return []
+    problems = []
+    if not isinstance(t.column, str) or not t.column.strip():
+        problems.append(f"text.column must be a column name or null, got {t.column!r}")
+    for key, value, low in (
+        ("text.context_length", t.context_length, MIN_CONTEXT_LENGTH),
+        ("text.vocab_size", t.vocab_size, MIN_VOCAB_SIZE),
+        ("text.width", t.width, 1),
+        ("text.layers", t.layers, 1),
+        ("text.heads", t.heads, 1),
+    ):
+        if value < low:
+            problems.append(f"{key} must be >= {low}, got {value}")
+    if t.heads >= 1 and t.width % t.heads:
+        problems.append(f"text.width={t.width} must divide by text.heads={t.heads}")
+    if not t.class_name_column:
+        problems.append("text.class_name_column must name the class-name column (zero-shot)")
+    templates = t.templates if isinstance(t.templates, list) else [t.templates]
+    bad = [x for x in templates if not isinstance(x, str) or x.count("{}") != 1]
+    if not templates or bad:
+        problems.append(
+            f"text.templates must be a non-empty list of prompts with one '{{}}' each for the "
+            f"class name, e.g. 'a photo of a {{}}.'; bad: {bad or 'empty list'}"
+        )
+    return problems
+
+
+def _text_problems(source: ParquetSource, key: str, config: Config) -> list[str]:
+    """Image–text mode: the caption column is there as strings in every file, the first rows'
+    captions are mostly usable, and labelled validation/test data has class names (zero-shot)."""
+    t, d = config.text, config.data
+    problem = text_column_problem(source, t.column)  # type: ignore[arg-type]
+    if problem:
+        return [f"{key}: {problem}"]
+    rows = min(SAMPLE_ROWS, source.num_rows)
+    texts = read_rows(source, [t.column], np.arange(rows)).column(t.column).to_pylist()
+    empty = sum(not is_caption(x) for x in texts)
+    problems = []
+    if empty and (empty == rows or (empty / rows > d.max_bad_fraction and empty > 1)):
+        problems.append(
+            f"{key}={source.path!r}: {empty} of the first {rows} captions in {t.column!r} are "
+            f"null or empty, more than data.max_bad_fraction={d.max_bad_fraction}"
+        )
+    if key != "data.train" and source.has_label and t.class_name_column not in source.columns:
+        problems.append(
+            f"{key}={source.path!r} has labels but no {t.class_name_column!r} column "
+            f"(text.class_name_column), which zero-shot evaluation needs for its prompts"
         )
     return problems
 
@@ -150,6 +211,8 @@ def data_problems(config: Config) -> list[str]:
             continue
         if problem:
             problems.append(problem)
+        if config.text.column:
+            problems += _text_problems(source, key, config)
         if key == "data.train":
             problems += _split_problems(config)
         if needs_label[key] and not source.has_label:

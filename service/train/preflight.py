@@ -16,7 +16,12 @@ tracking — and this module only gathers them, so a user sees every problem at 
 from __future__ import annotations
 
 from service.config import Config, raise_problems
-from service.data.checks import augment_config_problems, data_config_problems, data_problems
+from service.data.checks import (
+    augment_config_problems,
+    data_config_problems,
+    data_problems,
+    text_config_problems,
+)
 from service.eval.image_text import CHAMPION_METRICS as IMAGE_TEXT_CHAMPIONS
 from service.eval.image_text import image_text_problems
 from service.losses import build_loss, check_loss_config
@@ -72,6 +77,7 @@ def config_problems(config: Config) -> list[str]:
     problems = [
         *augment_config_problems(config.augment),
         *data_config_problems(config.data),
+        *text_config_problems(config.text),
         *loss_problems(config),
         *model_config_problems(config.model),
         *train_config_problems(t),
