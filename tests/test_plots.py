@@ -126,7 +126,7 @@ def test_history_without_the_epoch0_entry_or_knn(tmp_path):
 
 
 def test_image_text_runs_plot_zero_shot_and_recall(tmp_path):
-    keys = ("val_zeroshot_top1", "val_i2t_recall@5", "val_t2i_recall@5")
+    keys = ("val_zeroshot_top1", "val_i2t_recall_at_5", "val_t2i_recall_at_5")  # the monitor's
     history = [{"epoch": 0, **dict.fromkeys(keys, 0.1)}] + [
         {
             "epoch": e,

@@ -27,11 +27,12 @@ _LOSS_KEYS = ("train_loss", "loss", "step_loss", "train/loss")
 _LR_KEYS = ("lr", "learning_rate", "train/lr")
 _TEMPERATURE_KEYS = ("temperature",)
 _KNN_KEYS = ("knn_top1", "val_knn_top1", "eval/knn_top1", "val/knn_top1")
-# Image-text validation monitor (service.eval.image_text): (history key, legend label).
+# Image-text validation monitor (service.eval.image_text): (history keys, legend label). MLflow
+# rejects '@' in metric names, so the monitor says "recall_at_5"; "@5" is accepted too.
 _IMAGE_TEXT_SERIES = (
-    ("val_zeroshot_top1", "zero-shot top-1"),
-    ("val_i2t_recall@5", "image→text recall@5"),
-    ("val_t2i_recall@5", "text→image recall@5"),
+    (("val_zeroshot_top1",), "zero-shot top-1"),
+    (("val_i2t_recall_at_5", "val_i2t_recall@5"), "image→text recall@5"),
+    (("val_t2i_recall_at_5", "val_t2i_recall@5"), "text→image recall@5"),
 )
 _DPI = 120
 _REFERENCE_STYLE = {"linestyle": "--", "color": "0.45", "linewidth": 1.2}
@@ -142,8 +143,8 @@ def _knn_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _image_text_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     ax.set_title("image–text validation")
-    for key, label in _IMAGE_TEXT_SERIES:
-        xs, ys = _series(rows, (key,), with_init=True)
+    for keys, label in _IMAGE_TEXT_SERIES:
+        xs, ys = _series(rows, keys, with_init=True)
         if xs:
             ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, linewidth=1.8, label=label)
     ax.set_ylim(0, 1)
@@ -183,7 +184,8 @@ def training_curves_figure(
 ) -> Any:
     """The training-curves :class:`~matplotlib.figure.Figure` (see :func:`plot_training_curves`)."""
     rows = user_epochs(history)
-    image_text = any(_first(r, [k for k, _ in _IMAGE_TEXT_SERIES]) is not None for r in rows)
+    image_text_keys = [k for keys, _ in _IMAGE_TEXT_SERIES for k in keys]
+    image_text = any(_first(r, image_text_keys) is not None for r in rows)
     with_knn = not image_text or any(_first(r, _KNN_KEYS) is not None for r in rows)
     panels: list[Any] = [lambda ax: _loss_panel(ax, rows, chance_loss, chance_label)]
     if with_knn:
