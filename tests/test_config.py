@@ -40,7 +40,7 @@ def test_resolved_config_round_trips() -> None:
         ("train.global_batch_size=100", "does not divide by"),
         ("loss.temperature=0", "loss.temperature must be > 0 and finite, got 0"),
         ("loss.temperature=-0.5", "got -0.5"),
-        ("loss.name=triplet", "'triplet'"),
+        ("loss.name=arcface", "'arcface'"),
         ("augment.n_views=1", "augment.n_views must be >= 2"),
         ("model.arch=vit", "'vit'"),
         ("train.bogus=1", "train.bogus"),

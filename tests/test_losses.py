@@ -543,7 +543,7 @@ def test_build_loss_rejects_unsupported_combinations() -> None:
     with pytest.raises(LossInputError, match="chunk_size=64 is not supported"):
         build_loss(LossConfig(name="hard_negative", chunk_size=64), embed_dim=8)
     with pytest.raises(LossInputError, match="loss.name must be one of"):
-        build_loss(LossConfig(name="triplet"), embed_dim=8)
+        build_loss(LossConfig(name="arcface"), embed_dim=8)
 
 
 def test_check_loss_config_rejects_what_the_loss_cannot_run() -> None:
@@ -563,9 +563,11 @@ def test_loss_names_and_capabilities_are_defined_by_the_classes() -> None:
     learnable = {n for n, c in LOSS_CLASSES.items() if c.supports_learnable_temperature}
     chunked = {n for n, c in LOSS_CLASSES.items() if c.supports_chunking}
     two_views = {n for n, c in LOSS_CLASSES.items() if c.exact_views == 2}
-    assert learnable == {"symmetric"}
+    labelled = {n for n, c in LOSS_CLASSES.items() if c.needs_labels}
+    assert learnable == {"symmetric", "siglip"}
     assert chunked == {"ntxent", "symmetric", "moco"}
-    assert two_views == {"symmetric", "moco", "debiased"}
+    assert two_views == {"symmetric", "moco", "debiased", "siglip"}
+    assert labelled == {"supcon", "triplet", "pairwise"}
     with pytest.raises(LossInputError, match="does not support chunk_size"):
         ContrastiveLoss(0.5, chunk_size=4)  # a loss must opt in to chunking
 
@@ -714,6 +716,10 @@ def test_expected_initial_loss_formulas() -> None:
         "moco": math.log(64 + 1),
         "hard_negative": math.log(min(5, views * batch - 2) + 1),
         "debiased": None,
+        "supcon": math.log(views * batch - 1),
+        "triplet": 0.2,  # the margin: hardest positive and negative alike
+        "pairwise": None,
+        "siglip": None,
     }
     cfg = {"temperature": 0.3, "top_k": 5, "moco_queue_size": 64}
     for name in LOSS_NAMES:

@@ -53,7 +53,7 @@ def test_all_config_problems_are_reported_at_once_by_their_owners() -> None:
     [
         ("train.epochs=abc", "train.epochs must be an integer, got 'abc'"),
         ("data.limit=0", "data.limit must be >= 1"),
-        ("loss.name=triplet", "'triplet'"),
+        ("loss.name=arcface", "'arcface'"),
         ("loss.learnable_temperature=true", "learnable_temperature"),
         ("loss.chunk_size=16", None),  # ntxent supports chunking: no problem
     ],

@@ -19,6 +19,8 @@ from service.losses.errors import LossInputError, NonFiniteEmbeddingError
 from service.losses.factory import (
     LOSS_CLASSES,
     LOSS_NAMES,
+    MARGIN_LOSS_NAMES,
+    PAIRED_LOSS_NAMES,
     build_loss,
     check_loss_config,
     loss_class,
@@ -32,11 +34,17 @@ from service.losses.moco import (
     shuffled_forward,
 )
 from service.losses.ntxent import NTXentLoss
+from service.losses.pairwise import PairwiseContrastiveLoss
+from service.losses.siglip import SigLIPLoss
+from service.losses.supcon import SupConLoss
 from service.losses.symmetric import SymmetricInfoNCELoss
+from service.losses.triplet import TripletLoss
 
 __all__ = [
     "LOSS_CLASSES",
     "LOSS_NAMES",
+    "MARGIN_LOSS_NAMES",
+    "PAIRED_LOSS_NAMES",
     "ContrastiveLoss",
     "DebiasedNTXentLoss",
     "HardNegativeNTXentLoss",
@@ -46,7 +54,11 @@ __all__ = [
     "NTXentLoss",
     "NegativeQueue",
     "NonFiniteEmbeddingError",
+    "PairwiseContrastiveLoss",
+    "SigLIPLoss",
+    "SupConLoss",
     "SymmetricInfoNCELoss",
+    "TripletLoss",
     "average_gradients",
     "broadcast_from_rank0",
     "build_loss",

@@ -9,7 +9,7 @@ calls, per worker::
 
     criterion.attach(unwrap(model))              # once, after DDP wrapping, before .to(device)
     criterion.to(device)
-    loss = criterion.forward_views(model, views)  # every step, under autocast
+    loss = criterion.forward_views(model, views, labels)  # every step, under autocast
     loss.backward()
     criterion.reduce_gradients()                 # before clipping and the optimizer step
     optimizer.step()
@@ -17,6 +17,15 @@ calls, per worker::
 
 and the optimizer asks ``criterion.temperature_parameters()`` for the parameters that get a
 group of their own (a learnable temperature: no weight decay, no LARS adaptation, base LR).
+
+Supervised losses set ``needs_labels = True``: their ``forward(*views, labels=...)`` takes this
+rank's integer class labels ``[b]`` (one per source sample; every view of a sample shares it)
+and ``compute(views, labels)`` sees them. ``labels`` are gathered across ranks with a plain
+all-gather (no gradient) next to the autograd gather of the embeddings.
+
+A model with the class attribute ``paired_views = True`` (the image–text model) takes the views
+as separate inputs and returns one embedding per view: ``forward_views`` then calls
+``self(*model(*views))`` instead of one forward over the concatenated views.
 
 Anything a hook creates (MoCo's key encoder) is a submodule, so ``criterion.state_dict()``
 checkpoints it and ``criterion.to(device)`` moves it; ``attach`` must therefore run before a
@@ -41,14 +50,15 @@ from service.losses.inputs import (
     check_views,
     full_precision,
 )
+from service.models import unwrap
 
 
 class ContrastiveLoss(nn.Module):
     """Base of the contrastive losses: temperature, ``gather_distributed``, hooks (no-ops).
 
     Class attributes say what a loss supports, so config validation can ask the loss:
-    ``supports_learnable_temperature``, ``supports_chunking`` (``chunk_size=k`` streams the keys)
-    and ``exact_views`` (None: any number >= 2).
+    ``supports_learnable_temperature``, ``supports_chunking`` (``chunk_size=k`` streams the keys),
+    ``exact_views`` (None: any number >= 2) and ``needs_labels`` (class labels per sample).
 
     >>> import torch
     >>> class Alignment(ContrastiveLoss):  # a toy loss: mean distance of the positive pairs
@@ -63,6 +73,7 @@ class ContrastiveLoss(nn.Module):
     supports_learnable_temperature: ClassVar[bool] = False
     supports_chunking: ClassVar[bool] = False
     exact_views: ClassVar[int | None] = None
+    needs_labels: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -82,14 +93,27 @@ class ContrastiveLoss(nn.Module):
         """The current temperature (a float, also when it is learnable)."""
         return self._temperature
 
-    def forward(self, *views: Tensor) -> Tensor:
-        """The mean loss over this rank's anchors; ``crit(z1, z2)`` or ``crit([z1, z2])``."""
+    def forward(self, *views: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The mean loss over this rank's anchors; ``crit(z1, z2)`` or ``crit([z1, z2])``.
+
+        ``labels`` (``[b]`` integers) reach ``compute`` only when the loss ``needs_labels``;
+        the others ignore them, so the loop can always pass what the data has.
+        """
         views = as_views(views)
         with full_precision(views):
+            if self.needs_labels:
+                if labels is None:
+                    raise LossInputError(
+                        f"{type(self).__name__} needs class labels: call it with labels=[b] ints"
+                    )
+                return self.compute(views, labels=labels)
             return self.compute(views)
 
-    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
-        """The loss maths: ``views`` as given (autocast is off); return a scalar."""
+    def compute(self, views: tuple[Tensor, ...], **kwargs: Tensor) -> Tensor:
+        """The loss maths: ``views`` as given (autocast is off); return a scalar.
+
+        Losses with ``needs_labels`` get ``labels=`` (this rank's ``[b]`` labels) as well.
+        """
         raise NotImplementedError
 
     def check(self, views: Sequence[Tensor], **kwargs) -> Batch:
@@ -98,6 +122,35 @@ class ContrastiveLoss(nn.Module):
         return check_views(
             views, loss=type(self).__name__, gather=self.gather_distributed, **kwargs
         )
+
+    def label_masks(self, labels: Tensor, batch: Batch, n_views: int) -> tuple[Tensor, Tensor]:
+        """Boolean ``(positive, negative)`` masks ``[V*b, W*V*b]`` of this rank's anchors.
+
+        The layout of ``local_anchors_and_keys`` (view-major per rank, rank-major overall, this
+        rank's rows from column ``rank*V*b``); every view of sample i carries ``labels[i]``.
+        Positive: same label, the anchor itself excluded (so the other views of its image are
+        always positives); negative: a different label. The labels travel in a plain all-gather
+        (integers, no gradient), checked after it so every rank raises the same error together.
+        """
+        name = type(self).__name__
+        if not isinstance(labels, Tensor) or tuple(labels.shape) != (batch.local,):
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise LossInputError(f"{name}: labels must be a [{batch.local}] tensor, got {shape}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise LossInputError(f"{name}: labels must be integers, got {labels.dtype}")
+        local = labels.to(torch.int64).repeat(n_views)
+        keys = distributed.gather_no_grad(local, check_sizes=False) if batch.world > 1 else local
+        if bool((keys < 0).any()):
+            raise LossInputError(
+                f"{name}: {int((keys < 0).sum()) // n_views} sample(s) of the global batch have "
+                "no label (a negative label); a supervised loss needs an integer 'label' column "
+                "on every training row"
+            )
+        positive = local[:, None] == keys[None, :]
+        negative = ~positive
+        rows = torch.arange(local.shape[0], device=positive.device)
+        positive[rows, rows + batch.rank * local.shape[0]] = False  # the anchor itself
+        return positive, negative
 
     def repr_fields(self) -> dict[str, object]:
         """The loss's own hyperparameters for ``repr`` (between temperature and the gather flag)."""
@@ -128,13 +181,19 @@ class ContrastiveLoss(nn.Module):
         """Called once per worker with the unwrapped model, after DDP wrapping (so every rank
         gets rank 0's broadcast weights) and before the criterion is moved to the device."""
 
-    def forward_views(self, model: nn.Module, views: Sequence[Tensor]) -> Tensor:
+    def forward_views(
+        self, model: nn.Module, views: Sequence[Tensor], labels: Tensor | None = None
+    ) -> Tensor:
         """The loss of one batch of views (each ``[b, ...]`` images) through ``model``.
 
         One forward over all views concatenated: BatchNorm sees the whole local batch and DDP
-        sees one forward per backward.
+        sees one forward per backward. A model with ``paired_views = True`` (image–text) gets
+        the views as separate inputs (``model(images, tokens)``) and returns one embedding
+        batch per view. ``labels`` go to losses that ``needs_labels``.
         """
-        return self(*model(torch.cat(list(views))).chunk(len(views)))
+        if getattr(unwrap(model), "paired_views", False):
+            return self(*model(*views), labels=labels)
+        return self(*model(torch.cat(list(views))).chunk(len(views)), labels=labels)
 
     def reduce_gradients(self) -> None:
         """Average over ranks the gradients of this loss's own parameters (DDP does not see them).

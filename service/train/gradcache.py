@@ -39,7 +39,10 @@ local batch, with its shuffle-BN across ranks), its step counter and queue, a le
 temperature. So every loss of the factory is exact in this sense; a ``forward_views`` that never
 calls the model on a tensor batch is refused, naming the loss. A model call on ``n*b`` rows (``n``
 views of the local batch ``b``, view-major, as ``torch.cat(views)``) is micro-batched by sample:
-micro-batch ``k`` holds samples ``[k*m, (k+1)*m)`` of each of the ``n`` views.
+micro-batch ``k`` holds samples ``[k*m, (k+1)*m)`` of each of the ``n`` views. A paired
+(image–text) model called with several inputs of ``b`` rows is micro-batched the same way on
+every input, its tuple of outputs becoming a tuple of leaves. Labels (supervised losses) go to
+the loss once, with the whole local batch.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from service.config import Config
+from service.losses import ContrastiveLoss
+from service.models import unwrap
 from service.train.state import TrainState
 
 
@@ -69,6 +74,12 @@ def gradcache_problems(config: Config) -> list[str]:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         return [f"train.micro_batch_size must be a positive integer or null, got {m!r}"]
     return []
+
+
+def label_kwargs(criterion: ContrastiveLoss, labels: Tensor | None) -> dict[str, Tensor | None]:
+    """``{"labels": labels}`` for a loss that ``needs_labels``, else ``{}`` (the other losses'
+    ``forward_views`` may not take labels: MoCo's override, test doubles)."""
+    return {"labels": labels} if getattr(criterion, "needs_labels", False) else {}
 
 
 def uses_gradcache(s: TrainState, local_batch: int) -> bool:
@@ -121,12 +132,12 @@ def _without_ddp(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Call:
-    """One call of the model inside ``forward_views``: its input, micro-batch rows, and output."""
+    """One call of the model inside ``forward_views``: its inputs, micro-batch rows, outputs."""
 
-    x: Tensor
-    rows: list[Tensor]  # row indices of x, one tensor per micro-batch
+    xs: tuple[Tensor, ...]  # the model's inputs (two for a paired image–text model)
+    rows: list[Tensor]  # row indices of every input, one tensor per micro-batch
     rng: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)  # before each
-    leaf: Tensor | None = None  # the embeddings of all rows, requires_grad (pass 2's input)
+    leaves: tuple[Tensor, ...] = ()  # the outputs for all rows, requires_grad (pass 2's input)
 
 
 def micro_batch_rows(n_rows: int, local_batch: int, m: int) -> list[Tensor]:
@@ -145,42 +156,58 @@ def micro_batch_rows(n_rows: int, local_batch: int, m: int) -> list[Tensor]:
     ]
 
 
+def _as_outputs(out: object) -> tuple[Tensor, ...]:
+    outs = out if isinstance(out, tuple) else (out,)
+    if not outs or not all(isinstance(o, Tensor) for o in outs):
+        raise GradCacheError(f"the model returned {type(out).__name__}, not Tensor(s)")
+    return outs
+
+
 class _EmbedInMicroBatches(nn.Module):
-    """Stands in for the model in pass 2: pass 1 on each batch it is called with, leaves out."""
+    """Stands in for the model in pass 2: pass 1 on each batch it is called with, leaves out.
+
+    A paired model (``paired_views``: ``model(images, tokens) -> (z_image, z_text)``) is called
+    with several inputs of ``b`` rows each; micro-batch k is then rows ``[k*m, (k+1)*m)`` of
+    every input, and the outputs come back as a tuple of leaves.
+    """
 
     def __init__(self, s: TrainState, local_batch: int) -> None:
         super().__init__()
         self._s, self._local_batch = s, local_batch  # (a plain attribute: not a submodule)
+        self.paired_views = getattr(unwrap(s.model), "paired_views", False)
         self.calls: list[_Call] = []
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
         s = self._s
-        call = _Call(
-            x, micro_batch_rows(x.shape[0], self._local_batch, s.config.train.micro_batch_size)
-        )
+        m = s.config.train.micro_batch_size
+        call = _Call(xs, micro_batch_rows(xs[0].shape[0], self._local_batch, m))
         model = _without_ddp(s.model)
         with torch.no_grad(), frozen_running_stats(model):
             outs = []
             for rows in call.rows:
                 call.rng.append(_rng_state(s.device))
-                outs.append(model(x[rows.to(x.device)]))
-        if not all(isinstance(o, Tensor) for o in outs):
-            raise GradCacheError(f"the model returned {type(outs[0]).__name__}, not a Tensor")
-        out = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
-        for rows, o in zip(call.rows, outs, strict=True):
-            out[rows.to(out.device)] = o
-        call.leaf = out.requires_grad_()
+                outs.append(_as_outputs(model(*(x[rows.to(x.device)] for x in xs))))
+        leaves = []
+        for i, first in enumerate(outs[0]):
+            out = first.new_empty((xs[0].shape[0], *first.shape[1:]))
+            for rows, o in zip(call.rows, outs, strict=True):
+                out[rows.to(out.device)] = o[i]
+            leaves.append(out.requires_grad_())
+        call.leaves = tuple(leaves)
         self.calls.append(call)
-        return call.leaf
+        return call.leaves[0] if len(call.leaves) == 1 else call.leaves
 
 
-def cached_forward_backward(s: TrainState, views: Sequence[Tensor]) -> Tensor:
+def cached_forward_backward(
+    s: TrainState, views: Sequence[Tensor], labels: Tensor | None = None
+) -> Tensor:
     """Loss of the local batch (detached), with every parameter's ``.grad`` accumulated.
 
     The gradients are those of ``criterion.forward_views(model, views)`` under the BatchNorm
     semantics in the module docstring; with an fp16 scaler they are scaled like the plain step's
-    (the caller unscales). Call with zeroed gradients; the caller reduces the loss's own gradients
-    and steps the optimizer.
+    (the caller unscales). ``labels`` reach a loss that ``needs_labels`` (they are per sample,
+    not per micro-batch: the loss runs once on the whole local batch). Call with zeroed
+    gradients; the caller reduces the loss's own gradients and steps the optimizer.
     """
     problems = gradcache_problems(s.config)
     if problems:
@@ -188,7 +215,7 @@ def cached_forward_backward(s: TrainState, views: Sequence[Tensor]) -> Tensor:
     # Passes 1 + 2: the loss's own forward_views, the model replaced by the micro-batch embedder.
     embedder = _EmbedInMicroBatches(s, views[0].shape[0])
     with s.amp.autocast():
-        loss = s.criterion.forward_views(embedder, views)
+        loss = s.criterion.forward_views(embedder, views, **label_kwargs(s.criterion, labels))
     if not embedder.calls:
         raise GradCacheError(
             f"{type(s.criterion).__name__}.forward_views never called the model on a batch, so "
@@ -201,14 +228,18 @@ def cached_forward_backward(s: TrainState, views: Sequence[Tensor]) -> Tensor:
     # Pass 3: replay each micro-batch with a graph and its pass-1 RNG; DDP syncs on the last one.
     replays = [(call, k) for call in embedder.calls for k in range(len(call.rows))]
     for n, (call, k) in enumerate(replays):
-        grad = call.leaf.grad if call.leaf.grad is not None else torch.zeros_like(call.leaf)
-        rows = call.rows[k].to(call.x.device)
         _set_rng_state(call.rng[k], s.device)
         last = n == len(replays) - 1
         ddp = isinstance(s.model, DistributedDataParallel)
         with s.model.no_sync() if ddp and not last else contextlib.nullcontext():
             with s.amp.autocast():
-                out = s.model(call.x[rows])
-            out.backward(grad[rows.to(grad.device)].to(out.dtype))
+                outs = _as_outputs(s.model(*(x[call.rows[k].to(x.device)] for x in call.xs)))
+            grads = [
+                (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))[
+                    call.rows[k].to(leaf.device)
+                ].to(out.dtype)
+                for leaf, out in zip(call.leaves, outs, strict=True)
+            ]
+            torch.autograd.backward(outs, grads)
     _set_rng_state(rng_after, s.device)  # the RNG continues as after the loss's forward
     return loss.detach()

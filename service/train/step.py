@@ -17,7 +17,7 @@ from torch import nn
 
 from service.losses import NonFiniteEmbeddingError
 from service.train.faults import maybe_poison
-from service.train.gradcache import cached_forward_backward, uses_gradcache
+from service.train.gradcache import cached_forward_backward, label_kwargs, uses_gradcache
 from service.train.state import TrainState
 
 
@@ -38,12 +38,14 @@ def _where(s: TrainState) -> str:
     return f"epoch {s.epoch}, step {s.epoch_step} (global step {s.global_step})"
 
 
-def _forward(s: TrainState, views: list[torch.Tensor], cached: bool) -> torch.Tensor:
+def _forward(
+    s: TrainState, views: list[torch.Tensor], labels: torch.Tensor | None, cached: bool
+) -> torch.Tensor:
     try:
         if cached:  # forward *and* backward in micro-batches; returns the detached loss
-            return cached_forward_backward(s, views)
+            return cached_forward_backward(s, views, labels)
         with s.amp.autocast():
-            return s.criterion.forward_views(s.model, views)
+            return s.criterion.forward_views(s.model, views, **label_kwargs(s.criterion, labels))
     except NonFiniteEmbeddingError as exc:
         # Diverged weights show up as non-finite embeddings before the loss is NaN; the loss
         # raises on every rank together, so all ranks stop here in the same step.
@@ -62,13 +64,22 @@ def _check_finite(s: TrainState, mean_loss: float) -> None:
         )
 
 
-def train_step(s: TrainState, views: list[torch.Tensor]) -> float:
-    """Forward all views, loss over the global batch, backward, optimizer step; the mean loss."""
-    views = [s.to_device(v) for v in views]
+def train_step(
+    s: TrainState, views: list[torch.Tensor], labels: torch.Tensor | None = None
+) -> float:
+    """Forward all views, loss over the global batch, backward, optimizer step; the mean loss.
+
+    ``labels`` (``[b]`` class ids of this worker's samples; None or -1 where the data has none)
+    reach only losses that ``needs_labels`` (SupCon, triplet, pairwise).
+    """
+    # images [b, C, H, W] get the model's memory format; tokens [b, L] and labels just move
+    views = [s.to_device(v) if v.dim() == 4 else v.to(s.device, non_blocking=True) for v in views]
+    if labels is not None and getattr(s.criterion, "needs_labels", False):
+        labels = labels.to(s.device, non_blocking=True)
     cached = uses_gradcache(s, views[0].shape[0])  # train.micro_batch_size < local batch
     if cached:
         s.optimizer.zero_grad(set_to_none=True)  # the cached passes accumulate into .grad
-    loss = maybe_poison(s.config.fault, s.global_step, _forward(s, views, cached))
+    loss = maybe_poison(s.config.fault, s.global_step, _forward(s, views, labels, cached))
     mean_loss = global_mean(loss, s.world)
     _check_finite(s, mean_loss)
     scaler = s.amp.scaler

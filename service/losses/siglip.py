@@ -1,0 +1,115 @@
+"""Sigmoid pairwise loss (SigLIP, Zhai et al. 2023) with global negatives across ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.losses.base import ContrastiveLoss
+from service.losses.distributed import gather_with_grad
+from service.losses.errors import LossInputError
+from service.losses.inputs import check_temperature, normalized
+
+
+class SigLIPLoss(ContrastiveLoss):
+    """SigLIP: every (row, column) pair is an independent binary "same pair?" decision.
+
+    ``loss = crit(a, b)``: row i of ``a`` and row i of ``b`` are a positive pair (an image and
+    its caption, or two views of one image); every other pairing with ``b`` on every rank is a
+    negative. With L2-normalised rows, ``t = exp(t')`` and bias ``bias``::
+
+        loss = -1/B sum_i sum_j log sigmoid(z_ij * (t * a_i.b_j + bias))
+        z_ij = +1 if i == j else -1
+
+    summed over the B columns of the global batch, averaged over its B rows (the paper's
+    normalisation). There is no softmax, so nothing couples the rows: each rank scores its own b
+    rows of ``a`` against all W*b gathered columns of ``b`` and returns the sum over columns,
+    mean over its rows. The mean over ranks of those local means is the global mean, so DDP's
+    gradient average (and ``reduce_gradients`` for ``t'`` and ``bias``) gives exactly the
+    gradient of 1 process on the W*b batch — no rescaling by W.
+
+    ``t' = log(1/temperature)`` (the paper: ``temperature=0.1``, t = 10) and ``bias`` (the
+    paper: -10, so the W*b - 1 negatives start near zero loss) are parameters of the loss:
+    ``temperature_parameters()`` hands both to the optimizer (own group: no weight decay, no
+    LARS, base LR). ``t'`` is learnable with ``learnable_temperature=True`` (else fixed) and
+    clamped in place to ``log(max_logit_scale)`` after each step, like ``SymmetricInfoNCELoss``;
+    the bias is always learned.
+
+    >>> import torch
+    >>> crit = SigLIPLoss(temperature=0.1, bias_init=-10.0, learnable_temperature=True)
+    >>> a = torch.eye(4)  # own pair: 10 * 1 - 10 = 0 -> log 2; others: softplus(-10) each
+    >>> round(crit(a, a).item(), 4)
+    0.6933
+    >>> round(crit.temperature, 4), [p.shape for p in crit.temperature_parameters()]
+    (0.1, [torch.Size([]), torch.Size([])])
+    """
+
+    supports_learnable_temperature = True
+    exact_views = 2
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        bias_init: float = -10.0,
+        learnable_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__(temperature, gather_distributed)
+        self.learnable_temperature = learnable_temperature
+        self.max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
+        if learnable_temperature and 1.0 / self._temperature > self.max_logit_scale:
+            raise LossInputError(
+                f"temperature={self._temperature} is below 1/max_logit_scale="
+                f"{1.0 / self.max_logit_scale:g}; a learnable temperature would start clamped"
+            )
+        if not math.isfinite(float(bias_init)):
+            raise LossInputError(f"siglip bias_init must be finite, got {bias_init!r}")
+        self.logit_scale: nn.Parameter | None = None
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self._temperature)))
+        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def scale(self, dtype: torch.dtype) -> Tensor | float:
+        """``t = exp(t')`` (a differentiable tensor when learnable), else ``1/temperature``."""
+        if self.logit_scale is None:
+            return 1.0 / self._temperature
+        return self.logit_scale.to(dtype).exp()
+
+    @property
+    def temperature(self) -> float:
+        if self.logit_scale is None:
+            return self._temperature
+        return float(torch.exp(-self.logit_scale.detach()))
+
+    def compute(self, views: tuple[Tensor, ...]) -> Tensor:
+        batch = self.check(views)
+        a, b = (normalized(v) for v in views)
+        columns = gather_with_grad(b, check_sizes=False) if batch.world > 1 else b
+        logits = (a @ columns.T) * self.scale(a.dtype) + self.bias.to(a.dtype)
+        n = a.shape[0]
+        sign = torch.full_like(logits, -1.0)
+        rows = torch.arange(n, device=a.device)
+        sign[rows, rows + batch.rank * n] = 1.0  # row i's own pair sits at column rank*n + i
+        # -log sigmoid(x) = softplus(-x): stable for large |x|
+        return F.softplus(-sign * logits).sum(dim=1).mean()
+
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        """``[t', bias]`` (``[bias]`` with a fixed temperature)."""
+        return ([] if self.logit_scale is None else [self.logit_scale]) + [self.bias]
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        """Clamp ``t'`` in place to ``log(max_logit_scale)`` (same on every rank)."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+
+    def repr_fields(self) -> dict[str, object]:
+        return {
+            "learnable": self.learnable_temperature,
+            "bias": f"{float(self.bias.detach()):.4g}",
+            "max_logit_scale": self.max_logit_scale,
+        }
