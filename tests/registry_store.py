@@ -1,13 +1,12 @@
-"""A real MLflow registry in a SQLite file under tmp (no server): two registered versions of a
-small encoder, shared by the registry list / embed tests. Import the fixture into a test module:
-``from tests.registry_store import sqlite_registry  # noqa: F401``."""
+"""A real MLflow registry in a SQLite file (no server): two registered versions of a small
+encoder, for the registry list / embed tests (each wraps it in a module-scoped fixture)."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from service.config import Config
@@ -16,10 +15,9 @@ from service.registry import register_encoder
 from service.tracking.runs import start_pretrain_run
 
 
-@pytest.fixture(scope="module")
-def sqlite_registry(tmp_path_factory):
-    """v1 (knn_top1 0.6, champion) and v2 (0.4, latest-trained) of one model in ``uri``."""
-    directory = tmp_path_factory.mktemp("sqlite-registry")
+def two_versions(directory: Path) -> SimpleNamespace:
+    """v1 (knn_top1 0.6, champion) and v2 (0.4, latest-trained) of one model, registered in
+    ``<directory>/mlruns.db``: ``uri``, ``name``, ``config``, ``backbones``, ``run_ids``."""
     uri = f"sqlite:///{directory.resolve() / 'mlruns.db'}"
     config = Config()
     config.mlflow.experiment = "test-sqlite-registry"

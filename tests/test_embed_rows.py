@@ -4,8 +4,6 @@ registry in SQLite; the reference is the registered backbone run by hand."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,9 +15,15 @@ from service.config import BUNDLED_DATA_DIR
 from service.data.augment import eval_transform
 from service.data.decode import decode_image
 from service.registry import embed_parquet
-from tests.registry_store import sqlite_registry  # noqa: F401 - module fixture
+from tests import registry_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sqlite_registry(tmp_path_factory):
+    return registry_store.two_versions(tmp_path_factory.mktemp("sqlite-registry"))
+
 
 TEST_PARQUET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 CORRUPT_AT = (0, 7, 13)  # input row indices holding corrupt images

@@ -9,9 +9,14 @@ import pytest
 from service.cli import main
 from service.registry import RegistryLookupError
 from service.registry.listing import format_table, list_versions
-from tests.registry_store import sqlite_registry  # noqa: F401 - module fixture
+from tests import registry_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sqlite_registry(tmp_path_factory):
+    return registry_store.two_versions(tmp_path_factory.mktemp("sqlite-registry"))
 
 
 def test_list_versions_shows_aliases_metric_run_and_created(sqlite_registry):
