@@ -65,7 +65,13 @@ def _cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_data_pack(a: argparse.Namespace) -> dict[str, Any]:
-    return commands.pack_command(a.src, a.out)
+    return commands.pack_command(a.src, a.out, captions=a.captions)
+
+
+def _cmd_data_captions(a: argparse.Namespace) -> dict[str, Any]:
+    from service.commands.data import captions_command
+
+    return captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
 
 
 def _cmd_data_preview(a: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("pack", help="pack a folder of class_name/*.jpg images into Parquet")
     p.add_argument("src")
     p.add_argument("out")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="CSV or JSONL of (file, caption), paths relative to SRC: adds a text column",
+    )
     p.set_defaults(func=_cmd_data_pack)
+    p = data.add_parser("captions", help="add a text column built from label_name (templates)")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--templates", default=None, help="file: one template with {} per line")
+    p.add_argument("--seed", type=int, default=0, help="seeds the template drawn for each row")
+    p.set_defaults(func=_cmd_data_captions)
     p = data.add_parser("preview", help="PNG grid of images and their augmented views")
     p.add_argument("data")
     p.add_argument("out")

@@ -1,4 +1,4 @@
-"""``contrastive data pack`` and ``contrastive data preview``: dataset tools.
+"""``contrastive data pack``, ``data captions`` and ``data preview``: dataset tools.
 
 Errors are ``DataError`` / ``ConfigError`` (both ``ValueError``) with a message naming the
 offending path or value.
@@ -12,11 +12,22 @@ from typing import Any
 from service.commands.config import load_checked_config
 
 
-def pack_command(src: str, out: str) -> dict[str, Any]:
-    """``contrastive data pack SRC OUT.parquet``: image folder → Parquet; returns the summary."""
+def pack_command(src: str, out: str, captions: str | None = None) -> dict[str, Any]:
+    """``contrastive data pack SRC OUT.parquet [--captions FILE]``: image folder → Parquet
+    (with a ``text`` column from a CSV/JSONL captions file); returns the summary."""
     from service.data.pack import pack_image_folder
 
-    return pack_image_folder(src, out)
+    return pack_image_folder(src, out, captions=captions)
+
+
+def captions_command(
+    src: str, out: str, templates: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """``contrastive data captions IN.parquet OUT.parquet [--templates FILE] [--seed N]``: a copy
+    of IN with a ``text`` column built from ``label_name`` with varied templates (seeded)."""
+    from service.data.captions import caption_parquet, read_templates
+
+    return caption_parquet(src, out, read_templates(templates) if templates else None, seed)
 
 
 def preview_command(

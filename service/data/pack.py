@@ -2,7 +2,14 @@
 
 Output columns: ``image`` (the file's bytes as stored: no re-encoding, no quality loss),
 ``label`` (int64, index of the class directory in sorted name order, like torchvision's
-``ImageFolder``) and ``label_name``. Rows are written in a seeded random order (``seed``; the
+``ImageFolder``) and ``label_name``.
+
+With a captions file (``captions=``, CSV or JSONL of file name and caption, see
+:func:`~service.data.captions.read_captions_file`) a ``text`` column is added for image–text
+training. The folder may then also be flat (no class directories: the captioned files, no label
+columns). Images without a caption, and captions naming no file, are left out and reported.
+
+Rows are written in a seeded random order (``seed``; the
 same folder and seed give the same file): a reader that takes rows in file order, or shuffles
 only blocks or a bounded buffer (the Ray reader), then never sees long single-class runs. Files
 that do not decode are left out and listed in the summary, so a packed dataset starts clean.
@@ -17,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from service.data.captions import TEXT_COLUMN, is_caption, read_captions_file
 from service.data.decode import decode_image
 from service.data.errors import CorruptImageError, DataError
 
@@ -51,11 +59,32 @@ def _shuffled(found: dict[str, list[Path]], seed: int) -> list[tuple[int, str, P
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
+def _has_class_dirs(src: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in src.iterdir())
+
+
+def _flat_items(src: Path, seed: int) -> list[tuple[int | None, str | None, Path]]:
+    """The images directly in ``src`` (no class directories), in a seeded random order."""
+    files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images in {str(src)!r} (image suffixes: {sorted(IMAGE_SUFFIXES)})")
+    return [(None, None, files[i]) for i in np.random.default_rng(seed).permutation(len(files))]
+
+
+def _schema(labelled: bool, captioned: bool) -> pa.Schema:
+    fields = [f for f in SCHEMA if labelled or f.name == "image"]
+    return pa.schema(fields + ([pa.field(TEXT_COLUMN, pa.string())] if captioned else []))
+
+
 def pack_image_folder(
-    src_dir: str | Path, out_parquet: str | Path, seed: int = 0
+    src_dir: str | Path,
+    out_parquet: str | Path,
+    seed: int = 0,
+    captions: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``src_dir/CLASS/*.{jpg,png,...}`` to ``out_parquet`` in a seeded random row order;
-    return a JSON-able summary.
+    return a JSON-able summary. ``captions``: a CSV/JSONL captions file (paths relative to
+    ``src_dir``) → a ``text`` column; ``src_dir`` may then be a flat folder of images.
 
     >>> import tempfile; from PIL import Image
     >>> root = Path(tempfile.mkdtemp())
@@ -68,24 +97,34 @@ def pack_image_folder(
     src = Path(src_dir)
     if not src.is_dir():
         raise DataError(f"image folder {str(src)!r} does not exist or is not a directory")
+    caption_map = read_captions_file(captions) if captions is not None else None
+    labelled = caption_map is None or _has_class_dirs(src)
+    found = _class_files(src) if labelled else {}
+    items = _shuffled(found, seed) if labelled else _flat_items(src, seed)
     out = Path(out_parquet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    found = _class_files(src)
+    schema = _schema(labelled, caption_map is not None)
     per_class: dict[str, int] = dict.fromkeys(found, 0)
     unreadable: list[str] = []
-    rows = {"image": [], "label": [], "label_name": []}
-    pending_bytes = 0
-    with pq.ParquetWriter(out, SCHEMA, compression="zstd") as writer:
+    uncaptioned: list[str] = []
+    rows: dict[str, list[Any]] = {name: [] for name in schema.names}
+    pending_bytes, total = 0, 0
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
 
         def flush() -> None:
             nonlocal pending_bytes
             if rows["image"]:
-                writer.write_table(pa.table(rows, schema=SCHEMA))
+                writer.write_table(pa.table(rows, schema=schema))
                 for column in rows.values():
                     column.clear()
                 pending_bytes = 0
 
-        for label, name, file in _shuffled(found, seed):
+        for label, name, file in items:
+            relative = file.relative_to(src).as_posix()
+            caption = caption_map.get(relative) if caption_map is not None else None
+            if caption_map is not None and not is_caption(caption):
+                uncaptioned.append(relative)
+                continue
             data = file.read_bytes()
             try:
                 decode_image(data)
@@ -93,18 +132,24 @@ def pack_image_folder(
                 unreadable.append(f"{file.relative_to(src)} ({exc})")
                 continue
             rows["image"].append(data)
-            rows["label"].append(label)
-            rows["label_name"].append(name)
-            per_class[name] += 1
+            if labelled:
+                rows["label"].append(label)
+                rows["label_name"].append(name)
+                per_class[name] += 1  # type: ignore[index]
+            if caption_map is not None:
+                rows[TEXT_COLUMN].append(caption)
+            total += 1
             pending_bytes += len(data)
             if pending_bytes >= _FLUSH_BYTES:
                 flush()
         flush()
-    total = sum(per_class.values())
     if total == 0:
         out.unlink(missing_ok=True)
-        raise DataError(f"no decodable images in {str(src)!r}: {unreadable[:_MAX_LISTED]}")
-    return {
+        raise DataError(
+            f"no decodable{' captioned' if caption_map is not None else ''} images in "
+            f"{str(src)!r}: {(unreadable or uncaptioned)[:_MAX_LISTED]}"
+        )
+    summary: dict[str, Any] = {
         "out": str(out),
         "rows": total,
         "classes": list(per_class),
@@ -113,3 +158,14 @@ def pack_image_folder(
         "unreadable": len(unreadable),
         "unreadable_files": sorted(unreadable)[:_MAX_LISTED],
     }
+    if caption_map is not None:
+        packed = {file.relative_to(src).as_posix() for _, _, file in items}
+        orphans = sorted(set(caption_map) - packed)
+        summary |= {
+            "captioned": True,
+            "uncaptioned": len(uncaptioned),
+            "uncaptioned_files": sorted(uncaptioned)[:_MAX_LISTED],
+            "captions_without_image": len(orphans),
+            "captions_without_image_files": orphans[:_MAX_LISTED],
+        }
+    return summary
