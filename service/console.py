@@ -168,6 +168,9 @@ RAY_NOISE: tuple[re.Pattern[str], ...] = tuple(
         r"Failed to query Ray Train Controller actor state",
         # Ray Train's own PreemptionWatcher actor trips a core_worker check about itself.
         r"Actor with class name: 'PreemptionWatcher' .*max_restarts > 0",
+        # INFO, every worker, every epoch; logged under getLogger(__file__) in Ray Train's
+        # execution/context.py, so RunConfig's Train log level does not reach it.
+        r"Reporting training result \d+: TrainingReport\(",
     )
 )
 

@@ -117,6 +117,7 @@ def test_noise_filter_drops_known_ray_lines_and_keeps_real_warnings_and_errors()
     assert not noise_filter.filter(_record(cleaner, logging.WARNING, CLEANER))
     assert noise_filter.filter(_record(cleaner, logging.WARNING, "Failed to exit actor: x"))
     assert is_ray_noise(WATCHER)
+    assert is_ray_noise("Reporting training result 2: TrainingReport(checkpoint=None, metrics={})")
     assert not is_ray_noise("Actor with class name: 'MyActor' has constructor arguments")
 
 
