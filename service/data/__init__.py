@@ -19,6 +19,10 @@ the PyTorch reader decodes the training rows once into shared memory
 :func:`iter_image_batches`), and the trainer augments on its device
 (``service.train.batches.TrainBatches``).
 
+Image–text data (``text.column`` set): both readers carry the caption column with its image
+(:mod:`service.data.captions`: valid captions, templated captions from class names, captions
+files for ``data pack --captions``); :func:`iter_captioned_batches` on the Ray path.
+
 Ray is imported lazily (inside :func:`read_ray_dataset`), so importing this package is cheap.
 """
 
@@ -30,6 +34,17 @@ from service.data.augment import (
     simclr_transform,
 )
 from service.data.batch_augment import BatchSimCLRAugment, ViewParams
+from service.data.captions import (
+    CAPTION_TEMPLATES,
+    TEXT_COLUMN,
+    caption_parquet,
+    caption_table,
+    fill_template,
+    is_caption,
+    read_captions_file,
+    read_templates,
+    training_captions,
+)
 from service.data.decode import DecodeStats, decode_image, to_rgb
 from service.data.decoded import (
     DecodedImages,
@@ -52,6 +67,7 @@ from service.data.ray_dataset import (
     MultiViewBatchFn,
     augment_ray_dataset,
     build_ray_train_dataset,
+    iter_captioned_batches,
     iter_image_batches,
     iter_view_batches,
     make_multiview_batch_fn,
@@ -66,6 +82,8 @@ from service.data.torch_dataset import (
 )
 
 __all__ = [
+    "CAPTION_TEMPLATES",
+    "TEXT_COLUMN",
     "BatchSimCLRAugment",
     "CorruptImageError",
     "DataError",
@@ -83,6 +101,8 @@ __all__ = [
     "build_eval_dataset",
     "build_ray_train_dataset",
     "build_train_dataset",
+    "caption_parquet",
+    "caption_table",
     "collate_views",
     "color_jitter",
     "decode_image",
@@ -90,17 +110,23 @@ __all__ = [
     "decode_rows",
     "denormalize",
     "eval_transform",
+    "fill_template",
     "inspect_parquet",
+    "is_caption",
+    "iter_captioned_batches",
     "iter_image_batches",
     "iter_view_batches",
     "make_dataloader",
     "make_multiview_batch_fn",
     "pack_image_folder",
+    "read_captions_file",
     "read_image_table",
     "read_ray_dataset",
+    "read_templates",
     "resolve_parquet_files",
     "save_augmentation_preview",
     "simclr_transform",
     "to_rgb",
     "to_uint8_square",
+    "training_captions",
 ]
