@@ -8,7 +8,7 @@ budget) stays identical across ranks and all ranks stop after the same step. The
 checkpointed and restored on resume, so a resumed run trains for the rest of its budget.
 
     >>> ticks = iter([0.0, 30.0, 90.0])
-    >>> clock = TrainClock(budget_minutes=1.0, clock=lambda: next(ticks))
+    >>> clock = TrainClock(budget_minutes=1.0, now=lambda: next(ticks))
     >>> clock.resume()
     >>> clock.sync(), clock.exhausted
     (30.0, False)
@@ -28,8 +28,9 @@ import torch.distributed as dist
 class TrainClock:
     """Seconds of training so far (rank 0's clock, shared) and the optional budget.
 
-    ``clock`` is injectable (tests drive a fake one). Call :meth:`resume` when training
-    (re)starts, :meth:`sync` after every step, :meth:`pause` before evaluation/checkpointing.
+    ``now`` (seconds, monotonic) is injectable: tests drive a fake clock. Call :meth:`resume`
+    when training (re)starts, :meth:`sync` after every step, :meth:`pause` before evaluation and
+    checkpointing.
     """
 
     def __init__(
@@ -39,12 +40,12 @@ class TrainClock:
         rank: int = 0,
         world: int = 1,
         device: torch.device | str = "cpu",
-        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.budget_s = None if budget_minutes is None else 60.0 * float(budget_minutes)
         self.elapsed_s = 0.0  # the shared value: every rank holds rank 0's training seconds
         self.rank, self.world, self.device = rank, world, torch.device(device)
-        self._clock = clock
+        self.now = now
         self._base = 0.0  # training seconds before the running segment began
         self._since: float | None = None  # rank 0's clock when the running segment began
 
@@ -66,7 +67,7 @@ class TrainClock:
 
     def resume(self) -> None:
         """Start (or continue) counting training time."""
-        self._since = self._clock()
+        self._since = self.now()
 
     def pause(self) -> None:
         """Stop counting (evaluation, checkpointing); keeps the last shared value."""
@@ -81,7 +82,7 @@ class TrainClock:
         and there are several ranks (the LR and the stop must agree), none otherwise."""
         local = self._base
         if self._since is not None:
-            local += self._clock() - self._since
+            local += self.now() - self._since
         if self.budget_s is not None and self.world > 1 and dist.is_initialized():
             device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
             shared = torch.tensor([local], dtype=torch.float64, device=device)
