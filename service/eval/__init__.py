@@ -1,7 +1,16 @@
 """Frozen-encoder evaluation: feature extraction, weighted kNN (cosine), linear probe, and the
-offline protocol that runs both on a labelled train/test Parquet pair."""
+offline protocol that runs both on a labelled train/test Parquet pair; image–text zero-shot
+classification and retrieval recall (per epoch and beside a random-init model)."""
 
 from service.eval.features import extract_features
+from service.eval.image_text import (
+    CaptionedImages,
+    ImageTextMonitor,
+    evaluate_beside_random_init,
+    image_text_metrics,
+    image_text_problems,
+    load_captioned_images,
+)
 from service.eval.knn import knn_predict, knn_top1
 from service.eval.linear import linear_probe_top1
 from service.eval.offline import (
@@ -10,14 +19,27 @@ from service.eval.offline import (
     evaluation_metrics,
     same_dataset,
 )
+from service.eval.retrieval import caption_groups, retrieval_recall
+from service.eval.zeroshot import zeroshot_classifier, zeroshot_predict, zeroshot_top1
 
 __all__ = [
+    "CaptionedImages",
+    "ImageTextMonitor",
+    "caption_groups",
     "evaluate_beside_random",
+    "evaluate_beside_random_init",
     "evaluate_encoder",
     "evaluation_metrics",
     "extract_features",
+    "image_text_metrics",
+    "image_text_problems",
     "knn_predict",
     "knn_top1",
     "linear_probe_top1",
+    "load_captioned_images",
+    "retrieval_recall",
     "same_dataset",
+    "zeroshot_classifier",
+    "zeroshot_predict",
+    "zeroshot_top1",
 ]
