@@ -81,8 +81,9 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(tmp_path):
         "tracking_uri": store,
         "started": True,
     }
-    with socket.socket() as sock:  # the child (and its workers) released the port
-        sock.bind(("127.0.0.1", port))
+    # The child and its workers are gone: nothing listens on the port any more.
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=10)
 
 
 def test_server_uri_prints_its_url_and_starts_nothing(mlflow_server, capsys):

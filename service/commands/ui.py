@@ -67,6 +67,9 @@ def ui_command(
 
 def _require_free_port(port: int) -> None:
     with socket.socket() as sock:
+        # As the server binds (uvicorn sets it): connections of a UI stopped seconds ago
+        # (TIME_WAIT) do not count as busy, a listening socket does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError as exc:
