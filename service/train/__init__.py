@@ -5,6 +5,7 @@
 """
 
 from service.train.amp import Amp, amp_policy
+from service.train.budget import TrainClock
 from service.train.checkpoint import (
     STATE_FILE,
     load_encoder_from_checkpoint,
@@ -12,6 +13,7 @@ from service.train.checkpoint import (
     restore_training_state,
     training_state_dict,
 )
+from service.train.epoch import KnnMonitor, Monitor, build_monitor
 from service.train.inputs import WorkerInputs, resolve_storage_path, steps_per_epoch
 from service.train.state import TrainState, build_state
 from service.train.step import NonFiniteLossError, train_step
@@ -19,10 +21,14 @@ from service.train.step import NonFiniteLossError, train_step
 __all__ = [
     "STATE_FILE",
     "Amp",
+    "KnnMonitor",
+    "Monitor",
     "NonFiniteLossError",
+    "TrainClock",
     "TrainState",
     "WorkerInputs",
     "amp_policy",
+    "build_monitor",
     "build_state",
     "load_encoder_from_checkpoint",
     "load_state",
