@@ -106,7 +106,8 @@ class Progress:
             self._bar.update(n)
             return
         now = self.clock()
-        if now - self._last >= self.interval:
+        finished = self.total is not None and self.done >= self.total  # the closing line says it
+        if now - self._last >= self.interval and not finished:
             self._last = now
             self._lines += 1
             say(self.label, self._line(now), stream=self.stream)
