@@ -186,8 +186,9 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
         # on a local/shared filesystem and a temporary download from an object store.
         local = result.checkpoint.as_directory() if result.checkpoint else nullcontext()
         with tempfile.TemporaryDirectory() as workdir, local as local_dir:
-            summary.update(finalize_run(config, run, local_dir, Path(workdir)))
+            # before finalize: the numbers are in the run even if registration fails
             summary.update(image_text_evaluation(config, run, local_dir, tokenizer_json))
+            summary.update(finalize_run(config, run, local_dir, Path(workdir)))
     return summary
 
 
