@@ -436,6 +436,12 @@ def iter_captioned_batches(
             stats.add_ok(len(batch[LABEL_COLUMN]))
             if skipped:
                 stats.add_bad(n=skipped)
-        images = torch.from_numpy(np.ascontiguousarray(batch[image_column])).to(device)
-        labels = torch.from_numpy(np.asarray(batch[LABEL_COLUMN], dtype=np.int64))
-        yield images, labels.to(device), [str(t) for t in batch[text_column]]
+        images = _tensor(batch[image_column]).to(device)
+        labels = _tensor(np.asarray(batch[LABEL_COLUMN], dtype=np.int64)).to(device)
+        yield images, labels, [str(t) for t in batch[text_column]]
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array`` (copied when read-only, e.g. zero-copy from the object store)."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
