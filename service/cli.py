@@ -102,6 +102,19 @@ def _cmd_registry_list(a: argparse.Namespace) -> dict[str, Any]:
     return commands.list_command(a.name, tracking_uri=a.tracking_uri)
 
 
+def _cmd_zero_shot(a: argparse.Namespace) -> dict[str, Any]:
+    return commands.zero_shot_command(
+        a.model,
+        a.input,
+        a.output,
+        classes=a.classes,
+        classes_from_column=a.classes_from_column,
+        templates_path=a.templates,
+        batch_size=a.batch_size,
+        tracking_uri=a.tracking_uri,
+    )
+
+
 def _cmd_ui(a: argparse.Namespace) -> dict[str, Any]:
     return commands.ui_command(a.backend_store_uri, port=a.port)
 
@@ -225,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="L2-normalise image embeddings (default: the backbone's raw features)",
     )
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser(
+        "zero-shot", help="classify a Parquet of images by class names (image-text models)"
+    )
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V or a dir")
+    p.add_argument("--input", required=True, help="Parquet with an image column")
+    p.add_argument("--output", required=True, help="predictions Parquet to write")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help="comma-separated class names, e.g. cat,dog,ship")
+    names.add_argument("--classes-from-column", help="class names: this column's values")
+    p.add_argument(
+        "--templates", default=None, help="file, one prompt per line with {} (default: the run's)"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_cmd_zero_shot)
 
     return parser
 

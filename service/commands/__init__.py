@@ -21,6 +21,7 @@ from service.commands.registry import (
 )
 from service.commands.tune import tune_command
 from service.commands.ui import ui_command
+from service.commands.zeroshot import zero_shot_command
 
 __all__ = [
     "demo_command",
@@ -34,4 +35,5 @@ __all__ = [
     "pull_command",
     "tune_command",
     "ui_command",
+    "zero_shot_command",
 ]

@@ -1,5 +1,6 @@
 """Encoder registry: log and register backbones (``register``), alias rules (``aliases``), version
-tags (``tags``), the weights-only copy (``spec``), lookup, pull/load and batch embedding."""
+tags (``tags``), the weights-only copy (``spec``), lookup, listing, pull/load, batch embedding,
+and for image–text runs both towers + tokenizer (``text``) and zero-shot classification."""
 
 from service.registry.aliases import (
     CHAMPION_ALIAS,
@@ -15,11 +16,13 @@ from service.registry.aliases import (
 )
 from service.registry.embed import embed_parquet
 from service.registry.errors import EncoderSpecError, RegistryError, RegistryLookupError
+from service.registry.listing import VersionRow, format_table, list_versions
 from service.registry.load import (
     LoadedEncoder,
     load_encoder,
     load_from_directory,
     load_registered,
+    model_directory,
     pull,
     version_aliases,
 )
@@ -33,6 +36,15 @@ from service.registry.spec import (
     save_weights,
 )
 from service.registry.tags import version_tags
+from service.registry.text import (
+    ImageTextSpec,
+    LoadedImageText,
+    TextEncoder,
+    load_image_text,
+    load_image_text_model,
+    load_text_encoder,
+)
+from service.registry.zeroshot import read_templates, zero_shot_parquet
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -68,4 +80,16 @@ __all__ = [
     "find_weights_copy",
     "rebuild_from_weights",
     "save_weights",
+    "ImageTextSpec",
+    "LoadedImageText",
+    "TextEncoder",
+    "VersionRow",
+    "format_table",
+    "list_versions",
+    "load_image_text",
+    "load_image_text_model",
+    "load_text_encoder",
+    "model_directory",
+    "read_templates",
+    "zero_shot_parquet",
 ]

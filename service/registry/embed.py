@@ -109,7 +109,8 @@ def embed_parquet(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    source = inspect_parquet(input_parquet)
+    # A text-only Parquet is fine for the text tower; images need the full image-file checks.
+    source = _any_parquet(input_parquet) if text_column else inspect_parquet(input_parquet)
     column = text_column or image_column
     if column not in source.columns:
         raise DataError(f"{input_parquet!r} has no column {column!r} ({source.columns})")
@@ -173,15 +174,40 @@ def embed_parquet(
     }
 
 
+def _any_parquet(path: str) -> Any:
+    """Files, filesystem, columns and row count of any Parquet data set (no image column
+    needed)."""
+    from types import SimpleNamespace
+
+    from service.data.parquet import resolve_parquet_files
+
+    filesystem, files = resolve_parquet_files(path)
+    dataset = pds.dataset(files, filesystem=filesystem, format="parquet")
+    return SimpleNamespace(
+        files=files,
+        filesystem=filesystem,
+        columns=list(dataset.schema.names),
+        num_rows=dataset.count_rows(),
+    )
+
+
 def _output_table(
     batch: pa.RecordBatch, rows: list[int], offset: int, features: torch.Tensor
 ) -> pa.Table:
     """``row_id`` (index in the whole input), the kept columns of ``rows``, ``embedding``."""
-    features_np = features.float().cpu().numpy().astype(np.float32, copy=False)
+    return rows_with_ids(batch, rows, offset).append_column(
+        EMBEDDING_COLUMN, vectors_array(features)
+    )
+
+
+def rows_with_ids(batch: pa.RecordBatch, rows: list[int], offset: int) -> pa.Table:
+    """``rows`` of ``batch`` with a first column ``row_id`` = ``offset`` + index in the batch."""
     table = pa.Table.from_batches([batch]).take(pa.array(rows, pa.int64()))
     ids = pa.array(np.asarray(rows, dtype=np.int64) + offset, pa.int64())
-    table = table.add_column(0, ROW_ID_COLUMN, ids)
-    flat = pa.array(features_np.reshape(-1))
-    return table.append_column(
-        EMBEDDING_COLUMN, pa.FixedSizeListArray.from_arrays(flat, features_np.shape[1])
-    )
+    return table.add_column(0, ROW_ID_COLUMN, ids)
+
+
+def vectors_array(features: torch.Tensor) -> pa.FixedSizeListArray:
+    """``[n, d]`` → a Parquet-ready fixed-size list of float32 per row."""
+    values = features.float().cpu().numpy().astype(np.float32, copy=False)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])

@@ -30,6 +30,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +43,11 @@ from service.registry.aliases import apply_alias_policy, metric_tag
 
 # Old import path of promote (service/commands/registry.py); use service.registry.promote.
 from service.registry.errors import EncoderSpecError, RegistryError
+from service.registry.listing import TOWERS_TAG
 from service.registry.lookup import ModelRef
 from service.registry.spec import EncoderSpec, backbone_from_spec, save_weights
 from service.registry.tags import version_tags
+from service.registry.text import write_text_files
 from service.tracking.uri import use_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ def register_encoder(
     input_example: np.ndarray | None = None,
     tags: dict[str, Any] | None = None,
     higher_is_better: bool = True,
+    image_text: nn.Module | None = None,
+    tokenizer: Any | None = None,
 ) -> dict[str, Any]:
     """Log ``backbone`` (not the projection head) into run ``run_id``, register it, set
     ``latest-trained`` and maybe ``champion``; returns ``model_uri``, ``version``, ``champion``
@@ -84,6 +89,11 @@ def register_encoder(
     ``[b, 3, H, W]``, already normalised) to zeros of the config's image size. The version is
     tagged with ``version_tags(config, knn, backbone)``, the champion metric and ``tags`` (extra
     tags, which win over the computed ones).
+
+    Image–text runs (``config.text.column`` set) also pass ``image_text``, the trained
+    ``ImageTextModel`` (``backbone`` is its ``.backbone``): its heads and text tower are logged
+    weights-only with the tokenizer (``service.registry.text``). ``tokenizer`` defaults to the
+    run's ``<storage_path>/<run_name>/tokenizer.json``.
     """
     from mlflow import MlflowClient
 
@@ -93,6 +103,7 @@ def register_encoder(
             "registered model name must be non-empty (mlflow.registered_model_name)"
         )
     metric_value = float(metric_value)
+    text = _text_parts(config, image_text, tokenizer)
     all_tags = {
         **version_tags(config, knn, unwrap(backbone)),
         "champion_metric": metric_name,
@@ -107,6 +118,7 @@ def register_encoder(
         name=name,
         input_example=input_example,
         tags=all_tags,
+        text=text,
     )
     client = MlflowClient(tracking_uri)
     client.update_model_version(
@@ -143,9 +155,11 @@ def log_encoder(
     name: str,
     input_example: np.ndarray | None = None,
     tags: dict[str, str] | None = None,
+    text: tuple[nn.Module, Any] | None = None,
 ) -> LoggedEncoder:
     """Log ``backbone`` as the pickled pytorch flavour plus the safetensors + ``encoder.json``
     copy into run ``run_id`` and register it as a new version of ``name``, tagged with ``tags``.
+    ``text``: (ImageTextModel, Tokenizer) of an image–text run, logged weights-only beside it.
 
     Everything that can be wrong with the inputs is checked before anything is logged.
     """
@@ -167,11 +181,17 @@ def log_encoder(
         "embedding_dim": str(spec.embedding_dim),
         "serialization": "pickle+safetensors",
         "weights_rebuildable": str(spec.rebuildable).lower(),
+        TOWERS_TAG: "image+text" if text is not None else "image",
     }
     all_tags = {**(tags or {}), **facts}
-    model_id = _logged_model_of_run(tracking_uri, run_id, all_tags)
     with tempfile.TemporaryDirectory(prefix="encoder-weights-") as tmp:
         extra = [str(save_weights(encoder, tmp)), str(spec.save(tmp))]
+        if text is not None:  # written and checked before anything is logged
+            model, tokenizer = text
+            text_model = copy.deepcopy(unwrap(model))
+            files = write_text_files(text_model, encoder, tokenizer, config, Path(tmp))
+            extra += [str(f) for f in files]
+        model_id = _logged_model_of_run(tracking_uri, run_id, all_tags)
         with use_tracking_uri(tracking_uri):
             info = mlflow.pytorch.log_model(
                 encoder,
@@ -189,6 +209,30 @@ def log_encoder(
             )
     version = str(info.registered_model_version)
     return LoggedEncoder(ModelRef(name, version=version).uri, version, spec)
+
+
+def _text_parts(
+    config: Config, image_text: nn.Module | None, tokenizer: Any | None
+) -> tuple[nn.Module, Any] | None:
+    """(model, tokenizer) to log in text mode, None otherwise; errors before anything is logged."""
+    if not config.text.column:
+        if image_text is not None:
+            raise RegistryError("image_text was given but config.text.column is not set")
+        return None
+    if image_text is None or not getattr(unwrap(image_text), "paired_views", False):
+        raise RegistryError(
+            "config.text.column is set: register_encoder needs image_text=<the trained "
+            "ImageTextModel> (its heads and text tower are registered with the backbone)"
+        )
+    if tokenizer is None:
+        from service.eval.image_text import run_tokenizer_path
+        from service.text import Tokenizer
+
+        path = run_tokenizer_path(config)
+        if not path.is_file():
+            raise RegistryError(f"no tokenizer at {path}; pass tokenizer= to register_encoder")
+        tokenizer = Tokenizer.load(path)
+    return unwrap(image_text), tokenizer
 
 
 def _logged_model_of_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> str:

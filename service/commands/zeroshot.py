@@ -1,0 +1,38 @@
+"""``contrastive zero-shot``: classify a Parquet of images with a registered image–text model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def zero_shot_command(
+    model: str,
+    input_path: str,
+    output_path: str,
+    *,
+    classes: str | None = None,
+    classes_from_column: str | None = None,
+    templates_path: str | None = None,
+    batch_size: int = 256,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """``classes``: comma-separated names (``cat,dog``); or ``classes_from_column``: the distinct
+    values of that input column. ``templates_path``: one prompt template per line (default: the
+    run's ``text.templates``). Writes predictions + per-class scores to ``output_path``."""
+    from service.registry import read_templates, zero_shot_parquet
+    from service.tracking.uri import redact_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(explicit=tracking_uri)
+    names = None if classes is None else [c.strip() for c in classes.split(",")]
+    templates = read_templates(templates_path) if templates_path else None
+    summary = zero_shot_parquet(
+        model,
+        input_path,
+        output_path,
+        classes=names,
+        classes_from_column=classes_from_column,
+        templates=templates,
+        batch_size=batch_size,
+        tracking_uri=uri,
+    )
+    return {**summary, "tracking_uri": redact_uri(uri)}
