@@ -30,7 +30,6 @@ from service.eval.zeroshot import zeroshot_classifier, zeroshot_top1
 
 MONITOR_MAX_ROWS = 2000  # per-epoch validation cost bound (rows of the validation split)
 FINAL_MAX_ROWS = 10000  # final test evaluation bound
-LOSSES = ("symmetric", "siglip")  # the losses that take (z_image, z_text) as two views
 # Validation metrics the `champion` alias may compare in image–text mode (preflight registers them)
 CHAMPION_METRICS = ("val_zeroshot_top1", "val_i2t_recall_at_5", "val_t2i_recall_at_5")
 
@@ -239,8 +238,10 @@ def evaluate_beside_random_init(
 
 
 def image_text_problems(config: Config) -> list[str]:
-    """Text mode's rules (``text.column`` set): a paired loss, no cached-gradient steps, a
-    champion metric that the run logs, prompt templates with ``{}``; the text tower's shape."""
+    """Text mode's rules (``text.column`` set): a paired loss (``symmetric``, ``siglip``), a
+    champion metric that the run logs, prompt templates with ``{}``; the text tower's shape.
+    Cached-gradient steps (``train.micro_batch_size``) support paired views: no rule."""
+    from service.losses.factory import PAIRED_LOSS_NAMES
     from service.models.image_text import text_model_problems
 
     t = config.text
@@ -250,15 +251,10 @@ def image_text_problems(config: Config) -> list[str]:
             return [f"mlflow.champion_metric={champion} needs image–text mode (set text.column)"]
         return []
     problems = text_model_problems(config)
-    if config.loss.name not in LOSSES:
+    if config.loss.name not in PAIRED_LOSS_NAMES:
         problems.append(
-            f"loss.name must be one of {'|'.join(LOSSES)} in image–text mode (text.column="
-            f"{t.column!r}), got {config.loss.name!r}"
-        )
-    if config.train.micro_batch_size is not None:
-        problems.append(
-            "train.micro_batch_size (cached-gradient steps) is not supported in image–text mode; "
-            "set it to null"
+            f"loss.name must be one of {'|'.join(PAIRED_LOSS_NAMES)} in image–text mode "
+            f"(text.column={t.column!r}), got {config.loss.name!r}"
         )
     m = config.mlflow
     if m.enabled and m.registered_model_name and m.champion_metric == "knn_top1":
