@@ -58,10 +58,13 @@ def ui_command(
     _require_free_port(port)
     url = f"http://{HOST}:{port}"
     with _UiServer(uri, port) as server:
-        say("ui", f"starting the MLflow UI for {uri}")
-        server.wait_until_ready(url, start_timeout_s)
-        say("ui", f"MLflow UI: {url}  (Ctrl-C to stop)")
-        server.wait()
+        try:
+            say("ui", f"starting the MLflow UI for {uri}")
+            server.wait_until_ready(url, start_timeout_s)
+            say("ui", f"MLflow UI: {url}  (Ctrl-C to stop)")
+            server.wait()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM, also during start-up: a normal stop
+            say("ui", "stopping the MLflow UI")
     return {"url": url, "tracking_uri": uri, "started": True}
 
 
@@ -131,13 +134,10 @@ class _UiServer:
                       f"its log: {self.log}")  # fmt: skip
 
     def wait(self) -> None:
-        """Until Ctrl-C / SIGTERM (a normal stop) or the server exits by itself (an error)."""
-        try:
-            while True:
-                self._require_running()
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            say("ui", "stopping the MLflow UI")
+        """Until KeyboardInterrupt (Ctrl-C, SIGTERM) or the server exits by itself (an error)."""
+        while True:
+            self._require_running()
+            time.sleep(0.5)
 
     def _require_running(self) -> None:
         assert self.proc is not None
@@ -148,10 +148,17 @@ class _UiServer:
                           f"{tail}")  # fmt: skip
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
         proc, self.proc = self.proc, None
-        if proc is not None:
+        if self._previous_sigterm is not None:
+            # A second Ctrl-C while stopping must not leave the server running: ignored till done.
+            previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                if proc is not None:
+                    _stop_group(proc)
+            finally:
+                signal.signal(signal.SIGINT, previous_sigint)
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+        elif proc is not None:
             _stop_group(proc)
         if exc[0] is None:
             self.log.unlink(missing_ok=True)  # kept (and named in the error) when something failed
