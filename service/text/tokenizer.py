@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from service.config import Config
@@ -85,13 +86,13 @@ class Tokenizer:
         """``int64 [len(texts), context_length]``: ids, ``eot_id``, then ``pad_id`` (0)."""
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {context_length}")
-        out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
+        out = np.full((len(texts), context_length), self.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
             # One caption at a time: no thread pool (DataLoader workers fork after this runs).
             ids = self._backend.encode(text or "", add_special_tokens=False).ids
             ids = ids[: context_length - 1] + [self.eot_id]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            out[row, : len(ids)] = ids
+        return torch.from_numpy(out)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids → text, pad and end-of-text dropped (lower-cased, as encoded)."""
