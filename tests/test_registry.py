@@ -369,7 +369,8 @@ def test_embed_parquet_keeps_columns_and_skips_corrupt_images(registry, tmp_path
     assert summary["rows_in"] == 65 and summary["rows_out"] == 64
     assert summary["skipped_corrupt"] == 1 and summary["first_corrupt_rows"] == [30]
     result = pq.read_table(out)
-    assert result.column_names == ["label", "label_name", "embedding"]
+    assert result.column_names == ["row_id", "label", "label_name", "embedding"]
+    assert result.column("row_id").to_pylist() == [*range(30), *range(31, 65)]
     assert result.column("label").to_pylist() == table.column("label").to_pylist()
     assert result.column("label_name").to_pylist() == table.column("label_name").to_pylist()
     embeddings = np.stack(result.column("embedding").to_numpy(zero_copy_only=False))
