@@ -126,8 +126,8 @@ class TrainConfig:
     # (monitor evaluation and checkpointing excluded) and lay the LR schedule over the budget;
     # train.epochs is then an upper bound (set it high). null: train for train.epochs.
     time_budget_minutes: float | None = None
-    # With a time budget: linear LR warmup over this fraction of the budget (warmup_epochs must
-    # stay 0 then: epochs are not the schedule's unit).
+    # With a time budget: linear LR warmup over this fraction of the budget (warmup_epochs is not
+    # used then: epochs are not the schedule's unit; the worker says so when it is set).
     warmup_fraction: float = 0.0
 
 
