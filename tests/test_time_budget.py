@@ -186,7 +186,6 @@ def test_resume_of_a_spent_budget_is_done(tmp_path: Path) -> None:
         ({"time_budget_minutes": -5}, "train.time_budget_minutes must be a positive number"),
         ({"time_budget_minutes": 10, "warmup_fraction": 1.0}, "train.warmup_fraction must be in"),
         ({"warmup_fraction": 0.1}, "applies to time-budgeted runs only"),
-        ({"time_budget_minutes": 10, "warmup_epochs": 1.0}, "set train.warmup_epochs=0"),
     ],
 )
 def test_bad_budget_settings_are_named(train: dict, needle: str) -> None:

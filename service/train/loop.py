@@ -71,6 +71,11 @@ def setup(inputs: WorkerInputs) -> tuple[TrainState, TrainBatches]:
     node_ids = _node_ids(world)
     s.num_nodes = len(set(node_ids))
     _say(s, f"{world} worker(s) on {s.num_nodes} Ray node(s): {node_ids}")
+    t = config.train
+    if t.time_budget_minutes is not None:
+        ignored = f"; train.warmup_epochs={t.warmup_epochs:g} not used" if t.warmup_epochs else ""
+        _say(s, f"time budget {t.time_budget_minutes:g} min of training, LR warmup over "
+                f"{t.warmup_fraction:g} of it then cosine{ignored}")  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:

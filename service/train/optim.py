@@ -75,11 +75,6 @@ def _time_budget_problems(cfg: TrainConfig) -> list[str]:
             "train.warmup_fraction applies to time-budgeted runs only; set "
             "train.time_budget_minutes, or warm up with train.warmup_epochs"
         )
-    if budget is not None and _is_number(cfg.warmup_epochs) and cfg.warmup_epochs > 0:
-        problems.append(
-            "with train.time_budget_minutes the LR schedule runs over the budget, not over "
-            "epochs: set train.warmup_epochs=0 and warm up with train.warmup_fraction (e.g. 0.05)"
-        )
     return problems
 
 
