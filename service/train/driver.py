@@ -252,8 +252,9 @@ def _open_or_reopen(config: Config, plan: RunPlan) -> TrackedRun | None:
         check_tracking_server(plan.tracking_uri)
         run = TrackedRun(plan.tracking_uri, plan.mlflow_run_id).reopen()
         run.set_tags({"resumed_with_epochs": str(config.train.epochs)})
+        done = 0 if plan.last_epoch is None else plan.last_epoch + 1  # epochs count from 1
         print(f"[pretrain] resuming run {config.train.run_name!r} after epoch "
-              f"{plan.last_epoch} (MLflow run {run.run_id})", file=sys.stderr)  # fmt: skip
+              f"{done} (MLflow run {run.run_id})", file=sys.stderr)  # fmt: skip
         return run
     return open_run(config)
 
@@ -274,6 +275,13 @@ def _already_done(config: Config, plan: RunPlan) -> dict[str, Any]:
         f"run {config.train.run_name!r} already trained all {config.train.epochs} epochs; nothing "
         f"to do (raise train.epochs to train more)"
     )
+    trained = config.train.epochs if plan.last_epoch is None else plan.last_epoch + 1
+    if trained < config.train.epochs:  # stopped early: its train.time_budget_minutes is spent
+        message = (
+            f"run {config.train.run_name!r} already spent its time budget of "
+            f"{config.train.time_budget_minutes:g} min; nothing to do (the budget shapes the LR "
+            f"schedule, so a longer one is a new run under another train.run_name)"
+        )
     print(f"[pretrain] {message}", file=sys.stderr)
     return {
         "run_name": config.train.run_name,
@@ -281,7 +289,7 @@ def _already_done(config: Config, plan: RunPlan) -> dict[str, Any]:
         "message": message,
         "checkpoint": latest_checkpoint(plan.run_dir),
         "run_id": plan.mlflow_run_id,
-        "epochs": config.train.epochs,
+        "epochs": trained,
     }
 
 
@@ -291,7 +299,7 @@ def _summary(config: Config, result: ray.train.Result) -> dict[str, Any]:
         "run_name": t.run_name,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "storage_path": resolve_storage_path(t.storage_path),
-        "epochs": t.epochs,
+        "epochs": int(result.metrics.get("epoch", t.epochs)),  # fewer when a time budget ran out
         "world_size": t.num_workers,
         "global_batch_size": t.global_batch_size,
         "per_worker_batch_size": config.per_worker_batch_size,
