@@ -41,8 +41,11 @@ def test_smoke_job_summary_and_checkpoint(smoke_run) -> None:
     assert summary["epochs"] == 2
     assert 0.1 < summary["knn_top1"] <= 1.0  # 10 classes: chance is 0.1
     state = load_state(summary["checkpoint"])
-    assert [h["epoch"] for h in state["history"]] == [0, 1]
-    assert state["history"][-1]["train_loss"] < state["history"][0]["train_loss"]
+    # epoch 0: the random-init kNN (before the first step); then the trained epochs, 1-based
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert state["history"][0]["global_step"] == 0 and "train_loss" not in state["history"][0]
+    assert 0.0 < state["history"][0]["knn_top1"] <= 1.0
+    assert state["history"][-1]["train_loss"] < state["history"][1]["train_loss"]
     assert state["history"][-1]["knn_top1"] == pytest.approx(summary["knn_top1"])
     # step-0 sanity check from the seeds: initial loss ≈ log(2B - 1)
     assert (
@@ -114,11 +117,15 @@ def test_resume_after_job_stop(ray_cluster, mlflow_server, tmp_path) -> None:
     ray_cluster.submit([*entry, *_sets([*overrides, "train.resume=true"])], "resume-b")
     status, logs = ray_cluster.wait("resume-b")
     assert status == "SUCCEEDED", logs[-4000:]
+    done_before = left + 1  # checkpoints keep the 0-based epoch; people see epochs completed
     resumed = re.findall(r"resumed from checkpoint after epoch (\d+)", logs)
-    assert set(resumed) == {str(left)}, f"not resumed after epoch {left}:\n{logs[-4000:]}"
+    assert set(resumed) == {str(done_before)}, (
+        f"not resumed after epoch {done_before}:\n{logs[-4000:]}"
+    )
     summary = last_json_line(logs)
     history = load_state(summary["checkpoint"])["history"]
-    assert [h["epoch"] for h in history] == list(range(epochs))  # no epoch lost or repeated
+    # epoch 0 (random-init kNN), then every trained epoch once: none lost or repeated
+    assert [h["epoch"] for h in history] == list(range(epochs + 1))
 
     # The same MLflow run, continued (its id kept beside the checkpoints), never a copy.
     run_id = read_record(str(run_dir))["mlflow_run_id"]
@@ -128,11 +135,13 @@ def test_resume_after_job_stop(ray_cluster, mlflow_server, tmp_path) -> None:
     assert run.info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1
     logged = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    # Every epoch is in the run. The stopped job may have logged one epoch past the checkpoint
-    # Ray had registered when it stopped; the resumed job trains (and logs) that epoch again.
-    assert sorted(set(logged)) == list(range(epochs)), logged
+    # Every epoch is in the run, at its global step. The stopped job may have logged one epoch
+    # past the checkpoint Ray had registered when it stopped; the resumed job logs it again.
+    assert sorted(set(logged)) == [h["global_step"] for h in history[1:]], logged
     assert len(logged) - epochs <= 1, logged
-    assert client.get_metric_history(run_id, "resumed_from_epoch")[0].value == left
+    assert [m.step for m in client.get_metric_history(run_id, "knn_top1")][:1] == [0]
+    assert client.get_run(run_id).data.tags["epoch"] == str(epochs)
+    assert client.get_metric_history(run_id, "resumed_from_epoch")[0].value == done_before
     versions = client.search_model_versions("name='resume-drill-encoder'")
     assert len(versions) == 1 and versions[0].run_id == run_id
 

@@ -151,7 +151,7 @@ def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> No
     iterations stay the trained epochs."""
     if monitor is None or s.global_step != 0:
         return
-    metrics: dict[str, Any] = {"epoch": 0, "global_step": 0}
+    metrics: dict[str, Any] = {"epoch": 0, "global_step": 0, "num_nodes": s.num_nodes}
     metrics.update(monitor(unwrap(s.model), s.device))
     s.history.append(metrics)
     _log_epoch(logger, metrics)
