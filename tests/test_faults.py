@@ -24,10 +24,11 @@ ENTRY = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"
 # 512 rows / global batch 128 → 4 steps per epoch; 3 epochs = global steps 0..11.
 SMALL = ["data.limit=512", "train.global_batch_size=128", "train.epochs=3"]
 STEPS_PER_EPOCH = 4
-# Epoch 1's last step: the last checkpoint is epoch 0's (global step 4). Ray Train registers a
-# reported checkpoint on its controller's next poll (~2 s): a worker lost before that restarts
-# from the checkpoint before it (and that epoch's MLflow metrics then appear twice). The drill
-# kills three steps after the report, on the per-image pipeline, so epoch 0's is registered.
+# Epoch 1's last step (0-based, as checkpoints count epochs): the last checkpoint is epoch 0's
+# (global step 4). Ray Train registers a reported checkpoint on its controller's next poll
+# (~2 s): a worker lost before that restarts from the checkpoint before it (and that epoch's
+# MLflow metrics then appear twice). The drill kills three steps after the report, on the
+# per-image pipeline, so epoch 0's is registered.
 KILL_AT_STEP = 7
 
 
@@ -102,10 +103,10 @@ def test_worker_crash_resumes_from_last_checkpoint_and_completes(crash_drill) ->
     logs, summary = crash_drill["logs"], crash_drill["summary"]
     assert "fault injection: killing rank 1 (pid" in logs and f"at step {KILL_AT_STEP}" in logs
     assert crash_drill["marker"].exists(), "the fault did not fire"
-    assert "resumed from checkpoint after epoch 0 (step 4)" in logs
+    assert "resumed from checkpoint after epoch 1 (step 4" in logs  # epochs count from 1
     assert summary["epochs"] == 3
     history = load_state(summary["checkpoint"])["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # no validation split: no epoch-0 row
     assert [h["global_step"] for h in history] == [4, 8, 12]  # nothing skipped after the restart
 
 
@@ -115,16 +116,18 @@ def test_worker_crash_is_visible_in_mlflow_without_duplicate_epochs(crash_drill)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     # Every epoch exactly once, although epoch 1 ran twice (killed, then redone).
-    assert _steps(client, run_id, "train_loss") == [0, 1, 2]
+    # Epoch values are logged at their global step (epoch e ends at step 4e).
+    epoch_steps = [STEPS_PER_EPOCH * e for e in (1, 2, 3)]
+    assert _steps(client, run_id, "train_loss") == epoch_steps
     history = load_state(crash_drill["summary"]["checkpoint"])["history"]
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
-    assert [logged[e] for e in range(3)] == pytest.approx([h["train_loss"] for h in history])
+    assert [logged[s] for s in epoch_steps] == pytest.approx([h["train_loss"] for h in history])
     resumed = client.get_metric_history(run_id, "resumed_from_epoch")
-    assert [(m.step, m.value) for m in resumed] == [(STEPS_PER_EPOCH, 0.0)]
+    assert [(m.step, m.value) for m in resumed] == [(STEPS_PER_EPOCH, 1.0)]
     # Step metrics: each step once, except the ones the killed attempt ran past its checkpoint
     # (logged by both attempts; MLflow keeps the history as it happened).
     lost = list(range(STEPS_PER_EPOCH + 1, KILL_AT_STEP + 1))
-    steps = _steps(client, run_id, "step_loss")
+    steps = _steps(client, run_id, "step/loss")
     assert sorted(set(steps)) == list(range(1, 13))
     assert all(steps.count(s) == (2 if s in lost else 1) for s in set(steps))
 
@@ -208,9 +211,11 @@ def test_mlflow_outage_buffers_then_flushes_every_epoch_once(outage_drill) -> No
     client, run, logs = outage_drill["client"], outage_drill["run"], outage_drill["logs"]
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    for key in ("train_loss", "knn_top1", "epoch"):
-        assert _steps(client, run_id, key) == [0, 1, 2], key
-    assert _steps(client, run_id, "step_loss") == list(range(1, 13))
+    epoch_steps = [STEPS_PER_EPOCH * e for e in (1, 2, 3)]  # epoch values at their global step
+    assert _steps(client, run_id, "train_loss") == epoch_steps
+    assert _steps(client, run_id, "knn_top1") == [0, *epoch_steps]  # 0: random init
+    assert client.get_run(run_id).data.tags["epoch"] == "3"  # a tag, not a chart
+    assert _steps(client, run_id, "step/loss") == list(range(1, 13))
     # Metrics keep the time they were produced: some were produced while the server was down.
     during = [
         m.step
@@ -269,12 +274,12 @@ def test_backfill_logs_only_checkpointed_epochs_missing_from_mlflow(mlflow_serve
     experiment = client.create_experiment(f"backfill-{uuid.uuid4().hex[:8]}")
     run_id = client.create_run(experiment).info.run_id
     history = [
-        {"epoch": e, "global_step": 4 * (e + 1), "train_loss": 5.0 - e, "num_nodes": 1}
-        for e in range(3)
+        {"epoch": e, "global_step": 4 * e, "train_loss": 6.0 - e, "num_nodes": 1} for e in (1, 2, 3)
     ]
-    client.log_metric(run_id, "train_loss", 5.0, step=0)  # epoch 0 reached MLflow
-    assert backfill_epochs(client, run_id, history) == [1, 2]
+    client.log_metric(run_id, "train_loss", 5.0, step=4)  # epoch 1 reached MLflow
+    assert backfill_epochs(client, run_id, history) == [2, 3]
     assert backfill_epochs(client, run_id, history) == []  # idempotent
     logged = client.get_metric_history(run_id, "train_loss")
-    assert sorted((m.step, m.value) for m in logged) == [(0, 5.0), (1, 4.0), (2, 3.0)]
-    assert _steps(client, run_id, "global_step") == [1, 2]
+    assert sorted((m.step, m.value) for m in logged) == [(4, 5.0), (8, 4.0), (12, 3.0)]
+    run = client.get_run(run_id)
+    assert run.data.tags["global_step"] == "12" and "global_step" not in run.data.metrics
