@@ -197,9 +197,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if progress is not None:
             progress.start_epoch(epoch)
         s.clock.resume()  # training time: this epoch's data and steps
-        for views, _labels in batches.epoch(s.epoch):
+        for views, labels in batches.epoch(s.epoch):
             maybe_kill(s.config.fault, s.rank, s.global_step, inputs.fault_marker_dir)
-            loss = train_step(s, views)
+            loss = train_step(s, views, labels)  # labels reach only losses that need them
             s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
             images = views[0].shape[0] * s.world
             meter.update(loss, images)
