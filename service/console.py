@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Progress", "RayNoiseFilter", "filter_ray_worker_output", "is_ray_noise", "say"]
+__all__ = [
+    "EMBEDDED_QUIET_ACTORS",
+    "Progress",
+    "RayNoiseFilter",
+    "filter_ray_worker_output",
+    "is_ray_noise",
+    "say",
+]
 
 
 def say(stage: str, message: str, *, stream: IO[str] | None = None) -> None:
@@ -192,8 +199,19 @@ class RayNoiseFilter(logging.Filter):
         return not is_ray_noise(text)
 
 
-def _filtered(handler: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+# Ray Train's detached PlacementGroupCleaner removes a run's placement group if the controller
+# dies; in an embedded Ray, which ends with the command, that never matters, and everything it
+# prints is about itself: its once-a-second State API failures, and with a second Ray on the host
+# the traceback of its monitor thread (the State API client cannot pick between two clusters).
+EMBEDDED_QUIET_ACTORS = ("PlacementGroupCleaner",)
+
+
+def _filtered(
+    handler: Callable[[dict[str, Any]], None], quiet_actors: tuple[str, ...]
+) -> Callable[[dict[str, Any]], None]:
     def handle(batch: dict[str, Any]) -> None:
+        if batch.get("actor_name") in quiet_actors:
+            return
         lines = [line for line in batch.get("lines", []) if not is_ray_noise(line)]
         if lines:
             handler({**batch, "lines": lines})
@@ -202,9 +220,10 @@ def _filtered(handler: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, 
     return handle
 
 
-def filter_ray_worker_output() -> bool:
-    """Drop Ray's known internal lines from the worker output Ray forwards to this driver
-    (``log_to_driver``); every other line is printed as before. Returns whether it is installed.
+def filter_ray_worker_output(quiet_actors: tuple[str, ...] = ()) -> bool:
+    """Drop Ray's known internal lines (and all output of the actors named in ``quiet_actors``)
+    from the worker output Ray forwards to this driver (``log_to_driver``); every other line is
+    printed as before. Returns whether the filter is installed.
 
     Worker lines never pass through the driver's ``logging``: Ray's log monitor hands batches
     of lines to handlers of ``ray._private.ray_logging.global_worker_stdstream_dispatcher``, so
@@ -215,7 +234,7 @@ def filter_ray_worker_output() -> bool:
 
         with dispatcher._lock:
             dispatcher.handlers = [
-                (name, h if getattr(h, "ray_noise_filtered", False) else _filtered(h))
+                (name, h if getattr(h, "ray_noise_filtered", False) else _filtered(h, quiet_actors))
                 for name, h in dispatcher.handlers
             ]
         return True

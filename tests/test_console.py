@@ -7,7 +7,14 @@ import io
 import logging
 from pathlib import Path
 
-from service.console import Progress, RayNoiseFilter, filter_ray_worker_output, is_ray_noise, say
+from service.console import (
+    EMBEDDED_QUIET_ACTORS,
+    Progress,
+    RayNoiseFilter,
+    filter_ray_worker_output,
+    is_ray_noise,
+    say,
+)
 
 CLEANER = (
     "Failed to query Ray Train Controller actor state. State API may be temporarily "
@@ -136,6 +143,21 @@ def test_forwarded_worker_output_loses_only_the_noise() -> None:
     finally:
         dispatcher.remove_handler("test_console_sink")
     assert received == [["Traceback (most recent call last):"]]
+
+
+def test_an_embedded_run_drops_the_quiet_actors_output_only() -> None:
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from service.console import _filtered
+
+    dispatcher, received = WorkerStandardStreamDispatcher(), []
+    dispatcher.add_handler("sink", _filtered(received.append, EMBEDDED_QUIET_ACTORS))
+    traceback = ["Exception in thread PlacementGroupCleanerMonitor:", "ConnectionError: x"]
+    dispatcher.emit(
+        {"pid": 1, "is_err": True, "actor_name": "PlacementGroupCleaner", "lines": traceback}
+    )
+    dispatcher.emit({"pid": 2, "is_err": True, "actor_name": "RayTrainWorker", "lines": traceback})
+    assert [b["lines"] for b in received] == [traceback]  # a worker's traceback is kept
 
 
 def test_console_is_a_leaf_module() -> None:

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.config import Config
-from service.console import filter_ray_worker_output, say
+from service.console import EMBEDDED_QUIET_ACTORS, filter_ray_worker_output, say
 from service.tracking.run import TrackedRun, ending_on_error
 from service.train.finalize import finalize_run
 from service.train.identity import (
@@ -60,7 +60,7 @@ def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
     say("ray", f"starting a local Ray ({cpus} CPUs)...")
     started = time.monotonic()
     ray.init(num_cpus=cpus, include_dashboard=False)
-    filter_ray_worker_output()
+    filter_ray_worker_output(quiet_actors=EMBEDDED_QUIET_ACTORS)
     say("ray", f"ready in {time.monotonic() - started:.0f} s")
 
 
