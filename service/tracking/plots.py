@@ -118,7 +118,19 @@ def _loss_panel(
     ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, linewidth=1.8, label="train loss")
     if chance_loss is not None:
         ax.axhline(chance_loss, **_REFERENCE_STYLE, label=f"{chance_label} = {chance_loss:.2f}")
-    ax.legend(fontsize=8, loc="lower left")
+        # Labelled on the line (a legend box would sit on the curve); headroom keeps it inside.
+        low, high = min(min(ys), chance_loss), max(max(ys), chance_loss)
+        pad = 0.08 * (high - low or 1.0)
+        ax.set_ylim(low - pad, high + 2 * pad)
+        ax.annotate(
+            f"{chance_label} = {chance_loss:.2f}",
+            xy=(0.02, chance_loss),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.3",
+        )
 
 
 def _knn_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -163,16 +175,14 @@ def _schedule_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     if lr_x:
         handles += ax.plot(lr_x, lr_y, marker=_marker(len(lr_x)), markersize=4, label="lr")
         ax.set_ylabel("learning rate")
-        ax.yaxis.set_major_formatter(lambda value, _: f"{value:.1e}")  # no offset text
+        ax.yaxis.set_major_formatter(lambda value, _: f"{value:.3g}")  # no detached offset text
     if t_x:
         twin = ax.twinx()
         handles += twin.plot(
             t_x, t_y, marker=_marker(len(t_x)), markersize=4, color="tab:red", label="temperature"
         )
         twin.set_ylabel("temperature")
-        low, high = min(t_y), max(t_y)
-        pad = max(0.1 * (high - low), 0.05 * abs(high) or 0.05)
-        twin.set_ylim(low - pad, high + pad)  # a constant temperature is a flat line, not noise
+        twin.set_ylim(0, max(t_y) * 1.25)  # from 0: a constant temperature is a flat line
     ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8)
 
 
