@@ -6,7 +6,16 @@ nothing here imports Ray.
 """
 
 from service.tracking.logger import FlushReport, MetricLogger, MetricValueError
-from service.tracking.plots import plot_embeddings, plot_training_curves, project_2d
+from service.tracking.plots import (
+    baseline_comparison_figure,
+    embeddings_figure,
+    plot_baseline_comparison,
+    plot_embeddings,
+    plot_training_curves,
+    project_2d,
+    training_curves_figure,
+    user_epochs,
+)
 from service.tracking.run import (
     EPOCH_KEY_METRIC,
     TrackedRun,
@@ -45,6 +54,11 @@ from service.tracking.uri import (
 )
 
 __all__ = [
+    "baseline_comparison_figure",
+    "embeddings_figure",
+    "plot_baseline_comparison",
+    "training_curves_figure",
+    "user_epochs",
     "CONFIG_ARTIFACT",
     "EPOCH_KEY_METRIC",
     "REDACTED",
