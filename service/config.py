@@ -37,6 +37,9 @@ class DataConfig:
     limit: int | None = None  # use only the first N rows (after a seeded shuffle); for smoke runs
     # Where augment.backend=batched augments: "cuda" when the worker has a GPU (auto), or forced.
     augment_device: str = "auto"  # auto | cpu | cuda
+    # Decode once on the driver and share one read-only copy through Ray's object store with
+    # every rank (and every concurrent Tune trial); false: each rank decodes its own copy.
+    share_decoded: bool = True
 
     @property
     def has_val(self) -> bool:
