@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from service.config import Config
 from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError
@@ -200,3 +201,154 @@ class IndexBatchDataset(Dataset):
         if self.decoded.texts is None:
             return images, labels
         return images, labels, [self.decoded.texts[r] for r in rows]
+
+
+# --- one decoded copy for every rank and every concurrent Tune trial (Ray's object store) ------
+#
+# The driver decodes the training rows once and ``ray.put``s the arrays; a worker's ``ray.get``
+# maps them read-only from its node's object store (zero-copy for numpy arrays), so a node holds
+# one copy however many ranks and trials read it. A copy is used only by a worker that would
+# have decoded exactly the same rows: the key says which file, which rows, at which size.
+
+# Share only if the copy takes at most this share of the object store's memory.
+OBJECT_STORE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class DecodedKey:
+    """Which rows a decoded copy holds: file, row count and ids (digest), image size, captions.
+
+    >>> key = decoded_key("a.parquet", np.arange(3), 32)
+    >>> key.rows, key.image_size, key == decoded_key("a.parquet", np.arange(3), 32)
+    (3, 32, True)
+    >>> key == decoded_key("a.parquet", np.array([0, 1, 5]), 32)  # same count, other rows
+    False
+    """
+
+    path: str
+    rows: int
+    rows_digest: str
+    image_size: int
+    text_column: str | None = None
+
+    def describe(self) -> str:
+        text = f", captions {self.text_column!r}" if self.text_column else ""
+        return (
+            f"{self.rows} rows of {self.path!r} at {self.image_size} px "
+            f"(rows {self.rows_digest[:12]}{text})"
+        )
+
+
+def decoded_key(
+    path: str, indices: np.ndarray, size: int, text_column: str | None = None
+) -> DecodedKey:
+    """The key of decoding rows ``indices`` of ``path`` at ``size`` px (``text_column``: with
+    captions)."""
+    import hashlib
+
+    rows = np.ascontiguousarray(indices, dtype=np.int64)
+    digest = hashlib.sha256(rows.tobytes()).hexdigest()
+    return DecodedKey(str(path), len(rows), digest, size, text_column)
+
+
+def training_rows(config: Config) -> np.ndarray:
+    """The training rows every rank of a run with ``config`` selects (train split, limit)."""
+    from service.data.splits import train_val_rows
+
+    return train_val_rows(config).train_rows(config.data.limit)
+
+
+def training_key(config: Config) -> DecodedKey:
+    """The key of the decoded training rows of ``config`` (what a rank would decode)."""
+    d = config.data
+    return decoded_key(d.train, training_rows(config), d.image_size, config.text.column)
+
+
+class SharedDecodedMismatchError(ValueError):
+    """A shared decoded copy holds other rows than the worker's config selects."""
+
+
+@dataclass(frozen=True)
+class SharedDecoded:
+    """A decoded copy in Ray's object store: its key and the ``ObjectRef`` of its arrays (held
+    by the driver for as long as the run or sweep lasts; pickled into each worker's inputs)."""
+
+    key: DecodedKey
+    ref: Any  # ray.ObjectRef of {"images", "labels", "texts", "stats"}
+    nbytes: int
+
+
+def share_decoded(decoded: DecodedImages, key: DecodedKey) -> SharedDecoded:
+    """``ray.put`` ``decoded`` (Ray must be connected): numpy arrays, so readers map them."""
+    import ray
+
+    payload = {
+        "images": decoded.images.numpy(),
+        "labels": decoded.labels.numpy(),
+        "texts": decoded.texts,
+        "stats": decoded.stats,
+    }
+    return SharedDecoded(key, ray.put(payload), int(decoded.images.numel()))
+
+
+def load_shared(shared: SharedDecoded, expected: DecodedKey) -> DecodedImages:
+    """The shared copy as :class:`DecodedImages` (read-only tensors over the object store's
+    memory), after checking it holds exactly the rows ``expected`` describes.
+
+    Raises :class:`SharedDecodedMismatchError` otherwise: training on other rows than the
+    config selects must never happen silently.
+    """
+    import warnings
+
+    import ray
+
+    if shared.key != expected:
+        raise SharedDecodedMismatchError(
+            f"the shared decoded copy holds {shared.key.describe()}, but this worker's config "
+            f"selects {expected.describe()}; refusing to train on other rows. Run with "
+            f"data.share_decoded=false, or share a copy decoded from this config"
+        )
+    payload = ray.get(shared.ref)
+    with warnings.catch_warnings():
+        # The arrays are read-only views of the object store; nothing writes to them (batches
+        # are gathered with index_select, a copy), so torch's non-writable warning does not apply.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images = torch.from_numpy(payload["images"])
+        labels = torch.from_numpy(payload["labels"])
+    return DecodedImages(images, labels, payload["stats"], payload["texts"])
+
+
+def object_store_bytes() -> int | None:
+    """Object-store memory of the connected cluster's nodes, the smallest (None: unknown)."""
+    import ray
+
+    sizes = [
+        n["Resources"].get("object_store_memory")
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("object_store_memory")
+    ]
+    return int(min(sizes)) if sizes else None
+
+
+def share_training_rows(config: Config) -> tuple[SharedDecoded | None, str]:
+    """Decode ``config``'s training rows once and put them in the object store, when that
+    applies (``data.share_decoded``, the torch reader, ``augment.backend=batched``) and fits
+    (memory now, each node's object store); returns the copy (or None) and why, for the log."""
+    d = config.data
+    if not d.share_decoded:
+        return None, "data.share_decoded=false: each rank decodes its own copy"
+    if d.reader != "torch" or config.augment.backend != "batched":
+        return None, "only the torch reader with augment.backend=batched decodes once"
+    rows = training_rows(config)
+    plan = decode_once_plan(len(rows), d.image_size, copies=1)
+    store = object_store_bytes()
+    if not plan.decode_once:
+        return None, f"not shared: {plan.reason()}"
+    if store is not None and plan.estimated_bytes > OBJECT_STORE_FRACTION * store:
+        return None, (
+            f"not shared: {plan.estimated_bytes / 2**20:.1f} MiB decoded > "
+            f"{OBJECT_STORE_FRACTION:.0%} of a node's {store / 2**20:.0f} MiB object store"
+        )
+    decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction, config.text.column)
+    shared = share_decoded(decoded, training_key(config))
+    return shared, f"{shared.key.describe()}, {shared.nbytes / 2**20:.1f} MiB"

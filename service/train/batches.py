@@ -94,7 +94,7 @@ class TrainBatches:
             self.shard = ray.train.get_dataset_shard("train")
             rows = inputs.rows or 0
         else:
-            rows = self._build_loader(rank, world)
+            rows = self._build_loader(rank, world, inputs.decoded_ref)
         self.steps_per_epoch = steps_per_epoch(rows, self.config.train.global_batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -114,12 +114,18 @@ class TrainBatches:
             )
         return Tokenizer.from_json(inputs.tokenizer_json)
 
-    def _build_loader(self, rank: int, world: int) -> int:
+    def _build_loader(self, rank: int, world: int, shared: Any = None) -> int:
         from service.data import make_dataloader
         from service.data.splits import train_val_rows
 
         rows = train_val_rows(self.config).train_rows(self.config.data.limit)
-        dataset = self._decoded_dataset(rows, world) if self.batched else None
+        dataset = None
+        if self.batched:
+            dataset = (
+                self._shared_dataset(shared, rows, rank)
+                if shared is not None
+                else self._decoded_dataset(rows, world)
+            )
         if dataset is not None:  # decode once: one gather per index batch, no per-item work
             from torch.utils.data import BatchSampler, DataLoader
 
@@ -158,6 +164,18 @@ class TrainBatches:
             return None
         log.info("data: decode once into memory, %s (one copy per rank: %d)", plan.reason(), world)
         decoded = decode_rows(d.train, rows, d.image_size, d.max_bad_fraction, self.text_column)
+        return IndexBatchDataset(decoded)
+
+    def _shared_dataset(self, shared: Any, rows: np.ndarray, rank: int) -> Any:
+        """The driver's decoded copy (``WorkerInputs.decoded_ref``), mapped read-only from the
+        object store; refused unless it holds exactly this config's training rows."""
+        from service.console import say
+        from service.data.decoded import IndexBatchDataset, decoded_key, load_shared
+
+        d = self.config.data
+        decoded = load_shared(shared, decoded_key(d.train, rows, d.image_size, self.text_column))
+        if rank == 0:  # the e2e sweep test looks for this line in the job's logs
+            say("data", f"shared decoded copy from the driver: {shared.key.describe()}")
         return IndexBatchDataset(decoded)
 
     def _streaming_dataset(self, rows: np.ndarray) -> Any:

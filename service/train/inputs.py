@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.config import Config
 
@@ -41,6 +42,9 @@ class WorkerInputs:
     # Image–text mode (text.column set): the run's tokenizer (service.text.Tokenizer.to_json),
     # fitted on the driver; workers tokenise their caption batches with it.
     tokenizer_json: str | None = None
+    # Decode once (data.share_decoded): the training rows the driver decoded and put in Ray's
+    # object store (service.data.decoded.SharedDecoded); workers map it instead of decoding.
+    decoded_ref: Any = None
 
     @property
     def run_dir(self) -> str:
