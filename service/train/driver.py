@@ -114,14 +114,19 @@ def build_trainer(
     storage_path: str | None = None,
     run_name: str | None = None,
     tokenizer_json: str | None = None,
+    decoded_ref: Any = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial).
 
     Image–text mode: ``tokenizer_json`` is the run's tokenizer; when not given (a Tune trial)
     it is fitted here, on the training captions, before any worker starts.
+    ``decoded_ref``: a decoded copy of the training rows shared by the caller (the Tune driver,
+    for all its trials); when not given and several ranks would each decode, it is made here.
     """
     t = config.train
     datasets, rows = _train_dataset(config)
+    if decoded_ref is None and t.num_workers > 1:
+        decoded_ref = _shared_decoded(config)
     if tokenizer_json is None and config.text.column:
         from service.text import fit_tokenizer
 
@@ -134,6 +139,7 @@ def build_trainer(
         mlflow_run_id=run.run_id if run else None,
         tracking_uri=run.uri if run else None,
         tokenizer_json=tokenizer_json,
+        decoded_ref=decoded_ref,
     )
     return TorchTrainer(
         train_func,
@@ -153,6 +159,18 @@ def build_trainer(
         ),
         datasets=datasets,
     )
+
+
+def _shared_decoded(config: Config) -> Any:
+    """Decode the training rows once here and share them with every rank (object store)."""
+    if not ray.is_initialized():  # never start a Ray instance just for this
+        return None
+    from service.data.decoded import share_training_rows
+
+    shared, why = share_training_rows(config)
+    if shared is not None or config.augment.backend == "batched":
+        say("data", why if shared is None else f"decoded once for all ranks: {why}")
+    return shared
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
