@@ -150,7 +150,9 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     )
 
 
-def _trainable(config: Config, settings: SweepSettings, parent_run_id: str | None) -> Any:
+def _trainable(
+    config: Config, settings: SweepSettings, parent_run_id: str | None, decoded_ref: Any = None
+) -> Any:
     from ray import tune
 
     from service.tune.trial import run_trial
@@ -161,8 +163,43 @@ def _trainable(config: Config, settings: SweepSettings, parent_run_id: str | Non
         parent_run_id=parent_run_id,
         storage_path=str(settings.experiment_path),
         sweep=settings.name,
+        decoded_ref=decoded_ref,
     )
     return tune.with_resources(bound, TRIAL_DRIVER_RESOURCES)
+
+
+def rows_changing_keys(settings: SweepSettings) -> list[str]:
+    """Searched keys that change which training rows a trial decodes, or how: then the trials
+    cannot share one decoded copy.
+
+    >>> from service.config import load_config
+    >>> from service.tune.settings import resolve_settings
+    >>> space = {"loss.temperature": {"type": "choice", "values": [0.1, 0.2]},
+    ...          "data.limit": {"type": "choice", "values": [256, 512]}}
+    >>> rows_changing_keys(resolve_settings(load_config(overrides={"tune.space": space})))
+    ['data.limit']
+    """
+    return [k for k in settings.specs if k.startswith(("data.", "text.")) or k == "train.seed"]
+
+
+def _sweep_decoded(config: Config, settings: SweepSettings) -> Any:
+    """One decoded copy of the training rows for every trial (Ray's object store), or None.
+
+    Valid only when no searched key changes the rows (``rows_changing_keys``); each worker still
+    checks the copy's key against its own config and refuses other rows.
+    """
+    from service.data.decoded import share_training_rows
+
+    changing = rows_changing_keys(settings)
+    if changing:
+        _progress(
+            f"data: no decoded copy shared across trials: the searched {changing} change the "
+            f"training rows (a multi-worker trial still decodes once for its ranks)"
+        )
+        return None
+    shared, why = share_training_rows(config)
+    _progress(f"data: one decoded copy for every trial: {why}" if shared else f"data: {why}")
+    return shared
 
 
 def _reconcile_runs(
@@ -312,7 +349,8 @@ def _run_and_summarise(
 ) -> dict[str, Any]:
     from ray import tune
 
-    trainable = _trainable(config, settings, tracking.run_id if tracking else None)
+    decoded_ref = _sweep_decoded(config, settings)  # held here until every trial has ended
+    trainable = _trainable(config, settings, tracking.run_id if tracking else None, decoded_ref)
     if resume:
         tuner = tune.Tuner.restore(
             str(settings.experiment_path),

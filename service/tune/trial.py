@@ -125,8 +125,10 @@ def run_trial(
     parent_run_id: str | None,
     storage_path: str,
     sweep: str,
+    decoded_ref: Any = None,
 ) -> None:
-    """Tune function trainable: pretrain with ``base`` + the sampled dotted values."""
+    """Tune function trainable: pretrain with ``base`` + the sampled dotted values
+    (``decoded_ref``: the sweep's shared decoded copy of the training rows, if any)."""
     import ray.tune
 
     from service.train.driver import build_trainer, fit
@@ -146,6 +148,7 @@ def run_trial(
             run=tracking,
             storage_path=storage_path,
             run_name=train_run_name(trial_id),
+            decoded_ref=decoded_ref,
             **kwargs,
         )
         if not kwargs:
