@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 WINDOW = (1400, 1000)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: set up before (and so skips before) the smoke run
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path:
