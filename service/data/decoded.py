@@ -23,6 +23,13 @@ row ids are global rows of the Parquet files).
 Whether to decode once is decided from the exact size (``N * 3 * S * S`` bytes, one copy per rank
 on the node) against available memory (:func:`decode_once_plan`); data that does not fit streams
 through ``ParquetImageDataset`` instead, still batched on the device.
+
+Shared copy (``data.share_decoded``, the default): the driver of a multi-worker run, or of a Tune
+sweep (for all its trials), decodes once and puts the arrays in Ray's object store
+(:func:`share_training_rows`); each rank maps them read-only (:func:`load_shared`), so a node holds
+one copy however many ranks and concurrent trials train on it. A copy carries a
+:class:`DecodedKey` (file, row ids, image size, caption column) and a worker refuses a copy whose
+key differs from the rows its own config selects.
 """
 
 from __future__ import annotations
