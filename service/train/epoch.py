@@ -142,6 +142,15 @@ def epoch_summary(metrics: dict[str, Any], epochs: int | None) -> str:
     return f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {shown}"
 
 
+def budget_note(elapsed_s: float, budget_minutes: float) -> str:
+    """Training time against the budget, for the end-of-epoch line.
+
+    >>> budget_note(95.4, 25)
+    '[training 1:35 of 25:00]'
+    """
+    return f"[training {_clock_text(elapsed_s)} of {_clock_text(60 * budget_minutes)}]"
+
+
 class Monitor(Protocol):
     """A per-epoch validation monitor (rank 0). ``due(epoch)``: whether to evaluate after the
     1-based epoch ``epoch`` has completed (the last epoch is always evaluated by the loop);

@@ -27,6 +27,7 @@ from service.train.epoch import (
     EpochMeter,
     Monitor,
     StepProgress,
+    budget_note,
     build_monitor,
     epoch_summary,
     report_epoch,
@@ -169,11 +170,9 @@ def end_of_epoch(
     s.history.append(metrics)
     report_epoch(s, metrics, final=final)
     _log_epoch(logger, metrics)
-    budgeted = s.config.train.time_budget_minutes is not None
-    line = epoch_summary(metrics, None if budgeted else s.config.train.epochs)
-    if budgeted:
-        line += f" [{s.clock.elapsed_s / 60:.1f}/{s.config.train.time_budget_minutes:g} min]"
-    _say(s, line)
+    budget = s.config.train.time_budget_minutes
+    line = epoch_summary(metrics, None if budget is not None else s.config.train.epochs)
+    _say(s, line if budget is None else f"{line} {budget_note(s.clock.elapsed_s, budget)}")
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
