@@ -143,3 +143,21 @@ def test_cli_bad_input_exits_2_without_traceback_and_touches_nothing(tmp_path: P
     assert not (tmp_path / "mlruns").exists()
     debug = _cli("--debug", *runs[1], cwd=tmp_path)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_label_losses_need_a_label_column_in_the_training_data(tmp_path: Path) -> None:
+    unlabelled = _parquet(
+        tmp_path / "unlabelled.parquet", [_jpeg((i * 8, 0, 0)) for i in range(300)]
+    )
+    keys = [f"data.train={unlabelled}", "data.val_fraction=0", "data.test=null",
+            "mlflow.champion_metric=train_loss"]  # fmt: skip
+    preflight(load_config(SMOKE, keys))  # self-supervised: labels are not needed
+    with pytest.raises(ConfigError, match="loss.name='supcon' trains on"):
+        preflight(load_config(SMOKE, [*keys, "loss.name=supcon"]))
+
+
+def test_text_mode_loss_rule_is_reported_once() -> None:
+    config = load_config(SMOKE, ["text.column=text", "loss.name=ntxent",
+                                 "mlflow.champion_metric=train_loss"])  # fmt: skip
+    problems = [p for p in config_problems(config) if "ntxent" in p]
+    assert len(problems) == 1 and "symmetric|siglip" in problems[0], problems

@@ -193,12 +193,27 @@ def _files_bytes(path: str) -> int:
     return sum(info.size or 0 for info in filesystem.get_file_info(files))
 
 
-def data_problems(config: Config) -> list[str]:
+def _missing_label(key: str, path: str, config: Config, loss_needs: bool) -> str:
+    if key == "data.train" and loss_needs:
+        return (
+            f"data.train={path!r} has no {LABEL_COLUMN!r} column, which loss.name="
+            f"{config.loss.name!r} trains on; add labels or choose a self-supervised loss "
+            f"(ntxent, moco, ...)"
+        )
+    return (
+        f"{key}={path!r} has no {LABEL_COLUMN!r} column, which kNN monitoring and "
+        f"evaluation need; add labels or set data.val/data.test to null"
+    )
+
+
+def data_problems(config: Config, *, train_needs_labels: bool = False) -> list[str]:
     """Paths exist, Parquet columns and types, a sample of rows decodes, and labels are there
-    where kNN (``data.val``, with the training split as the memory bank) and ``data.test`` need
-    them. Reads file footers and a few rows only."""
+    where kNN (``data.val``, with the training split as the memory bank), ``data.test`` and a
+    loss that trains on labels (``train_needs_labels``: SupCon, triplet, pairwise) need them.
+    Reads file footers and a few rows only."""
     d = config.data
-    needs_label = {"data.train": d.has_val, "data.val": True, "data.test": True}
+    train_label = d.has_val or train_needs_labels
+    needs_label = {"data.train": train_label, "data.val": True, "data.test": True}
     problems = []
     for key, path in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
         if not path:
@@ -216,8 +231,5 @@ def data_problems(config: Config) -> list[str]:
         if key == "data.train":
             problems += _split_problems(config)
         if needs_label[key] and not source.has_label:
-            problems.append(
-                f"{key}={path!r} has no {LABEL_COLUMN!r} column, which kNN monitoring and "
-                f"evaluation need; add labels or set data.val/data.test to null"
-            )
+            problems.append(_missing_label(key, path, config, train_needs_labels))
     return problems

@@ -238,10 +238,10 @@ def evaluate_beside_random_init(
 
 
 def image_text_problems(config: Config) -> list[str]:
-    """Text mode's rules (``text.column`` set): a paired loss (``symmetric``, ``siglip``), a
-    champion metric that the run logs, prompt templates with ``{}``; the text tower's shape.
+    """Text mode's rules (``text.column`` set): a champion metric that the run logs, prompt
+    templates with ``{}``; the text tower's shape. That the loss is a paired one (``symmetric``,
+    ``siglip``) is the loss's own rule (``check_loss_config(..., text_mode=True)``).
     Cached-gradient steps (``train.micro_batch_size``) support paired views: no rule."""
-    from service.losses.factory import PAIRED_LOSS_NAMES
     from service.models.image_text import text_model_problems
 
     t = config.text
@@ -251,11 +251,6 @@ def image_text_problems(config: Config) -> list[str]:
             return [f"mlflow.champion_metric={champion} needs image–text mode (set text.column)"]
         return []
     problems = text_model_problems(config)
-    if config.loss.name not in PAIRED_LOSS_NAMES:
-        problems.append(
-            f"loss.name must be one of {'|'.join(PAIRED_LOSS_NAMES)} in image–text mode "
-            f"(text.column={t.column!r}), got {config.loss.name!r}"
-        )
     m = config.mlflow
     if m.enabled and m.registered_model_name and m.champion_metric == "knn_top1":
         problems.append(

@@ -37,7 +37,7 @@ CHAMPION_METRICS.update(dict.fromkeys(IMAGE_TEXT_CHAMPIONS, "validation"))  # te
 def loss_problems(config: Config) -> list[str]:
     """The loss's own rules: building it on CPU runs exactly the constructor's checks."""
     try:
-        check_loss_config(config.loss, config.augment.n_views)
+        check_loss_config(config.loss, config.augment.n_views, text_mode=bool(config.text.column))
         build_loss(config.loss, config.model.proj_out_dim, gather_distributed=False)
     except ValueError as exc:  # LossInputError and the constructors' range checks
         message = str(exc)
@@ -98,8 +98,15 @@ def preflight(config: Config, *, data: bool = True) -> None:
     """Raise one ``ConfigError`` listing every problem of ``config`` (and of its data files)."""
     problems = config_problems(config)
     if data:
-        problems += data_problems(config)
+        problems += data_problems(config, train_needs_labels=_loss_needs_labels(config))
     raise_problems(problems)
+
+
+def _loss_needs_labels(config: Config) -> bool:
+    from service.losses import LOSS_CLASSES
+
+    cls = LOSS_CLASSES.get(config.loss.name)  # an unknown name is already a problem
+    return bool(cls is not None and cls.needs_labels)
 
 
 def load_checked_config(path: str | None, overrides: list[str] | None = None) -> Config:
