@@ -95,11 +95,12 @@ def checkpoint_config(saved: dict[str, Any]) -> Config:
 
 
 def load_encoder_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the trained backbone (projection head dropped) and its Config from a checkpoint."""
-    from service.models import build_model
+    """Rebuild the trained (image) backbone, projection head and text tower dropped, and its
+    Config from a checkpoint of either training model."""
+    from service.models import build_training_model
 
     saved = load_state(directory)
     config = checkpoint_config(saved)
-    model = build_model(config.model)
+    model = build_training_model(config)  # ContrastiveModel or ImageTextModel: both .backbone
     model.load_state_dict(saved["model"])
     return model.backbone.eval(), config
