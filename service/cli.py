@@ -69,9 +69,7 @@ def _cmd_data_pack(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_data_captions(a: argparse.Namespace) -> dict[str, Any]:
-    from service.commands.data import captions_command
-
-    return captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
+    return commands.captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
 
 
 def _cmd_data_preview(a: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Heavy imports (torch, ray, mlflow) happen inside the handlers, so ``contrastive 
 instant.
 """
 
-from service.commands.data import pack_command, preview_command
+from service.commands.data import captions_command, pack_command, preview_command
 from service.commands.demo import demo_command
 from service.commands.evaluate import evaluate_command
 from service.commands.pretrain import pretrain_command
@@ -28,6 +28,7 @@ __all__ = [
     "embed_command",
     "evaluate_command",
     "list_command",
+    "captions_command",
     "pack_command",
     "pretrain_command",
     "preview_command",

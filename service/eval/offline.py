@@ -41,11 +41,11 @@ def evaluate_encoder(
     same rows, so each query is kept out of its own neighbours (``exclude_self``).
     """
     same_data = same_dataset(train_path, test_path)
-    train_x, train_y = extract_features(encoder, train_path, transform)
+    train_x, train_y = extract_features(encoder, train_path, transform, label="features train")
     if same_data:
         test_x, test_y = train_x, train_y
     else:
-        test_x, test_y = extract_features(encoder, test_path, transform)
+        test_x, test_y = extract_features(encoder, test_path, transform, label="features test")
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError(f"evaluation needs a `label` column in both {train_path} and {test_path}")
     knn = knn_top1(train_x, train_y, test_x, test_y, knn_k, knn_temperature, exclude_self=same_data)
