@@ -10,6 +10,7 @@ from service.train.checkpoint import (
     STATE_FILE,
     load_encoder_from_checkpoint,
     load_state,
+    load_training_model_from_checkpoint,
     restore_training_state,
     training_state_dict,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "build_monitor",
     "build_state",
     "load_encoder_from_checkpoint",
+    "load_training_model_from_checkpoint",
     "load_state",
     "resolve_storage_path",
     "restore_training_state",

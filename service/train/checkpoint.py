@@ -94,13 +94,20 @@ def checkpoint_config(saved: dict[str, Any]) -> Config:
     return config_from_dict(saved["config"])
 
 
-def load_encoder_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the trained (image) backbone, projection head and text tower dropped, and its
-    Config from a checkpoint of either training model."""
+def load_training_model_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Config]:
+    """Rebuild the whole trained model (ContrastiveModel, or ImageTextModel with both towers)
+    and its Config from a checkpoint."""
     from service.models import build_training_model
 
     saved = load_state(directory)
     config = checkpoint_config(saved)
-    model = build_training_model(config)  # ContrastiveModel or ImageTextModel: both .backbone
+    model = build_training_model(config)
     model.load_state_dict(saved["model"])
+    return model.eval(), config
+
+
+def load_encoder_from_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, Config]:
+    """The trained (image) backbone — projection head and text tower dropped — and its Config,
+    from a checkpoint of either training model (both have ``.backbone``)."""
+    model, config = load_training_model_from_checkpoint(directory)
     return model.backbone.eval(), config

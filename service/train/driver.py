@@ -206,7 +206,7 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
         with tempfile.TemporaryDirectory() as workdir, local as local_dir:
             # before finalize: the numbers are in the run even if registration fails
             summary.update(image_text_evaluation(config, run, local_dir, tokenizer_json))
-            summary.update(finalize_run(config, run, local_dir, Path(workdir)))
+            summary.update(finalize_run(config, run, local_dir, Path(workdir), tokenizer_json))
     return summary
 
 

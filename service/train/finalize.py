@@ -18,9 +18,14 @@ def _progress(message: str) -> None:
 
 
 def finalize_run(
-    config: Config, tracking: TrackedRun | None, checkpoint_dir: str | None, workdir: Path
+    config: Config,
+    tracking: TrackedRun | None,
+    checkpoint_dir: str | None,
+    workdir: Path,
+    tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
-    """Log plots of the final encoder and register it. Returns summary additions."""
+    """Log plots of the final encoder and register it (image–text mode: both towers and the
+    run's tokenizer, ``tokenizer_json``). Returns summary additions."""
     if tracking is None or checkpoint_dir is None:
         return {}
     from service.data.augment import eval_transform
@@ -28,11 +33,12 @@ def finalize_run(
     from service.eval.features import extract_features
     from service.registry.register import register_encoder
     from service.tracking.plots import plot_embeddings, plot_training_curves
-    from service.train.checkpoint import load_encoder_from_checkpoint, load_state
+    from service.train.checkpoint import load_state, load_training_model_from_checkpoint
 
     logger = tracking.logger()
     state = load_state(checkpoint_dir)
-    backbone, _ = load_encoder_from_checkpoint(checkpoint_dir)
+    model, _ = load_training_model_from_checkpoint(checkpoint_dir)
+    backbone = model.backbone
     history = state["history"]
     _progress("plotting training curves and augmentation preview")
     chance, chance_label = chance_loss(config)
@@ -72,6 +78,7 @@ def finalize_run(
             metric_name=metric_name,
             metric_value=metric_value,
             higher_is_better=not metric_name.endswith("loss"),
+            **_text_tower(config, model, tokenizer_json),
         )
         summary.update({k: registered[k] for k in ("model_uri", "version", "champion")})
     # Flushed after registration: that call waits out a tracking-server outage with MLflow's
@@ -80,6 +87,18 @@ def finalize_run(
     if not getattr(report, "ok", True):
         _progress(f"some MLflow records could not be logged: {report}")
     return summary
+
+
+def _text_tower(config: Config, model: Any, tokenizer_json: str | None) -> dict[str, Any]:
+    """``register_encoder``'s image–text arguments: the whole two-tower model and the tokenizer
+    it trained with. A Tune trial does not hand one over; fitting is deterministic (the same
+    training captions give the same tokenizer), so it is fitted again here."""
+    if not config.text.column:
+        return {}
+    from service.text import Tokenizer, fit_tokenizer
+
+    tokenizer = Tokenizer.from_json(tokenizer_json) if tokenizer_json else fit_tokenizer(config)
+    return {"image_text": model, "tokenizer": tokenizer}
 
 
 def champion_metric(config: Config, history: list[dict[str, Any]]) -> tuple[str, float]:
