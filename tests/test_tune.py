@@ -325,7 +325,11 @@ def test_exit_barrier_returns_once_the_trials_actors_are_gone(monkeypatch) -> No
 # that class's share of the validation split (~0.1 of 10 classes) whatever the encoder, far below
 # a 512-image bank (>= 0.25 even at random init). ASHA (grace 1 epoch, reduction factor 2) stops
 # a trial whose epoch-1 kNN is below the median recorded there before it. The random searcher is
-# seeded by train.seed; seed 2 draws (lr, bank) in this order -> the outcome each must have:
+# seeded by train.seed; seed 2 draws (lr, bank) in this order -> the outcome each must have.
+# Two trials run at a time: the first two start together; the third starts only once the first
+# has failed (its second step is NaN), after which it needs a whole trial start-up plus the epoch
+# the second trial is already in, so the completed trial's epoch-1 kNN is recorded before the
+# third trial's and ASHA cuts the third.
 SWEEP_SEED = 2
 SWEEP_DRAWS = [
     ((1.0e30, 512), "failed"),
@@ -336,9 +340,11 @@ SWEEP_DRAWS = [
 
 @pytest.mark.slow
 def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
-    """`ray job submit ... python jobs/tune.py` on the session's real Ray cluster: 3 trials one
-    at a time, 2 epochs, ASHA from epoch 1 (see SWEEP_DRAWS); MLflow holds the parent + nested
-    runs with the searched params and final statuses, and the best trial's encoder is registered.
+    """`ray job submit ... python jobs/tune.py` on the session's real Ray cluster (two nodes): 3
+    trials of one worker each, two at a time, 2 epochs, ASHA from epoch 1 (see SWEEP_DRAWS);
+    the first two trials run at the same time, every trial trains on the driver's one decoded
+    copy of the training rows (object store); MLflow holds the parent + nested runs with the
+    searched params and final statuses, and the best trial's encoder is registered.
 
     Timing cannot change an outcome: outcomes and epoch counts are Tune's records (the reports it
     acted on, the trial's error), and the driver writes every run's final status only after the
@@ -364,7 +370,8 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
         "eval.knn_k=20",
         "tune.grace_period_epochs=1",
         "tune.reduction_factor=2",
-        "tune.max_concurrent_trials=1",
+        "train.num_workers=1",
+        "tune.max_concurrent_trials=2",
         "tune.space={train.lr: {type: choice, values: [0.002, 1.0e+30]}, "
         "eval.knn_max_train: {type: choice, values: [512, 1]}}",
     ]
@@ -389,6 +396,11 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     assert summary["best_config"] == completed["params"]
     counts = [summary[f"num_{o}"] for o in ("completed", "stopped_early", "failed")]
     assert counts == [1, 1, 1]
+    assert summary["resources"]["concurrent_trials"] == 2
+    # One decoded copy for every trial: the driver put it in the object store, and each trial's
+    # worker mapped it instead of decoding (service.data.decoded.load_shared checked its rows).
+    assert "[tune] data: one decoded copy for every trial: 512 rows" in logs, logs[-6000:]
+    assert "[data] shared decoded copy from the driver: 512 rows" in logs, logs[-6000:]
 
     client = MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
@@ -400,6 +412,11 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
     assert len(children) == 3
+    # The first two trials (started together; the NaN one ends after its second step) ran at the
+    # same time: each run's MLflow span [start, end] overlaps the other's.
+    spans = {c.data.tags["tune_trial_id"]: (c.info.start_time, c.info.end_time) for c in children}
+    (start_a, end_a), (start_b, end_b) = spans[failed["trial_id"]], spans[completed["trial_id"]]
+    assert start_a < end_b and start_b < end_a, spans
     by_trial = {t["trial_id"]: t for t in trials}
     for child in children:
         trial = by_trial[child.data.tags["tune_trial_id"]]
