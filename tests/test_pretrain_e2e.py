@@ -166,7 +166,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(ray_cluster, tmp_pat
     ray_cluster.submit([*entry, *_sets(overrides)], "nan-drill")
     status, logs = ray_cluster.wait("nan-drill")
     assert status == "FAILED"
-    assert "loss became nan at epoch 1, step 1 (global step 5)" in logs
+    assert "loss became nan at epoch 2, step 1 (global step 5)" in logs
     kept = list((tmp_path / "nan-drill").glob("checkpoint_*/state.pt"))
     assert len(kept) == 1 and load_state(kept[0])["epoch"] == 0
 

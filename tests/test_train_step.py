@@ -91,7 +91,7 @@ def test_nan_drill_stops_naming_the_step() -> None:
     config.fault.nan_at_step = 1
     state = build_state(config, torch.device("cpu"), 4, gather_distributed=False)
     train_step(state, _views(0))
-    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 1 \(global step 1\)"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 \(global step 1\)"):
         train_step(state, _views(1))
 
 

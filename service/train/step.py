@@ -35,7 +35,7 @@ def global_mean(value: torch.Tensor, world_size: int) -> float:
 
 
 def _where(s: TrainState) -> str:
-    return f"epoch {s.epoch}, step {s.epoch_step} (global step {s.global_step})"
+    return f"epoch {s.epoch + 1}, step {s.epoch_step} (global step {s.global_step})"  # 1-based
 
 
 def _forward(
