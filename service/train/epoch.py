@@ -166,16 +166,18 @@ def monitor_due(config: Config, epoch: int) -> bool:
     return epoch >= config.train.epochs or epoch % config.eval.knn_every_epochs == 0
 
 
-def build_monitor(config: Config) -> Monitor | None:
+def build_monitor(config: Config, tokenizer_json: str | None = None) -> Monitor | None:
     """The validation monitor of ``config``: None without a validation split; image–text
-    retrieval/zero-shot when ``text.column`` is set; else kNN top-1 on the backbone."""
+    retrieval/zero-shot when ``text.column`` is set (with the run's tokenizer); else kNN top-1
+    on the backbone."""
     if not config.data.has_val:
         return None
-    text = getattr(config, "text", None)
-    if text is not None and getattr(text, "column", None):
+    if config.text.column:
         from service.eval.image_text import ImageTextMonitor
+        from service.text import Tokenizer
 
-        return ImageTextMonitor(config)
+        tokenizer = Tokenizer.from_json(tokenizer_json) if tokenizer_json else None
+        return ImageTextMonitor(config, tokenizer)
     return KnnMonitor(config)
 
 
@@ -209,11 +211,13 @@ class KnnMonitor:
         backbone = model.backbone
         d, e = self.config.data, self.config.eval
         bank, bank_labels = extract_features(
-            backbone, d.train, self.transform, indices=self.bank_rows, device=device
-        )
+            backbone, d.train, self.transform, indices=self.bank_rows, device=device,
+            label="kNN monitor: bank",
+        )  # fmt: skip
         val, val_labels = extract_features(
-            backbone, d.val or d.train, self.transform, indices=self.val_rows, device=device
-        )
+            backbone, d.val or d.train, self.transform, indices=self.val_rows, device=device,
+            label="kNN monitor: validation",
+        )  # fmt: skip
         top1 = knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
         return {"knn_top1": top1}
 

@@ -181,7 +181,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     s, batches = setup(inputs)
     t = s.config.train
     logger = _run_logger(inputs, s, resumed=s.global_step > 0)
-    monitor = build_monitor(s.config) if s.rank == 0 else None
+    monitor = build_monitor(s.config, inputs.tokenizer_json) if s.rank == 0 else None
     random_init_epoch(s, monitor, logger)
     progress = None
     if s.rank == 0:
