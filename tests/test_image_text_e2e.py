@@ -121,7 +121,8 @@ def test_text_mode_preflight_rules() -> None:
         _config("loss.name=ntxent", "mlflow.champion_metric=knn_top1", "text.heads=3")
     )
     text = "\n".join(problems)
-    assert "loss.name must be one of symmetric|siglip in image–text mode" in text
+    assert "loss.name='ntxent' cannot train image–text pairs" in text
+    assert len(problems) == 3, problems  # each rule from one owner: no duplicates
     assert "champion_metric=knn_top1 is not measured in image–text mode" in text
     assert "text.width (32) must be divisible by text.heads (3)" in text
     image_only = load_config(overrides=["mlflow.champion_metric=val_zeroshot_top1"])

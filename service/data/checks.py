@@ -83,8 +83,10 @@ MIN_VOCAB_SIZE = 258  # the byte-level alphabet (256) plus pad and end-of-text (
 
 
 def text_config_problems(t: TextConfig) -> list[str]:
-    """What is wrong with the ``text`` section (empty when nothing; only checked when
-    ``text.column`` is set: image-only runs ignore the section)."""
+    """What is wrong with the ``text`` section's data side: column, tokenizer sizes, class names,
+    prompt templates (empty when nothing; only checked when ``text.column`` is set: image-only
+    runs ignore the section). The text tower's shape is the model's rule
+    (``service.models.image_text.text_model_problems``)."""
     if t.column is None:
         return []
     problems = []
@@ -93,14 +95,9 @@ def text_config_problems(t: TextConfig) -> list[str]:
     for key, value, low in (
         ("text.context_length", t.context_length, MIN_CONTEXT_LENGTH),
         ("text.vocab_size", t.vocab_size, MIN_VOCAB_SIZE),
-        ("text.width", t.width, 1),
-        ("text.layers", t.layers, 1),
-        ("text.heads", t.heads, 1),
     ):
         if value < low:
             problems.append(f"{key} must be >= {low}, got {value}")
-    if t.heads >= 1 and t.width % t.heads:
-        problems.append(f"text.width={t.width} must divide by text.heads={t.heads}")
     if not t.class_name_column:
         problems.append("text.class_name_column must name the class-name column (zero-shot)")
     templates = t.templates if isinstance(t.templates, list) else [t.templates]

@@ -238,8 +238,9 @@ def evaluate_beside_random_init(
 
 
 def image_text_problems(config: Config) -> list[str]:
-    """Text mode's rules (``text.column`` set): a champion metric that the run logs, prompt
-    templates with ``{}``; the text tower's shape. That the loss is a paired one (``symmetric``,
+    """Text mode's rules (``text.column`` set): a champion metric that the run logs; the text
+    tower's shape (prompt templates are checked with the rest of the text section in
+    ``service.data.checks``). That the loss is a paired one (``symmetric``,
     ``siglip``) is the loss's own rule (``check_loss_config(..., text_mode=True)``).
     Cached-gradient steps (``train.micro_batch_size``) support paired views: no rule."""
     from service.models.image_text import text_model_problems
@@ -257,6 +258,4 @@ def image_text_problems(config: Config) -> list[str]:
             "mlflow.champion_metric=knn_top1 is not measured in image–text mode; use "
             f"one of {'|'.join(CHAMPION_METRICS)} or train_loss"
         )
-    if not t.templates or any("{}" not in x for x in t.templates):
-        problems.append("text.templates must be a non-empty list of prompts containing '{}'")
     return problems

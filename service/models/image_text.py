@@ -107,7 +107,7 @@ def text_model_problems(config: Config) -> list[str]:
         return []
     problems = [
         f"text.{key} must be >= 1, got {getattr(t, key)}"
-        for key in ("context_length", "vocab_size", "width", "layers", "heads")
+        for key in ("width", "layers", "heads")  # context/vocab: data.checks (tokenizer side)
         if getattr(t, key) < 1
     ]
     if t.width >= 1 and t.heads >= 1 and t.width % t.heads:
