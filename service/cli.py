@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere, so `jobs/*.py ... --debug` works too
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    # MLflow draws a download bar per artifact fetch (registration checks, pulls): progress
+    # nobody asked for in a command's output. An explicit setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         _print_json(args.func(args))
     except Exception as exc:
