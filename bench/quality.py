@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from service.config import Config, load_config
 from service.data.augment import eval_transform
 from service.eval.offline import evaluate_encoder
 from service.models import build_backbone, build_model
+from service.train.optim import warmup_cosine_factor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUNDLED = Path(__file__).resolve().parents[1] / "service" / "data" / "bundled"
@@ -55,6 +55,7 @@ def bench_config(args: argparse.Namespace, minutes: float, **overrides: Any) -> 
     return load_config(args.config, overrides={
         "data.train": args.train, "data.test": args.test, "data.val_fraction": 0.0,
         "train.time_budget_minutes": minutes, "train.epochs": 10_000,
+        "train.warmup_fraction": 0.1,  # under a budget, warmup is a fraction of it
         "train.run_name": f"quality-{Path(args.config).stem}-{minutes:g}min{tag}-{time.time():.0f}",
         "mlflow.experiment": "quality-bench", "mlflow.registered_model_name": None,
         **overrides,
@@ -110,12 +111,12 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     params = list(backbone.parameters()) + list(head.parameters())
     lr = t.lr * t.global_batch_size / 256
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    budget, trained, epochs = minutes * 60, 0.0, 0
+    budget, trained, epochs, warmup = minutes * 60, 0.0, 0, 0.1
     while trained < budget:
         for views, _ in loader:
             start = time.perf_counter()
-            for group in optimizer.param_groups:  # cosine over the time budget, like ours
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(trained / budget, 1.0)))
+            for group in optimizer.param_groups:  # warmup + cosine over the budget, like ours
+                group["lr"] = lr * warmup_cosine_factor(min(trained / budget, 1.0), warmup)
             z0, z1 = (head(backbone(v)) for v in views)
             loss = criterion(z0, z1)
             optimizer.zero_grad()
