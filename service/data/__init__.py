@@ -48,10 +48,17 @@ from service.data.captions import (
 from service.data.decode import DecodeStats, decode_image, to_rgb
 from service.data.decoded import (
     DecodedImages,
+    DecodedKey,
     IndexBatchDataset,
+    SharedDecoded,
+    SharedDecodedMismatchError,
     decode_once_plan,
     decode_rows,
+    decoded_key,
+    load_shared,
+    share_training_rows,
     to_uint8_square,
+    training_key,
 )
 from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
 from service.data.pack import pack_image_folder
@@ -82,6 +89,13 @@ from service.data.torch_dataset import (
 )
 
 __all__ = [
+    "DecodedKey",
+    "SharedDecoded",
+    "SharedDecodedMismatchError",
+    "decoded_key",
+    "load_shared",
+    "share_training_rows",
+    "training_key",
     "CAPTION_TEMPLATES",
     "TEXT_COLUMN",
     "BatchSimCLRAugment",

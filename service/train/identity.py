@@ -27,6 +27,7 @@ RESUMABLE_KEYS = {
     "train.placement_strategy", "train.log_every_steps", "train.checkpoint_every_epochs",
     "train.max_failures", "train.storage_path", "train.amp",
     "data.val", "data.test", "data.loader_workers", "data.max_bad_fraction",
+    "data.share_decoded",
 }  # fmt: skip
 RESUMABLE_SECTIONS = ("eval.", "mlflow.", "tune.", "fault.")
 
