@@ -4,9 +4,12 @@ negatives. Each row is one time-budgeted pretraining run (``bench/quality.py::ru
 the protocol: weighted kNN-200 and the linear probe, bank = the training set, queries = the
 **test** split (a report, not a selection: recipes are chosen on the validation split).
 
-One JSON line per run; ``--plot`` draws the three panels.
+One JSON line per run; ``--plot`` draws the three panels. On a shared, noisy machine a time
+budget buys a different number of steps from run to run; ``--epochs N`` trains every run for the
+same number of epochs instead (the same work), which is what the committed table uses.
 
     python bench/ablations.py --minutes 2 --plot docs/images/ablations.png
+    python bench/ablations.py --epochs 4 --plot docs/images/ablations.png
     python bench/ablations.py --only temperature --minutes 1      # one family
 """
 
@@ -29,6 +32,14 @@ FAMILIES: dict[str, list[dict[str, Any]]] = {
         {"loss.name": "hard_negative", "loss.top_k": 64},
     ],
 }
+
+
+def fixed_epochs(epochs: int | None) -> dict[str, Any]:
+    """Overrides that replace the time budget by a fixed number of epochs (None: keep it)."""
+    if epochs is None:
+        return {}
+    return {"train.time_budget_minutes": None, "train.warmup_fraction": 0.0,
+            "train.epochs": epochs}  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -59,6 +70,7 @@ def main() -> None:
     p.add_argument("--train", default=str(BUNDLED / "cifar10-train-subset.parquet"))
     p.add_argument("--test", default=str(BUNDLED / "cifar10-test-subset.parquet"))
     p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
+    p.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of a budget")
     p.add_argument("--only", choices=list(FAMILIES), nargs="+", default=list(FAMILIES))
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
@@ -66,7 +78,7 @@ def main() -> None:
     for family in args.only:
         for overrides in FAMILIES[family]:
             started = time.perf_counter()
-            row = run_ours(args, args.minutes, **overrides)
+            row = run_ours(args, args.minutes, **overrides, **fixed_epochs(args.epochs))
             setting = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
             wall = round((time.perf_counter() - started) / 60, 2)
             rows.append({"family": family, "setting": setting, **row, "run_wall_min": wall})
