@@ -38,9 +38,11 @@ from service.losses.pairwise import PairwiseContrastiveLoss
 from service.losses.siglip import SigLIPLoss
 from service.losses.supcon import SupConLoss
 from service.losses.symmetric import SymmetricInfoNCELoss
+from service.losses.temperature import LearnableTemperatureLoss
 from service.losses.triplet import TripletLoss
 
 __all__ = [
+    "LearnableTemperatureLoss",
     "LOSS_CLASSES",
     "LOSS_NAMES",
     "MARGIN_LOSS_NAMES",

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.losses.base import ContrastiveLoss
 from service.losses.distributed import gather_with_grad
 from service.losses.errors import LossInputError
-from service.losses.inputs import check_temperature, normalized
+from service.losses.inputs import normalized
+from service.losses.temperature import LearnableTemperatureLoss
 
 
-class SigLIPLoss(ContrastiveLoss):
+class SigLIPLoss(LearnableTemperatureLoss):
     """SigLIP: every (row, column) pair is an independent binary "same pair?" decision.
 
     ``loss = crit(a, b)``: row i of ``a`` and row i of ``b`` are a positive pair (an image and
@@ -35,8 +35,8 @@ class SigLIPLoss(ContrastiveLoss):
     paper: -10, so the W*b - 1 negatives start near zero loss) are parameters of the loss:
     ``temperature_parameters()`` hands both to the optimizer (own group: no weight decay, no
     LARS, base LR). ``t'`` is learnable with ``learnable_temperature=True`` (else fixed) and
-    clamped in place to ``log(max_logit_scale)`` after each step, like ``SymmetricInfoNCELoss``;
-    the bias is always learned.
+    clamped in place to ``log(max_logit_scale)`` after each step
+    (:class:`~service.losses.temperature.LearnableTemperatureLoss`); the bias is always learned.
 
     >>> import torch
     >>> crit = SigLIPLoss(temperature=0.1, bias_init=-10.0, learnable_temperature=True)
@@ -47,7 +47,6 @@ class SigLIPLoss(ContrastiveLoss):
     (0.1, [torch.Size([]), torch.Size([])])
     """
 
-    supports_learnable_temperature = True
     exact_views = 2
 
     def __init__(
@@ -58,32 +57,10 @@ class SigLIPLoss(ContrastiveLoss):
         max_logit_scale: float = 100.0,
         gather_distributed: bool = True,
     ) -> None:
-        super().__init__(temperature, gather_distributed)
-        self.learnable_temperature = learnable_temperature
-        self.max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
-        if learnable_temperature and 1.0 / self._temperature > self.max_logit_scale:
-            raise LossInputError(
-                f"temperature={self._temperature} is below 1/max_logit_scale="
-                f"{1.0 / self.max_logit_scale:g}; a learnable temperature would start clamped"
-            )
+        super().__init__(temperature, learnable_temperature, max_logit_scale, gather_distributed)
         if not math.isfinite(float(bias_init)):
             raise LossInputError(f"siglip bias_init must be finite, got {bias_init!r}")
-        self.logit_scale: nn.Parameter | None = None
-        if learnable_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self._temperature)))
         self.bias = nn.Parameter(torch.tensor(float(bias_init)))
-
-    def scale(self, dtype: torch.dtype) -> Tensor | float:
-        """``t = exp(t')`` (a differentiable tensor when learnable), else ``1/temperature``."""
-        if self.logit_scale is None:
-            return 1.0 / self._temperature
-        return self.logit_scale.to(dtype).exp()
-
-    @property
-    def temperature(self) -> float:
-        if self.logit_scale is None:
-            return self._temperature
-        return float(torch.exp(-self.logit_scale.detach()))
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         batch = self.check(views)
@@ -99,17 +76,7 @@ class SigLIPLoss(ContrastiveLoss):
 
     def temperature_parameters(self) -> list[nn.Parameter]:
         """``[t', bias]`` (``[bias]`` with a fixed temperature)."""
-        return ([] if self.logit_scale is None else [self.logit_scale]) + [self.bias]
-
-    @torch.no_grad()
-    def after_step(self, model: nn.Module) -> None:
-        """Clamp ``t'`` in place to ``log(max_logit_scale)`` (same on every rank)."""
-        if self.logit_scale is not None:
-            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+        return [*super().temperature_parameters(), self.bias]
 
     def repr_fields(self) -> dict[str, object]:
-        return {
-            "learnable": self.learnable_temperature,
-            "bias": f"{float(self.bias.detach()):.4g}",
-            "max_logit_scale": self.max_logit_scale,
-        }
+        return {**super().repr_fields(), "bias": f"{float(self.bias.detach()):.4g}"}
