@@ -178,6 +178,8 @@ class FaultConfig:
     kill_rank: int | None = None  # SIGKILL this rank's worker process once, at global step at_step
     at_step: int | None = None
     nan_at_step: int | None = None  # make the loss NaN at this global step (divergence drill)
+    # every rank waits before this (1-based) epoch until <run_dir>/faults/go exists (outage drill)
+    pause_before_epoch: int | None = None
 
 
 @dataclass

@@ -24,11 +24,10 @@ ENTRY = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"
 # 512 rows / global batch 128 → 4 steps per epoch; 3 epochs = global steps 0..11.
 SMALL = ["data.limit=512", "train.global_batch_size=128", "train.epochs=3"]
 STEPS_PER_EPOCH = 4
-# Epoch 1's last step (0-based, as checkpoints count epochs): the last checkpoint is epoch 0's
-# (global step 4). Ray Train registers a reported checkpoint on its controller's next poll
-# (~2 s): a worker lost before that restarts from the checkpoint before it (and that epoch's
-# MLflow metrics then appear twice). The drill kills three steps after the report, on the
-# per-image pipeline, so epoch 0's is registered.
+# A step in the second epoch: the last checkpoint is the first epoch's (global step 4). Ray
+# Train registers a reported checkpoint on its controller's next poll (~2 s); the fault waits
+# until the controller's snapshot records it (service.train.faults), so the restart always
+# resumes from it (a worker lost before would redo the first epoch and log it twice).
 KILL_AT_STEP = 7
 
 
@@ -152,8 +151,10 @@ def test_worker_crash_is_visible_in_mlflow_without_duplicate_epochs(crash_drill)
 
 @pytest.fixture(scope="module")
 def outage_drill(ray_cluster, mlflow_server, tmp_path_factory) -> dict:
-    """Stop the MLflow server once epoch 0's metrics are visible, start it again after epoch 1
-    has been checkpointed (trained while MLflow was down). The job's runtime env also carries
+    """Stop the MLflow server once the first epoch's metrics are visible, start it again after
+    the second has been checkpointed (trained while MLflow was down): the workers wait before
+    the second epoch until the server is down (``fault.pause_before_epoch``), so the epoch is
+    trained during the outage whatever the machine's speed. The job's runtime env also carries
     a secret-looking variable whose value is part of the run name (see the secrets test)."""
     storage = tmp_path_factory.mktemp("outage")
     secret = secrets.token_hex(12)
@@ -163,7 +164,8 @@ def outage_drill(ray_cluster, mlflow_server, tmp_path_factory) -> dict:
         f"train.run_name={run_name}",
         f"train.storage_path={storage}",
         "train.log_every_steps=1",
-        "eval.knn_every_epochs=1",  # kNN each epoch: buffered too, and paces the epochs
+        "eval.knn_every_epochs=1",  # kNN each epoch: buffered too
+        "fault.pause_before_epoch=2",
         "eval.knn_max_train=1000",
         "data.test=null",  # no test-split embedding plot: registration is what matters here
         f"mlflow.tracking_uri={mlflow_server.url}",
@@ -183,6 +185,8 @@ def outage_drill(ray_cluster, mlflow_server, tmp_path_factory) -> dict:
         _wait_until(lambda: epoch0_logged() or _job_ended(ray_cluster, job_id), "epoch 0 in MLflow")
         mlflow_server.stop()
         stopped_at = time.time()
+        (run_dir / "faults").mkdir(parents=True, exist_ok=True)
+        (run_dir / "faults" / "go").touch()  # now the second epoch trains, MLflow down
         _wait_until(
             lambda: (
                 len(list(run_dir.glob("checkpoint_*/state.pt"))) >= 2

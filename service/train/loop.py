@@ -32,7 +32,7 @@ from service.train.epoch import (
     epoch_summary,
     report_epoch,
 )
-from service.train.faults import maybe_kill
+from service.train.faults import maybe_kill, maybe_pause
 from service.train.inputs import WorkerInputs
 from service.train.state import TrainState, build_state
 from service.train.step import train_step
@@ -191,6 +191,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     for epoch in range(s.epoch, t.epochs):
         if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
             break
+        maybe_pause(s.config.fault, epoch + 1, inputs.fault_marker_dir)  # drills only
         s.model.train()
         meter, s.epoch, s.epoch_step = EpochMeter(), epoch, 0
         if progress is not None:
