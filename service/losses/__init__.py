@@ -26,6 +26,7 @@ from service.losses.factory import (
     loss_class,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
+from service.losses.margin import MarginLoss
 from service.losses.moco import (
     MoCoLoss,
     MomentumEncoder,
@@ -42,6 +43,7 @@ from service.losses.temperature import LearnableTemperatureLoss
 from service.losses.triplet import TripletLoss
 
 __all__ = [
+    "MarginLoss",
     "LearnableTemperatureLoss",
     "LOSS_CLASSES",
     "LOSS_NAMES",

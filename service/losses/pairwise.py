@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from service.losses.base import ContrastiveLoss
-from service.losses.inputs import local_anchors_and_keys
-from service.losses.triplet import check_margin, unit_distances
+from service.losses.margin import MarginLoss
 
 
-class PairwiseContrastiveLoss(ContrastiveLoss):
+class PairwiseContrastiveLoss(MarginLoss):
     """Pull same-label pairs together, push other-label pairs beyond ``margin``.
 
     ``loss = crit(z1, z2, ..., labels=y)``: views ``[b, d]``, ``y`` ``[b]`` integer classes
@@ -32,21 +30,12 @@ class PairwiseContrastiveLoss(ContrastiveLoss):
     tensor(0.1716)
     """
 
-    needs_labels = True
-
     def __init__(self, margin: float = 1.0, gather_distributed: bool = True) -> None:
-        super().__init__(1.0, gather_distributed)
-        self.margin = check_margin(margin)
+        super().__init__(margin, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...], labels: Tensor) -> Tensor:  # type: ignore[override]
-        batch = self.check(views)
-        z, keys, _ = local_anchors_and_keys(views, batch)
-        positive, negative = self.label_masks(labels, batch, len(views))
-        squared, distance = unit_distances(z, keys)
+        positive, negative, squared, distance = self.pair_distances(views, labels)
         pull = (squared * positive).sum(dim=1) / positive.sum(dim=1)
         push = (self.margin - distance).clamp_min(0.0).pow(2) * negative
         push = push.sum(dim=1) / negative.sum(dim=1).clamp_min(1)
         return 0.5 * (pull + push).mean()
-
-    def repr_fields(self) -> dict[str, object]:
-        return {"margin": self.margin}

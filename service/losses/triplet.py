@@ -5,31 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from service.losses.base import ContrastiveLoss
-from service.losses.errors import LossInputError
-from service.losses.inputs import local_anchors_and_keys
+from service.losses.margin import MarginLoss
 
 
-def check_margin(margin: float) -> float:
-    """``margin`` as a positive finite float, or ``LossInputError``."""
-    value = float(margin)
-    if not (value > 0 and value < float("inf")):
-        raise LossInputError(f"margin must be > 0 and finite, got {margin!r}")
-    return value
-
-
-def unit_distances(z: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """``(squared, euclidean)`` distances ``[n, m]`` between L2-normalised rows.
-
-    ``|z - k|^2 = 2 - 2 z.k`` for unit vectors, in [0, 4]. The square root is taken of the
-    distance clamped at 1e-12: identical rows get distance 1e-6 and a zero gradient instead of
-    the infinite one of ``sqrt`` at 0.
-    """
-    squared = (2.0 - 2.0 * (z @ keys.T)).clamp_min(0.0)
-    return squared, squared.clamp_min(1e-12).sqrt()
-
-
-class TripletLoss(ContrastiveLoss):
+class TripletLoss(MarginLoss):
     """Batch-hard triplet loss: per anchor, its hardest positive against its hardest negative.
 
     ``loss = crit(z1, z2, ..., labels=y)``: views ``[b, d]``, ``y`` ``[b]`` integer classes
@@ -54,24 +33,15 @@ class TripletLoss(ContrastiveLoss):
     tensor(0.5858)
     """
 
-    needs_labels = True
-
     def __init__(self, margin: float = 0.2, gather_distributed: bool = True) -> None:
-        super().__init__(1.0, gather_distributed)
-        self.margin = check_margin(margin)
+        super().__init__(margin, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...], labels: Tensor) -> Tensor:  # type: ignore[override]
-        batch = self.check(views)
-        z, keys, _ = local_anchors_and_keys(views, batch)
-        positive, negative = self.label_masks(labels, batch, len(views))
-        _, distance = unit_distances(z, keys)
+        positive, negative, _, distance = self.pair_distances(views, labels)
         hardest_positive = distance.masked_fill(~positive, float("-inf")).amax(dim=1)
         hardest_negative = distance.masked_fill(~negative, float("inf")).amin(dim=1)
         loss = (hardest_positive - hardest_negative + self.margin).clamp_min(0.0)
         return torch.where(negative.any(dim=1), loss, torch.zeros_like(loss)).mean()
-
-    def repr_fields(self) -> dict[str, object]:
-        return {"margin": self.margin}
 
     def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
         return self.margin  # every distance alike: hardest positive == hardest negative
