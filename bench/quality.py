@@ -98,7 +98,7 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     config = load_config(args.config)
     m, a, t = config.model, config.augment, config.train
     torch.manual_seed(t.seed)
-    backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem)
+    backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem, width=m.width)
     head = SimCLRProjectionHead(backbone.out_dim, m.proj_hidden_dim, m.proj_out_dim)
     transform = SimCLRTransform(
         input_size=config.data.image_size, cj_strength=a.strength, min_scale=a.min_scale,

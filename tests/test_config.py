@@ -46,6 +46,8 @@ def test_resolved_config_round_trips() -> None:
         ("train.bogus=1", "train.bogus"),
         ("data.reader=spark", "'spark'"),
         ("augment.min_scale=0", "augment.min_scale"),
+        ("augment.crop_size=4", "augment.crop_size must be >= 8 px"),
+        ("model.width=0", "model.width must be >= 1"),
     ],
 )
 def test_bad_values_are_named(override: str, needle: str) -> None:

@@ -180,3 +180,12 @@ def test_augment_device():
         config = load_config(overrides={"data.augment_device": "cuda"})
         with pytest.raises(ValueError, match="no GPU"):
             augment_device(config)
+
+
+@pytest.mark.parametrize("backend", ["batched", "torchvision"])
+def test_train_batches_crop_size_sets_the_view_side(tmp_path, backend):
+    # augment.crop_size shrinks the training views only; decoding stays at data.image_size.
+    inputs = _inputs(tmp_path, **{"augment.crop_size": 16, "augment.backend": backend})
+    tb = TrainBatches(inputs, 0, 2)
+    views, labels = next(iter(tb.epoch(0)))
+    assert [tuple(v.shape) for v in views] == [(16, 3, 16, 16)] * 2 and labels.shape == (16,)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +18,7 @@ from service.models import (
     build_model,
     maybe_convert_sync_batchnorm,
 )
+from service.models.backbones import model_config_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,3 +108,27 @@ def test_sync_batchnorm_conversion():
     synced = maybe_convert_sync_batchnorm(model, enabled=True)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
     assert isinstance(synced, ContrastiveModel)
+
+
+def test_small_cnn_width_scales_every_stage_and_is_rebuilt_from_the_spec():
+    from service.registry.spec import backbone_from_spec
+
+    backbone = build_backbone("small_cnn", width=16)
+    widths = [m.out_channels for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [16, 32, 64, 128] and backbone.out_dim == 128
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    model = build_model(ModelConfig(width=48))
+    assert model.backbone.out_dim == 384
+    # A registered encoder records its ModelConfig; the rebuilt backbone has the same shape.
+    spec = SimpleNamespace(model_config=asdict(ModelConfig(width=48)), class_path=None)
+    rebuilt = backbone_from_spec(spec)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.backbone.state_dict().items()
+    }
+
+
+def test_width_is_refused_for_fixed_width_backbones():
+    assert model_config_problems(ModelConfig(arch="small_cnn", width=48)) == []
+    (problem,) = model_config_problems(ModelConfig(arch="resnet18", width=48))
+    assert "model.width shapes only the small_cnn backbone" in problem
+    assert model_config_problems(ModelConfig(width=0)) == ["model.width must be >= 1, got 0"]

@@ -32,6 +32,7 @@ from service.data.augment import (
     denormalize,
     eval_transform,
     simclr_transform,
+    view_size,
 )
 from service.data.batch_augment import BatchSimCLRAugment, ViewParams
 from service.data.captions import (
@@ -143,4 +144,5 @@ __all__ = [
     "to_rgb",
     "to_uint8_square",
     "training_captions",
+    "view_size",
 ]

@@ -51,8 +51,18 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     ]
 
 
+def view_size(cfg: AugmentConfig, image_size: int) -> int:
+    """Side of a training view: ``augment.crop_size``, else the data's ``image_size``.
+
+    >>> view_size(AugmentConfig(crop_size=16), 32), view_size(AugmentConfig(), 32)
+    (16, 32)
+    """
+    return cfg.crop_size or image_size
+
+
 def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
-    """One random SimCLR view of an RGB PIL image → normalised ``float32`` tensor ``[3, S, S]``.
+    """One random SimCLR view of an RGB PIL image → normalised ``float32`` tensor ``[3, S, S]``
+    (``S = view_size(cfg, image_size)``).
 
     >>> from PIL import Image
     >>> t = simclr_transform(AugmentConfig(strength=0.5), image_size=32)
@@ -61,8 +71,9 @@ def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
     """
     if not 0 < cfg.min_scale <= 1:
         raise DataError(f"augment.min_scale must be in (0, 1], got {cfg.min_scale}")
+    size = view_size(cfg, image_size)
     ops: list[v2.Transform] = [
-        v2.RandomResizedCrop(image_size, scale=(cfg.min_scale, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     jitter = color_jitter(cfg.strength)
@@ -71,7 +82,7 @@ def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
     if cfg.grayscale_p > 0:
         ops.append(v2.RandomGrayscale(p=cfg.grayscale_p))
     if cfg.blur:
-        kernel = blur_kernel_size(image_size)
+        kernel = blur_kernel_size(size)
         ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     return v2.Compose(ops + _normalize(cfg.mean, cfg.std))
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from service.config import AugmentConfig
-from service.data.augment import blur_kernel_size, simclr_transform
+from service.data.augment import blur_kernel_size, simclr_transform, view_size
 from service.data.errors import DataError
 
 # SimCLR / torchvision RandomResizedCrop defaults.
@@ -366,11 +366,11 @@ class BatchSimCLRAugment:
     ) -> None:
         simclr_transform(cfg, image_size)  # the config rules live there: same errors, one place
         self.cfg = cfg
-        self.image_size = image_size
+        self.image_size = view_size(cfg, image_size)  # the views' side (augment.crop_size)
         self.n_views = cfg.n_views if n_views is None else n_views
         if self.n_views < 1:
             raise DataError(f"n_views must be >= 1, got {self.n_views}")
-        self.blur_kernel = blur_kernel_size(image_size)
+        self.blur_kernel = blur_kernel_size(self.image_size)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator().manual_seed(seed)

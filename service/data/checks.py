@@ -54,6 +54,9 @@ def data_config_problems(d: DataConfig) -> list[str]:
     return problems
 
 
+MIN_CROP_SIZE = 8  # the small CNN halves the map three times
+
+
 def augment_config_problems(a: AugmentConfig) -> list[str]:
     """What is wrong with the ``augment`` section (empty when nothing)."""
     problems = []
@@ -66,6 +69,11 @@ def augment_config_problems(a: AugmentConfig) -> list[str]:
         problems.append(f"augment.min_scale must be in (0, 1], got {a.min_scale}")
     if a.n_views < 2:
         problems.append(f"augment.n_views must be >= 2, got {a.n_views}")
+    if a.crop_size is not None and a.crop_size < MIN_CROP_SIZE:
+        problems.append(
+            f"augment.crop_size must be >= {MIN_CROP_SIZE} px (or null for data.image_size), "
+            f"got {a.crop_size}"
+        )
     for key in ("grayscale_p", "jitter_p"):
         if not 0 <= getattr(a, key) <= 1:
             problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from service.config import AugmentConfig, Config
-from service.data.augment import simclr_transform, split_at_to_image
+from service.data.augment import simclr_transform, split_at_to_image, view_size
 from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError, TooManyBadImagesError
@@ -206,11 +206,12 @@ class MultiViewBatchFn(_DecodingBatchFn):
         # Built here, on the driver, so bad augmentation settings fail before any task runs.
         # Per view only the PIL ops run; to-tensor and Normalize run once on the stacked batch.
         self.pil_ops, self.tensor_ops = split_at_to_image(simclr_transform(cfg, image_size))
+        self.view_size = view_size(cfg, image_size)
         self.n_views = n_views
 
     def _finish(self, views: list[np.ndarray]) -> np.ndarray:
         """``[S, S, 3]`` uint8 views → one normalised ``float32 [b, 3, S, S]`` array."""
-        shape = (0, 3, self.image_size, self.image_size)
+        shape = (0, 3, self.view_size, self.view_size)
         if not views:
             return np.zeros(shape, np.float32)
         batch = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2)

@@ -63,18 +63,21 @@ def _resnet(factory: Callable[..., nn.Module], cifar_stem: bool) -> nn.Module:
     return model
 
 
-def _small_cnn(cifar_stem: bool) -> nn.Module:
-    return SmallCNN()  # no stem to change: it is built for small images
+def _small_cnn(cifar_stem: bool, width: int) -> nn.Module:
+    # no stem to change: it is built for small images
+    return SmallCNN(tuple(width * 2**i for i in range(4)))
 
 
-BACKBONES: dict[str, Callable[[bool], nn.Module]] = {
+# name -> (cifar_stem, width) -> backbone; width only shapes the small CNN (model_config_problems)
+BACKBONES: dict[str, Callable[[bool, int], nn.Module]] = {
     "small_cnn": _small_cnn,
-    "resnet18": lambda cifar_stem: _resnet(resnet18, cifar_stem),
-    "resnet50": lambda cifar_stem: _resnet(resnet50, cifar_stem),
+    "resnet18": lambda cifar_stem, width: _resnet(resnet18, cifar_stem),
+    "resnet50": lambda cifar_stem, width: _resnet(resnet50, cifar_stem),
 }
+DEFAULT_WIDTH = ModelConfig.width
 
 
-def build_backbone(arch: str, cifar_stem: bool = True) -> nn.Module:
+def build_backbone(arch: str, cifar_stem: bool = True, width: int = DEFAULT_WIDTH) -> nn.Module:
     """Build a randomly initialised backbone by name (see ``BACKBONES``); it has ``.out_dim``.
 
     >>> build_backbone("resnet18").out_dim
@@ -82,7 +85,7 @@ def build_backbone(arch: str, cifar_stem: bool = True) -> nn.Module:
     """
     if arch not in BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[arch](cifar_stem)
+    return BACKBONES[arch](cifar_stem, width)
 
 
 def model_config_problems(cfg: ModelConfig) -> list[str]:
@@ -90,6 +93,13 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
     problems = []
     if cfg.arch not in BACKBONES:
         problems.append(f"model.arch must be one of {'|'.join(BACKBONES)}, got {cfg.arch!r}")
+    if cfg.width < 1:
+        problems.append(f"model.width must be >= 1, got {cfg.width}")
+    elif cfg.width != DEFAULT_WIDTH and cfg.arch != "small_cnn":
+        problems.append(
+            f"model.width shapes only the small_cnn backbone; {cfg.arch} has a fixed width "
+            f"(remove model.width or set it to {DEFAULT_WIDTH})"
+        )
     for key in ("proj_hidden_dim", "proj_out_dim", "proj_layers"):
         if getattr(cfg, key) < 1:
             problems.append(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
