@@ -12,6 +12,7 @@ epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -175,6 +176,35 @@ def end_of_epoch(
     _say(s, line if budget is None else f"{line} {budget_note(s.clock.elapsed_s, budget)}")
 
 
+def run_epoch(
+    s: TrainState,
+    batches: TrainBatches,
+    logger: Any,
+    progress: StepProgress | None,
+    fault_dir: Path,
+) -> EpochMeter:
+    """``train_step`` over epoch ``s.epoch``'s batches; stops early when the budget is spent.
+    The clock counts this epoch's data and steps, not what follows (monitor, checkpoint)."""
+    meter, s.epoch_step = EpochMeter(), 0
+    s.model.train()
+    if progress is not None:
+        progress.start_epoch(s.epoch)
+    s.clock.resume()
+    for views, labels in batches.epoch(s.epoch):
+        maybe_kill(s.config.fault, s.rank, s.global_step, fault_dir)  # drills only
+        loss = train_step(s, views, labels)  # labels reach only losses that need them
+        s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
+        images = views[0].shape[0] * s.world
+        meter.update(loss, images)
+        _step0_check(s, loss)
+        _log_step(s, logger, loss, meter)
+        _show_progress(s, progress, loss, images)
+        if s.clock.exhausted:
+            break
+    s.clock.pause()
+    return meter
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``loop_config["inputs"]`` is a :class:`WorkerInputs`."""
     inputs: WorkerInputs = loop_config["inputs"]
@@ -185,30 +215,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     random_init_epoch(s, monitor, logger)
     progress = None
     if s.rank == 0:
-        progress = StepProgress(
-            t.epochs, batches.steps_per_epoch, budgeted=t.time_budget_minutes is not None
-        )
+        budgeted = t.time_budget_minutes is not None
+        progress = StepProgress(t.epochs, batches.steps_per_epoch, budgeted=budgeted)
     for epoch in range(s.epoch, t.epochs):
         if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
             break
         maybe_pause(s.config.fault, epoch + 1, inputs.fault_marker_dir)  # drills only
-        s.model.train()
-        meter, s.epoch, s.epoch_step = EpochMeter(), epoch, 0
-        if progress is not None:
-            progress.start_epoch(epoch)
-        s.clock.resume()  # training time: this epoch's data and steps
-        for views, labels in batches.epoch(s.epoch):
-            maybe_kill(s.config.fault, s.rank, s.global_step, inputs.fault_marker_dir)
-            loss = train_step(s, views, labels)  # labels reach only losses that need them
-            s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
-            images = views[0].shape[0] * s.world
-            meter.update(loss, images)
-            _step0_check(s, loss)
-            _log_step(s, logger, loss, meter)
-            _show_progress(s, progress, loss, images)
-            if s.clock.exhausted:
-                break
-        s.clock.pause()  # the monitor and the checkpoint are not training time
+        s.epoch = epoch
+        meter = run_epoch(s, batches, logger, progress, inputs.fault_marker_dir)
         end_of_epoch(s, meter, monitor, logger, final=s.clock.exhausted or epoch == t.epochs - 1)
         if s.clock.exhausted:
             break
