@@ -12,6 +12,8 @@ epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,20 @@ def _log_epoch(logger: Any, metrics: dict[str, Any]) -> None:
         log_epoch(logger, metrics)
 
 
+@contextmanager
+def monitor_threads(s: TrainState) -> Iterator[None]:
+    """Rank 0 evaluates while the other ranks on its node wait for its report: it borrows their
+    CPUs for that time (``cpus_per_worker`` x ranks on the node), then gives them back."""
+    threads = torch.get_num_threads()
+    local_world = ray.train.get_context().get_local_world_size()
+    borrowed = max(threads, int(s.config.train.cpus_per_worker * local_world))
+    torch.set_num_threads(borrowed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> None:
     """Epoch 0: the monitor's metrics of the randomly initialised model (history + MLflow at
     step 0), so curves start from the random-init value. Not ``ray.train.report``-ed: Tune's
@@ -154,7 +170,8 @@ def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> No
     if monitor is None or s.global_step != 0:
         return
     metrics: dict[str, Any] = {"epoch": 0, "global_step": 0, "num_nodes": s.num_nodes}
-    metrics.update(monitor(unwrap(s.model), s.device))
+    with monitor_threads(s):
+        metrics.update(monitor(unwrap(s.model), s.device))
     s.history.append(metrics)
     _log_epoch(logger, metrics)
     _say(s, epoch_summary(metrics, None) + " (random init)")
@@ -167,7 +184,8 @@ def end_of_epoch(
     logged after the checkpoint is persisted, so a restart never duplicates an epoch."""
     metrics = {**meter.epoch_metrics(s), "num_nodes": s.num_nodes}
     if monitor is not None and (final or monitor.due(metrics["epoch"])):
-        metrics.update(monitor(unwrap(s.model), s.device))
+        with monitor_threads(s):
+            metrics.update(monitor(unwrap(s.model), s.device))
     s.history.append(metrics)
     report_epoch(s, metrics, final=final)
     _log_epoch(logger, metrics)
