@@ -166,6 +166,9 @@ class TuneConfig:
     mode: str = "max"
     max_concurrent_trials: int = 1
     grace_period_epochs: int = 1
+    # Under train.time_budget_minutes ASHA's rungs are training minutes, not epochs (trials reach
+    # an epoch after different training times); the first rung, default budget / factor**2.
+    grace_period_minutes: float | None = None
     reduction_factor: int = 2
     # search space: dotted config key → {"type": loguniform|uniform|choice, "low", "high", "values"}
     space: dict[str, dict[str, Any]] = field(

@@ -286,3 +286,24 @@ def test_random_baseline_of_a_registered_encoder_is_its_architecture(tmp_path, m
     assert set(result["baseline_random"]) == {"linear_top1", "knn_top1"}
     encoder_shapes, baseline_shapes = seen
     assert baseline_shapes == encoder_shapes  # same arch, same stem (conv1 7x7)
+
+
+def test_features_of_a_channels_last_encoder_match_the_contiguous_one() -> None:
+    # extract_features feeds a channels_last encoder channels_last images (speed), same numbers.
+    from service.data.augment import eval_transform
+    from service.eval.features import extract_features, input_memory_format
+    from service.models import build_backbone
+
+    subset = (
+        Path(__file__).resolve().parents[1] / "service/data/bundled/cifar10-test-subset.parquet"
+    )
+
+    transform = eval_transform(32, [0.5] * 3, [0.25] * 3)
+    torch.manual_seed(0)
+    encoder = build_backbone("small_cnn", width=8)
+    plain, labels = extract_features(encoder, str(subset), transform, limit=64)
+    encoder = encoder.to(memory_format=torch.channels_last)
+    assert input_memory_format(encoder) == torch.channels_last
+    fast, fast_labels = extract_features(encoder, str(subset), transform, limit=64)
+    assert torch.equal(labels, fast_labels)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

@@ -76,6 +76,10 @@ def test_optional_keys_and_choice_parse() -> None:
         ({"train.lr": {"type": "choice", "values": []}}, "non-empty list"),
         ({"train.num_workers": {"type": "choice", "values": [1, 2]}}, "cannot be searched"),
         ({"tune.metric": {"type": "choice", "values": ["train_loss"]}}, "cannot be searched"),
+        (
+            {"train.time_budget_minutes": {"type": "choice", "values": [1, 2]}},
+            "cannot be searched",
+        ),
         # the endpoint itself is rejected by Config.validate: the sampler must never draw it
         ({"augment.min_scale": {"type": "uniform", "low": 0.1, "high": 1.5}}, "min_scale"),
         ({"loss.name": {"type": "choice", "values": ["ntxent", "infonce"]}}, "loss.name"),
@@ -174,6 +178,24 @@ def test_classify_outcomes() -> None:
     assert classify(None, 1, 3) == "stopped_early"
     assert classify(RuntimeError("nan"), 2, 3) == "failed"
     assert classify(None, 0, 3) == "failed"  # returned without ever reporting
+    # Under a time budget a trial that spent its budget is complete whatever its epoch count.
+    assert classify(None, 7, 100, train_minutes=4.01, budget_minutes=4.0) == "completed"
+    assert classify(None, 2, 100, train_minutes=1.5, budget_minutes=4.0) == "stopped_early"
+
+
+def test_time_budgeted_sweeps_rung_on_training_minutes() -> None:
+    # Epoch milestones are unequal training under a budget (small crops run more epochs per
+    # minute), so ASHA's axis becomes train_minutes, which every epoch reports.
+    budget = {"train.time_budget_minutes": 4.0, "train.epochs": 100}
+    settings = resolve_settings(load_config(SMOKE, budget))
+    assert (settings.time_attr, settings.grace_period) == ("train_minutes", 1.0)  # 4 / 2**2
+    assert settings.max_t > 4.0 and settings.budget_minutes == 4.0
+    explicit = resolve_settings(load_config(SMOKE, {**budget, "tune.grace_period_minutes": 2}))
+    assert explicit.grace_period == 2.0
+    with pytest.raises(SweepConfigError, match="grace_period_minutes must be in"):
+        resolve_settings(load_config(SMOKE, {**budget, "tune.grace_period_minutes": 5}))
+    plain = resolve_settings(load_config(SMOKE))
+    assert (plain.time_attr, plain.grace_period, plain.max_t) == ("epochs_completed", 1, 4)
 
 
 def test_short_reason_finds_the_error_line() -> None:

@@ -49,6 +49,7 @@ class EpochMeter:
             "lr": s.scheduler.get_last_lr()[0],
             "temperature": float(s.criterion.temperature),
             "images_per_s": self.images / max(time.perf_counter() - self.start, 1e-9),
+            "train_minutes": s.clock.elapsed_s / 60,  # rank 0's training clock (Tune's ASHA axis)
         }
 
 

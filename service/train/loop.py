@@ -12,6 +12,9 @@ epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -146,6 +149,20 @@ def _log_epoch(logger: Any, metrics: dict[str, Any]) -> None:
         log_epoch(logger, metrics)
 
 
+@contextmanager
+def monitor_threads(s: TrainState) -> Iterator[None]:
+    """Rank 0 evaluates while the other ranks on its node wait for its report: it borrows their
+    CPUs for that time (``cpus_per_worker`` x ranks on the node), then gives them back."""
+    threads = torch.get_num_threads()
+    local_world = ray.train.get_context().get_local_world_size()
+    borrowed = max(threads, int(s.config.train.cpus_per_worker * local_world))
+    torch.set_num_threads(borrowed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> None:
     """Epoch 0: the monitor's metrics of the randomly initialised model (history + MLflow at
     step 0), so curves start from the random-init value. Not ``ray.train.report``-ed: Tune's
@@ -153,7 +170,8 @@ def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> No
     if monitor is None or s.global_step != 0:
         return
     metrics: dict[str, Any] = {"epoch": 0, "global_step": 0, "num_nodes": s.num_nodes}
-    metrics.update(monitor(unwrap(s.model), s.device))
+    with monitor_threads(s):
+        metrics.update(monitor(unwrap(s.model), s.device))
     s.history.append(metrics)
     _log_epoch(logger, metrics)
     _say(s, epoch_summary(metrics, None) + " (random init)")
@@ -166,13 +184,43 @@ def end_of_epoch(
     logged after the checkpoint is persisted, so a restart never duplicates an epoch."""
     metrics = {**meter.epoch_metrics(s), "num_nodes": s.num_nodes}
     if monitor is not None and (final or monitor.due(metrics["epoch"])):
-        metrics.update(monitor(unwrap(s.model), s.device))
+        with monitor_threads(s):
+            metrics.update(monitor(unwrap(s.model), s.device))
     s.history.append(metrics)
     report_epoch(s, metrics, final=final)
     _log_epoch(logger, metrics)
     budget = s.config.train.time_budget_minutes
     line = epoch_summary(metrics, None if budget is not None else s.config.train.epochs)
     _say(s, line if budget is None else f"{line} {budget_note(s.clock.elapsed_s, budget)}")
+
+
+def run_epoch(
+    s: TrainState,
+    batches: TrainBatches,
+    logger: Any,
+    progress: StepProgress | None,
+    fault_dir: Path,
+) -> EpochMeter:
+    """``train_step`` over epoch ``s.epoch``'s batches; stops early when the budget is spent.
+    The clock counts this epoch's data and steps, not what follows (monitor, checkpoint)."""
+    meter, s.epoch_step = EpochMeter(), 0
+    s.model.train()
+    if progress is not None:
+        progress.start_epoch(s.epoch)
+    s.clock.resume()
+    for views, labels in batches.epoch(s.epoch):
+        maybe_kill(s.config.fault, s.rank, s.global_step, fault_dir)  # drills only
+        loss = train_step(s, views, labels)  # labels reach only losses that need them
+        s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
+        images = views[0].shape[0] * s.world
+        meter.update(loss, images)
+        _step0_check(s, loss)
+        _log_step(s, logger, loss, meter)
+        _show_progress(s, progress, loss, images)
+        if s.clock.exhausted:
+            break
+    s.clock.pause()
+    return meter
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -185,30 +233,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     random_init_epoch(s, monitor, logger)
     progress = None
     if s.rank == 0:
-        progress = StepProgress(
-            t.epochs, batches.steps_per_epoch, budgeted=t.time_budget_minutes is not None
-        )
+        budgeted = t.time_budget_minutes is not None
+        progress = StepProgress(t.epochs, batches.steps_per_epoch, budgeted=budgeted)
     for epoch in range(s.epoch, t.epochs):
         if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
             break
         maybe_pause(s.config.fault, epoch + 1, inputs.fault_marker_dir)  # drills only
-        s.model.train()
-        meter, s.epoch, s.epoch_step = EpochMeter(), epoch, 0
-        if progress is not None:
-            progress.start_epoch(epoch)
-        s.clock.resume()  # training time: this epoch's data and steps
-        for views, labels in batches.epoch(s.epoch):
-            maybe_kill(s.config.fault, s.rank, s.global_step, inputs.fault_marker_dir)
-            loss = train_step(s, views, labels)  # labels reach only losses that need them
-            s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
-            images = views[0].shape[0] * s.world
-            meter.update(loss, images)
-            _step0_check(s, loss)
-            _log_step(s, logger, loss, meter)
-            _show_progress(s, progress, loss, images)
-            if s.clock.exhausted:
-                break
-        s.clock.pause()  # the monitor and the checkpoint are not training time
+        s.epoch = epoch
+        meter = run_epoch(s, batches, logger, progress, inputs.fault_marker_dir)
         end_of_epoch(s, meter, monitor, logger, final=s.clock.exhausted or epoch == t.epochs - 1)
         if s.clock.exhausted:
             break

@@ -79,11 +79,19 @@ class SweepSettings:
     mode: str
     search: str
     num_samples: int
-    grace_period: int
+    grace_period: float  # ASHA's first rung, in units of time_attr
     reduction_factor: int
     max_epochs: int
+
+    @property
+    def rung_unit(self) -> str:
+        return "min of training" if self.time_attr == "train_minutes" else "epoch(s)"
+
     seed: int
     resources: SweepResources
+    time_attr: str = "epochs_completed"  # or "train_minutes" under a time budget
+    max_t: float = 0.0  # past the last report: ASHA stops what reaches max_t
+    budget_minutes: float | None = None
 
     @property
     def experiment_path(self) -> Path:
@@ -119,6 +127,34 @@ def _objective(config: Config) -> tuple[str, str]:
     return metric, mode
 
 
+def _asha_axis(config: Config) -> tuple[str, float, float]:
+    """ASHA's time axis, first rung and max_t. Epochs, unless a time budget is set: then trials
+    reach an epoch after different training times (a 16 px trial runs 4x the epochs of a 32 px
+    one), so comparing them at epoch milestones would compare unequal training; the rungs are
+    training minutes (``train_minutes``, reported every epoch) instead."""
+    t, budget = config.tune, config.train.time_budget_minutes
+    if budget is None:
+        epochs = config.train.epochs
+        _require(
+            1 <= t.grace_period_epochs <= epochs,
+            f"tune.grace_period_epochs must be in [1, train.epochs={epochs}], "
+            f"got {t.grace_period_epochs}",
+        )
+        # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill a
+        # finished trial before its Train run shuts down cleanly; the loop ends it anyway.
+        return "epochs_completed", t.grace_period_epochs, epochs + 1
+    grace = t.grace_period_minutes
+    if grace is None:
+        grace = budget / t.reduction_factor**2
+    _require(
+        0 < grace <= budget,
+        f"tune.grace_period_minutes must be in (0, train.time_budget_minutes={budget:g}], "
+        f"got {grace:g}",
+    )
+    # The last report comes after the step that crossed the budget: past it, never reached.
+    return "train_minutes", float(grace), 1.5 * budget
+
+
 def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSettings:
     """Validate ``config.tune`` and everything derived from it; ``num_samples`` overrides it."""
     t = config.tune
@@ -135,13 +171,9 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
     )
     epochs = config.train.epochs
     _require(
-        1 <= t.grace_period_epochs <= epochs,
-        f"tune.grace_period_epochs must be in [1, train.epochs={epochs}], "
-        f"got {t.grace_period_epochs}",
-    )
-    _require(
         t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}"
     )
+    time_attr, grace, max_t = _asha_axis(config)
     # tune.name / tune.storage_path are optional newer fields; fall back to the train settings.
     name = getattr(t, "name", None) or f"{config.train.run_name}-sweep"
     _require("/" not in name and name not in (".", ".."), f"sweep name {name!r} is not a name")
@@ -160,9 +192,12 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
         mode=mode,
         search=t.search,
         num_samples=samples,
-        grace_period=t.grace_period_epochs,
+        grace_period=grace,
         reduction_factor=t.reduction_factor,
         max_epochs=epochs,
+        time_attr=time_attr,
+        max_t=max_t,
+        budget_minutes=config.train.time_budget_minutes,
         seed=config.train.seed,
         resources=resources,
     )

@@ -40,6 +40,7 @@ RESERVED_KEYS = frozenset(
         "train.cpus_per_worker",
         "train.use_gpu",
         "train.epochs",
+        "train.time_budget_minutes",
         "train.storage_path",
         "train.run_name",
         "train.max_failures",
@@ -110,7 +111,7 @@ def parse_param(key: str, spec: Any, known_keys: set[str]) -> ParamSpec:
     if key in RESERVED_KEYS or key.startswith(RESERVED_PREFIXES):
         raise SearchSpaceError(
             f"tune.space key {key!r} cannot be searched: it is fixed for the whole sweep "
-            f"(resources, epochs = ASHA's max_t, storage, tune/mlflow/fault settings)"
+            f"(resources, epochs / time budget = ASHA's max_t, storage, tune/mlflow/fault settings)"
         )
     if not isinstance(spec, dict):
         raise SearchSpaceError(

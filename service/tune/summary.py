@@ -57,11 +57,19 @@ def checkpoint_from_metrics(metrics: dict[str, Any]) -> str | None:
     return str(path) if path else None
 
 
-def classify(error: Any, epochs_completed: int, max_epochs: int) -> str:
-    """completed (all epochs), stopped_early (ASHA cut it), failed (raised / never reported)."""
+def classify(
+    error: Any,
+    epochs_completed: int,
+    max_epochs: int,
+    train_minutes: float | None = None,
+    budget_minutes: float | None = None,
+) -> str:
+    """completed (all epochs, or its whole time budget), stopped_early (ASHA cut it), failed
+    (raised / never reported)."""
     if error is not None:
         return "failed"
-    if epochs_completed >= max_epochs:
+    spent = budget_minutes is not None and (train_minutes or 0.0) >= budget_minutes
+    if epochs_completed >= max_epochs or spent:
         return "completed"
     return "stopped_early" if epochs_completed > 0 else "failed"
 
@@ -76,7 +84,9 @@ def _finite(value: Any) -> float | None:
 
 # What the training loop reports per epoch (``epoch`` 1-based; rank 0 logs the values to MLflow
 # at step=global_step, epoch/global_step as run tags).
-EPOCH_METRICS = ("epoch", "global_step", "train_loss", "lr", "temperature", "images_per_s")
+EPOCH_METRICS = (
+    "epoch", "global_step", "train_loss", "lr", "temperature", "images_per_s", "train_minutes",
+)  # fmt: skip
 
 
 def _epoch_rows(result: Any, metric: str) -> list[dict[str, float]]:
@@ -94,13 +104,18 @@ def _epoch_rows(result: Any, metric: str) -> list[dict[str, float]]:
 
 
 def record_from_result(
-    result: Any, specs: dict[str, ParamSpec], metric: str, max_epochs: int
+    result: Any,
+    specs: dict[str, ParamSpec],
+    metric: str,
+    max_epochs: int,
+    budget_minutes: float | None = None,
 ) -> TrialRecord:
     """A ``TrialRecord`` from a Tune ``Result`` (or anything with metrics/config/error)."""
     metrics = result.metrics or {}
     rows = _epoch_rows(result, metric)
     epochs = int(metrics.get("epochs_completed") or 0)
-    outcome = classify(result.error, epochs, max_epochs)
+    minutes = _finite(metrics.get("train_minutes"))
+    outcome = classify(result.error, epochs, max_epochs, minutes, budget_minutes)
     error = ""
     if outcome == "failed":
         error = short_reason(result.error) if result.error is not None else "no result reported"

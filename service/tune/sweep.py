@@ -114,10 +114,9 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             random_state=settings.seed, max_concurrent=settings.resources.concurrent_trials
         )
     scheduler = ASHAScheduler(
-        time_attr="epochs_completed",  # added by EpochReportCallback: rungs are in epochs
-        # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill a
-        # finished trial before its Train run shuts down cleanly; the loop ends it anyway.
-        max_t=settings.max_epochs + 1,
+        # epochs_completed (added by EpochReportCallback) or, under a time budget, train_minutes
+        time_attr=settings.time_attr,
+        max_t=settings.max_t,  # past the last report (settings._asha_axis)
         grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
     )
@@ -364,12 +363,15 @@ def _run_and_summarise(
     _progress(
         f"{settings.num_samples} trial(s), {settings.resources.concurrent_trials} at a time x "
         f"{settings.resources.workers_per_trial} workers; {settings.search} search, ASHA on "
-        f"{settings.metric} ({settings.mode}) from epoch {settings.grace_period}"
+        f"{settings.metric} ({settings.mode}) from {settings.grace_period:g} {settings.rung_unit}"
     )
     grid = tuner.fit()
 
     records = [
-        record_from_result(r, settings.specs, settings.metric, settings.max_epochs) for r in grid
+        record_from_result(
+            r, settings.specs, settings.metric, settings.max_epochs, settings.budget_minutes
+        )
+        for r in grid
     ]
     errors = {
         str((r.metrics or {}).get("trial_id")): str(r.error) for r in grid if r.error is not None
