@@ -137,7 +137,7 @@ def epoch_summary(metrics: dict[str, Any], epochs: int | None) -> str:
     shown = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in metrics.items()
-        if k not in ("epoch", "global_step", "num_nodes")
+        if k not in ("epoch", "global_step", "num_nodes", "train_minutes")  # budget_note has it
     )
     of = f"/{epochs}" if epochs else ""
     return f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {shown}"
