@@ -70,3 +70,15 @@ def test_relative_data_paths_resolve_against_repo_root(tmp_path, monkeypatch) ->
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["data.train=service/data/bundled/cifar10-train-subset.parquet"])
     assert Path(config.data.train).is_absolute() and Path(config.data.train).exists()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_pass_every_owners_rules(path: Path) -> None:
+    # Not only the types: the loss/model/data/optimiser rules, and the sweep settings of a sweep.
+    from service.train.preflight import preflight
+    from service.tune.settings import resolve_settings
+
+    config = load_config(path)
+    preflight(config, data=False)
+    if "tune" in path.read_text():
+        resolve_settings(config)
