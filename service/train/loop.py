@@ -163,6 +163,12 @@ def monitor_threads(s: TrainState) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _evaluate(s: TrainState, monitor: Monitor) -> dict[str, float]:
+    """The monitor's metrics of the unwrapped training model, with the node's idle threads."""
+    with monitor_threads(s):
+        return monitor(unwrap(s.model), s.device)
+
+
 def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> None:
     """Epoch 0: the monitor's metrics of the randomly initialised model (history + MLflow at
     step 0), so curves start from the random-init value. Not ``ray.train.report``-ed: Tune's
@@ -170,8 +176,7 @@ def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> No
     if monitor is None or s.global_step != 0:
         return
     metrics: dict[str, Any] = {"epoch": 0, "global_step": 0, "num_nodes": s.num_nodes}
-    with monitor_threads(s):
-        metrics.update(monitor(unwrap(s.model), s.device))
+    metrics.update(_evaluate(s, monitor))
     s.history.append(metrics)
     _log_epoch(logger, metrics)
     _say(s, epoch_summary(metrics, None) + " (random init)")
@@ -184,8 +189,7 @@ def end_of_epoch(
     logged after the checkpoint is persisted, so a restart never duplicates an epoch."""
     metrics = {**meter.epoch_metrics(s), "num_nodes": s.num_nodes}
     if monitor is not None and (final or monitor.due(metrics["epoch"])):
-        with monitor_threads(s):
-            metrics.update(monitor(unwrap(s.model), s.device))
+        metrics.update(_evaluate(s, monitor))
     s.history.append(metrics)
     report_epoch(s, metrics, final=final)
     _log_epoch(logger, metrics)
