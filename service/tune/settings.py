@@ -82,16 +82,15 @@ class SweepSettings:
     grace_period: float  # ASHA's first rung, in units of time_attr
     reduction_factor: int
     max_epochs: int
-
-    @property
-    def rung_unit(self) -> str:
-        return "min of training" if self.time_attr == "train_minutes" else "epoch(s)"
-
     seed: int
     resources: SweepResources
     time_attr: str = "epochs_completed"  # or "train_minutes" under a time budget
     max_t: float = 0.0  # past the last report: ASHA stops what reaches max_t
     budget_minutes: float | None = None
+
+    @property
+    def rung_unit(self) -> str:
+        return "min of training" if self.time_attr == "train_minutes" else "epoch(s)"
 
     @property
     def experiment_path(self) -> Path:
