@@ -53,7 +53,7 @@ class AugmentConfig:
     min_scale: float = 0.2  # RandomResizedCrop lower scale bound (0.08 on ImageNet, 0.2 for CIFAR)
     n_views: int = 2
     # Side of the training views (RandomResizedCrop output); None = data.image_size. Smaller views
-    # train faster (conv cost ~ pixels: 16 px is ~4x cheaper than 32 px on CPU); evaluation and
+    # train faster (conv cost ~ pixels: 16 px is ~3x cheaper than 32 px on CPU); evaluation and
     # the registered encoder still see data.image_size (the backbone pools globally).
     crop_size: int | None = None
     blur: bool = False  # GaussianBlur: on for ImageNet-size images, off at 32 px

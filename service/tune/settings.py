@@ -128,7 +128,7 @@ def _objective(config: Config) -> tuple[str, str]:
 
 def _asha_axis(config: Config) -> tuple[str, float, float]:
     """ASHA's time axis, first rung and max_t. Epochs, unless a time budget is set: then trials
-    reach an epoch after different training times (a 16 px trial runs 4x the epochs of a 32 px
+    reach an epoch after different training times (a 16 px trial runs ~3x the epochs of a 32 px
     one), so comparing them at epoch milestones would compare unequal training; the rungs are
     training minutes (``train_minutes``, reported every epoch) instead."""
     t, budget = config.tune, config.train.time_budget_minutes
