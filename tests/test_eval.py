@@ -290,13 +290,12 @@ def test_random_baseline_of_a_registered_encoder_is_its_architecture(tmp_path, m
 
 def test_features_of_a_channels_last_encoder_match_the_contiguous_one() -> None:
     # extract_features feeds a channels_last encoder channels_last images (speed), same numbers.
+    from service.config import BUNDLED_DATA_DIR
     from service.data.augment import eval_transform
     from service.eval.features import extract_features, input_memory_format
     from service.models import build_backbone
 
-    subset = (
-        Path(__file__).resolve().parents[1] / "service/data/bundled/cifar10-test-subset.parquet"
-    )
+    subset = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 
     transform = eval_transform(32, [0.5] * 3, [0.25] * 3)
     torch.manual_seed(0)
