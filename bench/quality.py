@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from service.config import Config, load_config
-from service.data.augment import eval_transform
+from service.data.augment import eval_transform, view_size
 from service.eval.offline import evaluate_encoder
 from service.models import build_backbone, build_model
 from service.train.optim import warmup_cosine_factor
@@ -101,8 +101,9 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem, width=m.width)
     head = SimCLRProjectionHead(backbone.out_dim, m.proj_hidden_dim, m.proj_out_dim)
     transform = SimCLRTransform(
-        input_size=config.data.image_size, cj_strength=a.strength, min_scale=a.min_scale,
-        gaussian_blur=0.0, normalize={"mean": a.mean, "std": a.std},
+        input_size=view_size(a, config.data.image_size),  # the recipe's training views
+        cj_strength=a.strength, min_scale=a.min_scale, gaussian_blur=0.0,
+        normalize={"mean": a.mean, "std": a.std},
     )  # fmt: skip
     data = ParquetImageDataset(args.train, transform)
     loader = make_dataloader(data, batch_size=t.global_batch_size, shuffle=True, drop_last=True,
