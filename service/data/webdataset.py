@@ -253,6 +253,30 @@ def _group(members: Iterable[tuple[str, str, bytes]], shard: str) -> Iterator[di
         yield sample
 
 
+def _unreadable(shard: str, exc: Exception) -> DataError:
+    return DataError(
+        f"cannot read shard {shard!r} ({type(exc).__name__}: {exc}): the file is missing, "
+        "truncated or not a tar archive; re-download or re-create it"
+    )
+
+
+def _check_end(tar: tarfile.TarFile, seekable: pa.NativeFile | None = None) -> None:
+    """tarfile takes a truncated header, or a damaged one after the first member, for the end of
+    the archive and stops without a word; a complete archive ends in zero blocks only."""
+    end = tar.offset + tarfile.BLOCKSIZE  # the end-of-archive block tarfile stopped at
+    if seekable is None:  # tarfile's own stream: ``pos`` counts the (decompressed) bytes read
+        stream: Any = tar.fileobj
+        available = stream.pos
+    else:
+        stream, available = seekable, seekable.size()
+        seekable.seek(tar.offset)
+    if available < end:
+        raise tarfile.ReadError(f"unexpected end of data at byte {available}")
+    for chunk in iter(partial(stream.read, 1 << 16), b""):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
+
+
 def iter_samples(shard: str) -> Iterator[dict[str, Any]]:
     """Stream one shard's samples: ``{"__key__": key, "__url__": shard, ext: bytes, ...}``.
 
@@ -264,11 +288,9 @@ def iter_samples(shard: str) -> Iterator[dict[str, Any]]:
         with place.filesystem.open_input_stream(place.path) as stream:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 yield from _group(_members(tar), shard)
+                _check_end(tar)
     except _READ_ERRORS as exc:
-        raise DataError(
-            f"cannot read shard {shard!r} ({type(exc).__name__}: {exc}): the file is missing, "
-            "truncated or not a tar archive; re-download or re-create it"
-        ) from exc
+        raise _unreadable(shard, exc) from exc
 
 
 def _extension(text_key: str) -> str:
@@ -404,21 +426,20 @@ def take_rows(
 
 def _count_one(shard: str) -> int:
     place = _place(shard)
-    local = isinstance(place.filesystem, pafs.LocalFileSystem)
+    # A local uncompressed tar is seekable: tarfile seeks over member data, reads headers only.
+    seek = isinstance(place.filesystem, pafs.LocalFileSystem) and shard.endswith(".tar")
     try:
-        # Local files are seekable: tarfile seeks over member data and reads headers only.
-        opened = place.filesystem.open_input_file if local else place.filesystem.open_input_stream
+        opened = place.filesystem.open_input_file if seek else place.filesystem.open_input_stream
         with (
             opened(place.path) as handle,
-            tarfile.open(fileobj=handle, mode="r:*" if local else "r|*") as tar,
+            tarfile.open(fileobj=handle, mode="r:" if seek else "r|*") as tar,
         ):
             names = (_split_name(m.name) for m in tar if m.isreg())
-            return sum(1 for _ in itertools.groupby(n[0] for n in names if n is not None))
+            count = sum(1 for _ in itertools.groupby(n[0] for n in names if n is not None))
+            _check_end(tar, handle if seek else None)
+            return count
     except _READ_ERRORS as exc:
-        raise DataError(
-            f"cannot read shard {shard!r} ({type(exc).__name__}: {exc}): the file is missing, "
-            "truncated or not a tar archive; re-download or re-create it"
-        ) from exc
+        raise _unreadable(shard, exc) from exc
 
 
 def count_samples(shards: Sequence[str]) -> int:
