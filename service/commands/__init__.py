@@ -1,8 +1,11 @@
 """The commands behind the ``contrastive`` console script, one module per command group.
 
-Each handler takes typed arguments (never an ``argparse.Namespace``), resolves what the library
-needs (config files, ``--set`` overrides, where an encoder comes from), calls the library and
-returns the JSON-able summary that ``service.cli`` prints. This is the only layer, beside
+Each module holds its command's whole command line: ``add_parser(subparsers)`` registers the
+command and its arguments (those several commands share are in :mod:`service.commands.args`),
+``run(args)`` reads the parsed ``argparse.Namespace`` once and calls the typed handler. The
+handlers (exported here; ``jobs/`` and tests call them) take typed arguments, resolve what the
+library needs (config files, ``--set`` overrides, where an encoder comes from), call the library
+and return the JSON-able summary that ``service.cli`` prints. This is the only layer, beside
 ``jobs/``, that may import from every package: it sits above ``train``/``tune``.
 
 Heavy imports (torch, ray, mlflow) happen inside the handlers, so ``contrastive --help`` stays

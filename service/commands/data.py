@@ -6,10 +6,45 @@ offending path or value.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
+from service.commands import args
 from service.commands.config import load_checked_config
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive data`` and its subcommands ``pack``, ``captions``, ``preview``."""
+    data = subparsers.add_parser("data", help="dataset tools")
+    data.set_defaults(run=run)
+    sub = data.add_subparsers(dest="data_cmd", required=True)
+    p = sub.add_parser("pack", help="pack a folder of class_name/*.jpg images into Parquet")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="CSV or JSONL of (file, caption), paths relative to SRC: adds a text column",
+    )
+    p = sub.add_parser("captions", help="add a text column built from label_name (templates)")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--templates", default=None, help="file: one template with {} per line")
+    p.add_argument("--seed", type=int, default=0, help="seeds the template drawn for each row")
+    p = sub.add_parser("preview", help="PNG grid of images and their augmented views")
+    p.add_argument("data")
+    p.add_argument("out")
+    args.add_config(p)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed ``data`` command line → its handler."""
+    if a.data_cmd == "pack":
+        return pack_command(a.src, a.out, captions=a.captions)
+    if a.data_cmd == "captions":
+        return captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
+    return preview_command(a.data, a.out, a.config, a.overrides)
 
 
 def pack_command(src: str, out: str, captions: str | None = None) -> dict[str, Any]:

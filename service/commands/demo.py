@@ -3,12 +3,28 @@ Ray and a local MLflow store, evaluate against a random-init encoder, and say wh
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
+from service.commands import args
 from service.commands.config import load_checked_config
 from service.commands.evaluate import evaluate_command
 from service.console import say
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive demo`` and its arguments."""
+    p = subparsers.add_parser(
+        "demo", help="pretrain → evaluate → register on the bundled data (embedded)"
+    )
+    args.add_config(p, default="jobs/configs/smoke-cpu.yaml")
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`demo_command`."""
+    return demo_command(a.config, a.overrides)
 
 
 def demo_command(config_path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -7,14 +7,44 @@ config that describes its architecture) is this command's job, so the evaluation
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.commands import args
 from service.commands.config import load_checked_config
 from service.config import Config
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive evaluate`` and its arguments."""
+    p = subparsers.add_parser("evaluate", help="linear + kNN evaluation of a frozen encoder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a pretraining checkpoint directory")
+    src.add_argument("--model", help="a registered encoder, models:/NAME@ALIAS or models:/NAME/V")
+    p.add_argument("--train", required=True, help="labelled Parquet for fitting the probes")
+    p.add_argument("--test", required=True, help="labelled Parquet for scoring the probes")
+    p.add_argument("--baseline", choices=["random", "none"], default="none")
+    p.add_argument("--log-to-run", default=None, help="MLflow run id to log the results into")
+    args.add_config(p)
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`evaluate_command`."""
+    return evaluate_command(
+        a.train,
+        a.test,
+        checkpoint=a.checkpoint,
+        model=a.model,
+        random_baseline=a.baseline == "random",
+        log_to_run=a.log_to_run,
+        config_path=a.config,
+        overrides=a.overrides,
+    )
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
+from service.commands import args
 from service.commands.config import load_checked_config
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive pretrain`` and its arguments."""
+    p = subparsers.add_parser("pretrain", help="distributed contrastive pretraining on Ray Train")
+    args.add_config(p, default="jobs/configs/smoke-cpu.yaml")
+    args.add_address(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run train.storage_path/train.run_name (same MLflow run); without it "
+        "an existing run name is refused",
+    )
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`pretrain_command`."""
+    return pretrain_command(a.config, a.overrides, address=a.address, resume=a.resume)
 
 
 def pretrain_command(

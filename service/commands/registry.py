@@ -8,8 +8,69 @@ the current directory), never MLflow's own default. Each result names the store 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
+
+from service.commands import args
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive registry promote``/``list``, ``pull`` and ``embed``."""
+    group = subparsers.add_parser("registry", help="MLflow model registry")
+    group.set_defaults(run=run)
+    registry = group.add_subparsers(dest="registry_cmd", required=True)
+    p = registry.add_parser("promote", help="point an alias (e.g. champion) at a model version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", required=True)
+    args.add_tracking_uri(p)
+    p = registry.add_parser("list", help="registered models: versions, aliases, metric, run")
+    p.add_argument("name", nargs="?", default=None, help="one registered model (default: all)")
+    args.add_tracking_uri(p)
+
+    p = subparsers.add_parser("pull", help="download a registered encoder for offline use")
+    p.add_argument("spec", help="NAME@ALIAS or NAME/VERSION")
+    p.add_argument("--out", required=True)
+    args.add_tracking_uri(p)
+    p.set_defaults(run=run)
+
+    p = subparsers.add_parser("embed", help="one embedding per image row of a Parquet file")
+    args.add_model(p)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    args.add_batch_size(p)
+    args.add_tracking_uri(p)
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help="embed this text column with the text tower (image-text models; L2-normalised)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise image embeddings (default: the backbone's raw features)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed ``registry``/``pull``/``embed`` command line → its handler."""
+    if a.command == "pull":
+        return pull_command(a.spec, a.out, tracking_uri=a.tracking_uri)
+    if a.command == "embed":
+        return embed_command(
+            a.model,
+            a.input,
+            a.output,
+            batch_size=a.batch_size,
+            tracking_uri=a.tracking_uri,
+            text_column=a.text_column,
+            normalize=a.normalize,
+        )
+    if a.registry_cmd == "promote":
+        return promote_command(a.name, a.version, a.alias, tracking_uri=a.tracking_uri)
+    return list_command(a.name, tracking_uri=a.tracking_uri)
 
 
 def _store(tracking_uri: str | None) -> tuple[str, str]:

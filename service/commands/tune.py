@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
+from service.commands import args
 from service.commands.config import load_checked_config
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive tune`` and its arguments."""
+    p = subparsers.add_parser(
+        "tune", help="Ray Tune sweep over temperature / augmentation strength"
+    )
+    args.add_config(p, default="jobs/configs/tune-smoke.yaml")
+    p.add_argument(
+        "--num-samples", type=int, default=None, help="trials (default: tune.num_samples)"
+    )
+    args.add_address(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the sweep of the same name after a crash"
+    )
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`tune_command`."""
+    return tune_command(a.config, a.overrides, a.num_samples, a.address, resume=a.resume)
 
 
 def tune_command(

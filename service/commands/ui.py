@@ -10,6 +10,7 @@ URL and stays in the foreground; Ctrl-C (or SIGTERM) stops that child and nothin
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -20,10 +21,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.commands import args
 from service.console import say
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive ui`` and its arguments."""
+    p = subparsers.add_parser("ui", help="the MLflow UI on this store (127.0.0.1) until Ctrl-C")
+    p.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db); an "
+        "http(s) server's URL is printed, nothing started",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="local port (default 5000)")
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`ui_command`."""
+    return ui_command(a.backend_store_uri, port=a.port)
 
 
 class UiError(RuntimeError):

@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
+
+from service.commands import args
+
+
+def add_parser(subparsers: args.Subparsers) -> None:
+    """Register ``contrastive zero-shot`` and its arguments."""
+    p = subparsers.add_parser(
+        "zero-shot", help="classify a Parquet of images by class names (image-text models)"
+    )
+    args.add_model(p)
+    p.add_argument("--input", required=True, help="Parquet with an image column")
+    p.add_argument("--output", required=True, help="predictions Parquet to write")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help="comma-separated class names, e.g. cat,dog,ship")
+    names.add_argument("--classes-from-column", help="class names: this column's values")
+    p.add_argument(
+        "--templates", default=None, help="file, one prompt per line with {} (default: the run's)"
+    )
+    args.add_batch_size(p)
+    args.add_tracking_uri(p)
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line → :func:`zero_shot_command`."""
+    return zero_shot_command(
+        a.model,
+        a.input,
+        a.output,
+        classes=a.classes,
+        classes_from_column=a.classes_from_column,
+        templates_path=a.templates,
+        batch_size=a.batch_size,
+        tracking_uri=a.tracking_uri,
+    )
 
 
 def zero_shot_command(
