@@ -20,13 +20,14 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from service.config import REPO_ROOT, load_config
 from service.data import TooManyBadImagesError, decode_image
+from service.data.augmenters import augment_seed
 from service.data.decoded import (
     IndexBatchDataset,
     decode_once_plan,
     decode_rows,
     to_uint8_square,
 )
-from service.train.batches import TrainBatches, augment_device, augment_seed
+from service.train.batches import TrainBatches, augment_device
 from service.train.inputs import WorkerInputs
 from tests.helpers import encode_image
 
@@ -129,18 +130,18 @@ def _inputs(tmp_path, **overrides) -> WorkerInputs:
 
 
 def _epoch_rows(batches: TrainBatches, epoch: int) -> list[int]:
-    batches.sampler.set_epoch(epoch)
-    return list(batches.sampler)
+    batches.data.sampler.set_epoch(epoch)
+    return list(batches.data.sampler)
 
 
 def test_train_batches_batched_backend(tmp_path, caplog):
     inputs = _inputs(tmp_path)
-    with caplog.at_level(logging.INFO, logger="service.train"):
+    with caplog.at_level(logging.INFO, logger="service.data"):
         ranks = [TrainBatches(inputs, rank, 2) for rank in range(2)]
     assert "decode once into memory, estimated" in caplog.text
     for tb in ranks:
         assert tb.steps_per_epoch == 128 // 32
-        decoded = tb.loader.dataset.decoded
+        decoded = tb.data.loader.dataset.decoded
         assert len(decoded) == 128  # data.limit rows of the training split
         for epoch in (0, 1):
             rows = _epoch_rows(tb, epoch)
@@ -162,7 +163,7 @@ def test_train_batches_batched_backend(tmp_path, caplog):
 
 def test_train_batches_batched_streams_when_memory_is_short(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr("service.data.decoded.available_memory", lambda: 2**18)
-    with caplog.at_level(logging.INFO, logger="service.train"):
+    with caplog.at_level(logging.INFO, logger="service.data"):
         tb = TrainBatches(_inputs(tmp_path, **{"data.limit": 64}), 0, 2)
     assert "streaming (decode per item, batched augment), estimated" in caplog.text
     batches = list(tb.epoch(0))

@@ -21,6 +21,7 @@ from service.data.decoded import (
     training_key,
     training_rows,
 )
+from service.data.pipeline import prepare
 from service.train.batches import TrainBatches
 from service.train.inputs import WorkerInputs
 
@@ -70,7 +71,9 @@ def test_batches_from_the_shared_copy_equal_decoding_in_the_worker(ray_local, tm
     shared, _ = share_training_rows(config)
     for rank in range(2):
         own = TrainBatches(WorkerInputs(config, str(tmp_path), "t"), rank, 2)
-        inputs = WorkerInputs(config, str(tmp_path), "t", decoded_ref=shared)
+        prepared = prepare(config, world=2, shared=shared)
+        assert prepared.mode == "shared"
+        inputs = WorkerInputs(config, str(tmp_path), "t", data=prepared)
         mapped = TrainBatches(inputs, rank, 2)
         assert mapped.steps_per_epoch == own.steps_per_epoch == 4
         for epoch in (0, 1):  # same rows, same seeded augmentation: identical views and labels
@@ -88,7 +91,8 @@ def test_a_copy_of_other_rows_is_refused(ray_local, tmp_path, overrides):
     shared, _ = share_training_rows(_config())
     other = _config(**overrides)
     with pytest.raises(SharedDecodedMismatchError, match="refusing to train on other rows"):
-        TrainBatches(WorkerInputs(other, str(tmp_path), "t", decoded_ref=shared), 0, 2)
+        prepared = prepare(other, world=2, shared=shared)
+        TrainBatches(WorkerInputs(other, str(tmp_path), "t", data=prepared), 0, 2)
 
 
 def test_key_tells_files_rows_and_sizes_apart():

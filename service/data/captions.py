@@ -199,12 +199,12 @@ def read_captions_file(path: str | Path) -> dict[str, Any]:
 def training_captions(config: Config) -> list[str]:
     """The valid captions (``text.column``) of the rows that train: ``data.train`` minus the
     held-out validation rows, at most ``data.limit`` (what ``fit_tokenizer`` fits on)."""
-    from service.data.parquet import inspect_parquet, read_rows
+    from service.data.sources import inspect_source
     from service.data.splits import train_val_rows
 
     column = config.text.column
     if not column:
         raise DataError("text.column is not set: there are no captions to read")
     rows = train_val_rows(config).train_rows(config.data.limit)
-    table = read_rows(inspect_parquet(config.data.train), [column], rows)
+    table = inspect_source(config.data.train).read([column], rows)
     return [t for t in table.column(column).to_pylist() if is_caption(t)]

@@ -20,11 +20,8 @@ from service.data.errors import DataError
 from service.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
-    ParquetSource,
-    inspect_parquet,
-    read_rows,
-    text_column_problem,
 )
+from service.data.sources import DataSource, inspect_source
 
 READERS = ("torch", "ray")
 AUGMENT_BACKENDS = ("torchvision", "batched")
@@ -118,15 +115,15 @@ def text_config_problems(t: TextConfig) -> list[str]:
     return problems
 
 
-def _text_problems(source: ParquetSource, key: str, config: Config) -> list[str]:
+def _text_problems(source: DataSource, key: str, config: Config) -> list[str]:
     """Image–text mode: the caption column is there as strings in every file, the first rows'
     captions are mostly usable, and labelled validation/test data has class names (zero-shot)."""
     t, d = config.text, config.data
-    problem = text_column_problem(source, t.column)  # type: ignore[arg-type]
+    problem = source.column_problem(t.column)  # type: ignore[arg-type]
     if problem:
         return [f"{key}: {problem}"]
     rows = min(SAMPLE_ROWS, source.num_rows)
-    texts = read_rows(source, [t.column], np.arange(rows)).column(t.column).to_pylist()
+    texts = source.read([t.column], np.arange(rows)).column(t.column).to_pylist()
     empty = sum(not is_caption(x) for x in texts)
     problems = []
     if empty and (empty == rows or (empty / rows > d.max_bad_fraction and empty > 1)):
@@ -142,10 +139,10 @@ def _text_problems(source: ParquetSource, key: str, config: Config) -> list[str]
     return problems
 
 
-def _sample_problem(source: ParquetSource, key: str, max_bad_fraction: float) -> str | None:
+def _sample_problem(source: DataSource, key: str, max_bad_fraction: float) -> str | None:
     """Decode the first rows; all failing, or more than the allowed fraction, is a problem."""
     rows = min(SAMPLE_ROWS, source.num_rows)
-    images = read_rows(source, [IMAGE_COLUMN], np.arange(rows)).column(IMAGE_COLUMN).to_pylist()
+    images = source.read([IMAGE_COLUMN], np.arange(rows)).column(IMAGE_COLUMN).to_pylist()
     bad = 0
     for blob in images:
         try:
@@ -192,10 +189,7 @@ def _split_problems(config: Config) -> list[str]:
 
 
 def _files_bytes(path: str) -> int:
-    from service.data.parquet import resolve_parquet_files
-
-    filesystem, files = resolve_parquet_files(path)
-    return sum(info.size or 0 for info in filesystem.get_file_info(files))
+    return inspect_source(path).nbytes()
 
 
 def _missing_label(key: str, path: str, config: Config, loss_needs: bool) -> str:
@@ -224,7 +218,7 @@ def data_problems(config: Config, *, train_needs_labels: bool = False) -> list[s
         if not path:
             continue
         try:
-            source = inspect_parquet(path)
+            source = inspect_source(path)
             problem = _sample_problem(source, key, d.max_bad_fraction)
         except (DataError, OSError) as exc:
             problems.append(f"{key}: {exc}")

@@ -50,9 +50,8 @@ from service.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
     default_columns,
-    inspect_parquet,
-    read_rows,
 )
+from service.data.sources import inspect_source
 from service.data.torch_dataset import NO_LABEL
 
 # Decode once only if all ranks' copies take at most this share of the memory available now:
@@ -157,8 +156,8 @@ def decode_rows(
     >>> tuple(d.images.shape), d.images.dtype, d.images.is_shared(), d.stats.total
     ((4, 3, 32, 32), torch.uint8, True, 4)
     """
-    source = inspect_parquet(path)
-    table = read_rows(source, default_columns(source, text_column), indices)
+    source = inspect_source(path)
+    table = source.read(default_columns(source, text_column), indices)
     n = table.num_rows
     captions = table.column(text_column).to_pylist() if text_column else None
     images = torch.empty((n, 3, size, size), dtype=torch.uint8).share_memory_()

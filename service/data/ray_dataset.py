@@ -56,10 +56,9 @@ from service.data.errors import CorruptImageError, TooManyBadImagesError
 from service.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
-    inspect_parquet,
     limit_indices,
-    read_rows,
 )
+from service.data.sources import inspect_source
 from service.data.torch_dataset import NO_LABEL
 
 MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, bounds memory
@@ -85,30 +84,22 @@ def read_ray_dataset(
     text_column: str | None = None,
 ) -> Any:
     """A lazy ``ray.data.Dataset`` of ``image`` (+ ``label``, + the caption ``text_column`` in
-    image–text mode) rows, validated up front.
+    image–text mode) rows of any registered source (:mod:`service.data.sources`), validated up
+    front.
 
-    Files, columns and emptiness are checked with pyarrow (footers only) before Ray is touched,
+    Files, columns and emptiness are checked (footers, headers) before Ray is touched,
     so a wrong path fails here with a :class:`DataError`, not inside a remote task. ``limit``
     selects the same rows as the PyTorch reader does for the same seed (seeded shuffle); it reads
     those rows eagerly, which is meant for smoke runs; so do explicit row ``indices`` (a
     train/validation split).
     """
-    import ray.data
-
-    source = inspect_parquet(path)
+    source = inspect_source(path)
     columns = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c in source.columns]
     if text_column:
-        columns.append(text_column)  # read_rows names it if a file lacks it
+        columns.append(text_column)  # the source's read names it if a file lacks it
     if indices is None:
         indices = limit_indices(source, limit, seed)
-    if indices is not None:
-        table = read_rows(source, columns, indices)
-        chunks = [table.slice(i, MAP_BATCH_SIZE) for i in range(0, table.num_rows, MAP_BATCH_SIZE)]
-        return ray.data.from_arrow(chunks)
-    # No repartition here: it would make ``count()`` execute the read instead of summing footers.
-    return ray.data.read_parquet(
-        source.files, filesystem=source.filesystem, file_extensions=None
-    ).select_columns(columns)
+    return source.ray_dataset(columns, indices)
 
 
 def _row_id(blob: Any) -> str:
@@ -292,12 +283,10 @@ def augment_ray_dataset(
     CPU (and block-order shuffling would have one block to move). ``text_column``: the captions
     travel with their rows (see :func:`iter_captioned_batches`).
     """
-    if cfg.backend == "batched":
-        fn: Any = DecodeBatchFn(image_size, max_bad_fraction, map_batch_size, text_column)
-    else:
-        fn = MultiViewBatchFn(
-            cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column
-        )
+    from service.data.augmenters import AUGMENTERS
+
+    backend = AUGMENTERS[cfg.backend]  # decode only (batched) or decode + views (torchvision)
+    fn = backend.map_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column)
     ds = ds.repartition(target_num_rows_per_block=map_batch_size)
     if shuffle:
         ds = ds.randomize_block_order()  # no seed: a new order every execution (epoch)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import Config
-from service.data.parquet import inspect_parquet
+from service.data.sources import inspect_source
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,6 @@ def train_val_rows(config: Config) -> SplitRows:
     """The split ``config`` describes (file footers only). With ``data.val`` set, every row of
     ``data.train`` trains and the validation rows come from that file instead."""
     d = config.data
-    num_rows = inspect_parquet(d.train).num_rows
+    num_rows = inspect_source(d.train).num_rows
     fraction = 0.0 if d.val else d.val_fraction
     return holdout_split(num_rows, fraction, config.train.seed)

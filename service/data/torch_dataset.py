@@ -29,10 +29,9 @@ from service.data.parquet import (
     LABEL_COLUMN,
     LABEL_NAME_COLUMN,
     default_columns,
-    inspect_parquet,
     limit_indices,
-    read_rows,
 )
+from service.data.sources import inspect_source
 
 NO_LABEL = -1  # label of every row when the data has no ``label`` column
 
@@ -73,11 +72,11 @@ class ParquetImageDataset(Dataset):
             raise ValueError("return_text=True needs a text_column")
         if n_views is not None and n_views < 1:
             raise ValueError(f"n_views must be >= 1 or None, got {n_views}")
-        source = inspect_parquet(path)
+        source = inspect_source(path)
         columns = default_columns(source, text_column)
         if indices is None:  # explicit row ids (e.g. a train/validation split) win over limit
             indices = limit_indices(source, limit, seed)
-        table = read_rows(source, columns, indices)
+        table = source.read(columns, indices)
 
         self.path = str(path)
         self.transform = transform

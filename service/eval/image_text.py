@@ -56,9 +56,9 @@ def _select(indices: np.ndarray | None, num_rows: int, max_rows: int, seed: int)
 
 
 def _class_names(source: Any, name_column: str) -> list[tuple[int, str]]:
-    from service.data.parquet import LABEL_COLUMN, read_rows
+    from service.data.parquet import LABEL_COLUMN
 
-    table = read_rows(source, [LABEL_COLUMN, name_column])  # two small columns, whole file
+    table = source.read([LABEL_COLUMN, name_column])  # two small columns, whole file
     labels, names = table.column(LABEL_COLUMN).to_pylist(), table.column(name_column).to_pylist()
     pairs = dict(zip(labels, names, strict=True))
     return sorted((int(k), str(v)) for k, v in pairs.items() if k is not None and v is not None)
@@ -77,15 +77,16 @@ def load_captioned_images(
     from service.data.captions import is_caption
     from service.data.decode import decode_image
     from service.data.errors import CorruptImageError
-    from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN, inspect_parquet, read_rows
+    from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN
+    from service.data.sources import inspect_source
 
-    source = inspect_parquet(path)
+    source = inspect_source(path)
     text_column, name_column = config.text.column, config.text.class_name_column
     has_text = bool(text_column) and text_column in source.columns
     named = source.has_label and name_column in source.columns
     columns = [IMAGE_COLUMN] + [text_column] * has_text + [LABEL_COLUMN] * named
     rows = _select(indices, source.num_rows, max_rows, config.train.seed)
-    table = read_rows(source, columns, rows)
+    table = source.read(columns, rows)
     keep = []
     for i, blob in enumerate(table.column(IMAGE_COLUMN).to_pylist()):
         try:

@@ -105,12 +105,12 @@ def embed_parquet(
     float32) to ``output_parquet``. ``normalize`` L2-normalises image embeddings (text ones
     always are). Returns counts, the embedding dim and the output path."""
     from service.data.errors import DataError
-    from service.data.parquet import inspect_parquet
+    from service.data.sources import inspect_source
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # A text-only Parquet is fine for the text tower; images need the full image-file checks.
-    source = _any_parquet(input_parquet) if text_column else inspect_parquet(input_parquet)
+    source = _any_parquet(input_parquet) if text_column else inspect_source(input_parquet)
     column = text_column or image_column
     if column not in source.columns:
         raise DataError(f"{input_parquet!r} has no column {column!r} ({source.columns})")

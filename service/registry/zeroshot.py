@@ -112,13 +112,13 @@ def zero_shot_parquet(
     classes, the templates used and ``top1`` (None without ground truth)."""
     from service.data.decode import decode_image
     from service.data.errors import CorruptImageError, DataError
-    from service.data.parquet import inspect_parquet
+    from service.data.sources import inspect_source
     from service.eval.zeroshot import zeroshot_classifier
     from service.registry.text import TextEncoder, load_image_text
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    source = inspect_parquet(input_parquet)
+    source = inspect_source(input_parquet)
     if image_column not in source.columns:
         raise DataError(f"{input_parquet!r} has no column {image_column!r} ({source.columns})")
     names = _class_names(source, classes, classes_from_column)

@@ -4,6 +4,7 @@
 ``TorchTrainer``) import Ray; they are not imported here so the step can be used without it.
 """
 
+from service.data.pipeline import steps_per_epoch
 from service.train.amp import Amp, amp_policy
 from service.train.budget import TrainClock
 from service.train.checkpoint import (
@@ -15,7 +16,7 @@ from service.train.checkpoint import (
     training_state_dict,
 )
 from service.train.epoch import KnnMonitor, Monitor, build_monitor
-from service.train.inputs import WorkerInputs, resolve_storage_path, steps_per_epoch
+from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.state import TrainState, build_state
 from service.train.step import NonFiniteLossError, train_step
 

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from service.config import Config
 from service.console import EMBEDDED_QUIET_ACTORS, filter_ray_worker_output, say
+from service.data.pipeline import prepare
 from service.tracking.run import TrackedRun, ending_on_error
 from service.train.finalize import finalize_run
 from service.train.identity import (
@@ -95,18 +96,6 @@ def check_cluster_fits(config: Config, trials: int = 1) -> None:
         )
 
 
-def _train_dataset(config: Config) -> tuple[dict[str, Any], int | None]:
-    """Ray Data reader: the lazy training dataset (decoded only with augment.backend=batched,
-    augmented per view with torchvision; shuffled every epoch) and its row count."""
-    if config.data.reader != "ray":
-        return {}, None
-    from service.data.ray_dataset import build_ray_train_dataset
-    from service.data.splits import train_val_rows
-
-    rows = len(train_val_rows(config).train_rows(config.data.limit))  # file footers only
-    return {"train": build_ray_train_dataset(config)}, rows
-
-
 def build_trainer(
     config: Config,
     *,
@@ -120,13 +109,13 @@ def build_trainer(
 
     Image–text mode: ``tokenizer_json`` is the run's tokenizer; when not given (a Tune trial)
     it is fitted here, on the training captions, before any worker starts.
-    ``decoded_ref``: a decoded copy of the training rows shared by the caller (the Tune driver,
-    for all its trials); when not given and several ranks would each decode, it is made here.
+    The data path is decided here, once (``service.data.pipeline.prepare``): ``decoded_ref`` is
+    a decoded copy of the training rows shared by the caller (the Tune driver, for all its
+    trials); when not given and several ranks would each decode, it is made here.
     """
     t = config.train
-    datasets, rows = _train_dataset(config)
-    if decoded_ref is None and t.num_workers > 1:
-        decoded_ref = _shared_decoded(config)
+    data = prepare(config, world=t.num_workers, shared=decoded_ref, share=ray.is_initialized())
+    say("data", data.reason)
     if tokenizer_json is None and config.text.column:
         from service.text import fit_tokenizer
 
@@ -135,11 +124,10 @@ def build_trainer(
         config=config,
         storage_path=resolve_storage_path(storage_path or t.storage_path),
         run_name=run_name or t.run_name,
-        rows=rows,
         mlflow_run_id=run.run_id if run else None,
         tracking_uri=run.uri if run else None,
         tokenizer_json=tokenizer_json,
-        decoded_ref=decoded_ref,
+        data=data.for_workers(),
     )
     return TorchTrainer(
         train_func,
@@ -157,20 +145,8 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
-        datasets=datasets,
+        datasets=data.datasets,
     )
-
-
-def _shared_decoded(config: Config) -> Any:
-    """Decode the training rows once here and share them with every rank (object store)."""
-    if not ray.is_initialized():  # never start a Ray instance just for this
-        return None
-    from service.data.decoded import share_training_rows
-
-    shared, why = share_training_rows(config)
-    if shared is not None or config.augment.backend == "batched":
-        say("data", why if shared is None else f"decoded once for all ranks: {why}")
-    return shared
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:

@@ -142,11 +142,12 @@ def class_names(path: str, column: str) -> dict[int, str] | None:
     >>> class_names("service/data/bundled/cifar10-test-subset.parquet", "label_name")[3]
     'cat'
     """
-    from service.data.parquet import LABEL_COLUMN, inspect_parquet, read_rows
+    from service.data.parquet import LABEL_COLUMN
+    from service.data.sources import inspect_source
 
-    source = inspect_parquet(path)
+    source = inspect_source(path)
     if column not in source.columns or LABEL_COLUMN not in source.columns:
         return None
-    table = read_rows(source, [LABEL_COLUMN, column]).group_by([LABEL_COLUMN, column]).aggregate([])
+    table = source.read([LABEL_COLUMN, column]).group_by([LABEL_COLUMN, column]).aggregate([])
     labels, names = table.column(LABEL_COLUMN).to_pylist(), table.column(column).to_pylist()
     return {int(k): str(v) for k, v in zip(labels, names, strict=True) if v is not None}
