@@ -27,6 +27,14 @@ def add_parser(subparsers: args.Subparsers) -> None:
         default=None,
         help="CSV or JSONL of (file, caption), paths relative to SRC: adds a text column",
     )
+    p.add_argument(
+        "--format",
+        choices=("parquet", "webdataset"),
+        default="parquet",
+        help="parquet: OUT is a .parquet file; webdataset: OUT is a folder of tar shards (SRC "
+        "may also be a Parquet file to convert)",
+    )
+    p.add_argument("--shard-rows", type=int, default=1000, help="samples per WebDataset shard")
     p = sub.add_parser("captions", help="add a text column built from label_name (templates)")
     p.add_argument("src")
     p.add_argument("out")
@@ -41,17 +49,28 @@ def add_parser(subparsers: args.Subparsers) -> None:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed ``data`` command line → its handler."""
     if a.data_cmd == "pack":
-        return pack_command(a.src, a.out, captions=a.captions)
+        return pack_command(
+            a.src, a.out, captions=a.captions, format=a.format, shard_rows=a.shard_rows
+        )
     if a.data_cmd == "captions":
         return captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
     return preview_command(a.data, a.out, a.config, a.overrides)
 
 
-def pack_command(src: str, out: str, captions: str | None = None) -> dict[str, Any]:
+def pack_command(
+    src: str,
+    out: str,
+    captions: str | None = None,
+    format: str = "parquet",
+    shard_rows: int = 1000,
+) -> dict[str, Any]:
     """``contrastive data pack SRC OUT.parquet [--captions FILE]``: image folder → Parquet
-    (with a ``text`` column from a CSV/JSONL captions file); returns the summary."""
-    from service.data.pack import pack_image_folder
+    (with a ``text`` column from a CSV/JSONL captions file); ``--format webdataset``: → tar
+    shards in the folder OUT (SRC an image folder or a Parquet file); returns the summary."""
+    from service.data.pack import pack_image_folder, pack_shards
 
+    if format == "webdataset":
+        return pack_shards(src, out, rows_per_shard=shard_rows, captions=captions)
     return pack_image_folder(src, out, captions=captions)
 
 

@@ -17,6 +17,8 @@ that do not decode are left out and listed in the summary, so a packed dataset s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,57 @@ def _schema(labelled: bool, captioned: bool) -> pa.Schema:
     return pa.schema(fields + ([pa.field(TEXT_COLUMN, pa.string())] if captioned else []))
 
 
+@dataclass
+class _Packed:
+    """What packing kept and left out (for the summary)."""
+
+    per_class: dict[str, int]
+    unreadable: list[str] = field(default_factory=list)
+    uncaptioned: list[str] = field(default_factory=list)
+    total: int = 0
+
+
+def _rows(
+    items: list[Any], src: Path, caption_map: dict[str, str] | None, labelled: bool, packed: _Packed
+) -> Iterator[dict[str, Any]]:
+    """The decodable (and captioned, with a captions file) images as rows; the rest counted."""
+    for label, name, file in items:
+        relative = file.relative_to(src).as_posix()
+        caption = caption_map.get(relative) if caption_map is not None else None
+        if caption_map is not None and not is_caption(caption):
+            packed.uncaptioned.append(relative)
+            continue
+        data = file.read_bytes()
+        try:
+            decode_image(data)
+        except CorruptImageError as exc:
+            packed.unreadable.append(f"{file.relative_to(src)} ({exc})")
+            continue
+        row: dict[str, Any] = {"image": data}
+        if labelled:
+            row |= {"label": label, "label_name": name}
+            packed.per_class[name] += 1
+        if caption_map is not None:
+            row[TEXT_COLUMN] = caption
+        packed.total += 1
+        yield row
+
+
+def _write_parquet(out: Path, schema: pa.Schema, rows: Iterator[dict[str, Any]]) -> None:
+    """Rows → ``out``, one row group per ~64 MB of image bytes (bounded memory)."""
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        pending: list[dict[str, Any]] = []
+        size = 0
+        for row in rows:
+            pending.append(row)
+            size += len(row["image"])
+            if size >= _FLUSH_BYTES:
+                writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+                pending, size = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+
+
 def pack_image_folder(
     src_dir: str | Path,
     out_parquet: str | Path,
@@ -103,69 +156,74 @@ def pack_image_folder(
     items = _shuffled(found, seed) if labelled else _flat_items(src, seed)
     out = Path(out_parquet)
     out.parent.mkdir(parents=True, exist_ok=True)
+    packed = _Packed(per_class=dict.fromkeys(found, 0))
     schema = _schema(labelled, caption_map is not None)
-    per_class: dict[str, int] = dict.fromkeys(found, 0)
-    unreadable: list[str] = []
-    uncaptioned: list[str] = []
-    rows: dict[str, list[Any]] = {name: [] for name in schema.names}
-    pending_bytes, total = 0, 0
-    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-
-        def flush() -> None:
-            nonlocal pending_bytes
-            if rows["image"]:
-                writer.write_table(pa.table(rows, schema=schema))
-                for column in rows.values():
-                    column.clear()
-                pending_bytes = 0
-
-        for label, name, file in items:
-            relative = file.relative_to(src).as_posix()
-            caption = caption_map.get(relative) if caption_map is not None else None
-            if caption_map is not None and not is_caption(caption):
-                uncaptioned.append(relative)
-                continue
-            data = file.read_bytes()
-            try:
-                decode_image(data)
-            except CorruptImageError as exc:
-                unreadable.append(f"{file.relative_to(src)} ({exc})")
-                continue
-            rows["image"].append(data)
-            if labelled:
-                rows["label"].append(label)
-                rows["label_name"].append(name)
-                per_class[name] += 1  # type: ignore[index]
-            if caption_map is not None:
-                rows[TEXT_COLUMN].append(caption)
-            total += 1
-            pending_bytes += len(data)
-            if pending_bytes >= _FLUSH_BYTES:
-                flush()
-        flush()
-    if total == 0:
+    _write_parquet(out, schema, _rows(items, src, caption_map, labelled, packed))
+    if packed.total == 0:
         out.unlink(missing_ok=True)
         raise DataError(
             f"no decodable{' captioned' if caption_map is not None else ''} images in "
-            f"{str(src)!r}: {(unreadable or uncaptioned)[:_MAX_LISTED]}"
+            f"{str(src)!r}: {(packed.unreadable or packed.uncaptioned)[:_MAX_LISTED]}"
         )
+    return _summary(out, packed, src, items, caption_map)
+
+
+def _summary(
+    out: Path, packed: _Packed, src: Path, items: list[Any], caption_map: dict[str, str] | None
+) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "out": str(out),
-        "rows": total,
-        "classes": list(per_class),
-        "per_class": per_class,
+        "rows": packed.total,
+        "classes": list(packed.per_class),
+        "per_class": packed.per_class,
         "bytes": out.stat().st_size,
-        "unreadable": len(unreadable),
-        "unreadable_files": sorted(unreadable)[:_MAX_LISTED],
+        "unreadable": len(packed.unreadable),
+        "unreadable_files": sorted(packed.unreadable)[:_MAX_LISTED],
     }
     if caption_map is not None:
-        packed = {file.relative_to(src).as_posix() for _, _, file in items}
-        orphans = sorted(set(caption_map) - packed)
+        kept = {file.relative_to(src).as_posix() for _, _, file in items}
+        orphans = sorted(set(caption_map) - kept)
         summary |= {
             "captioned": True,
-            "uncaptioned": len(uncaptioned),
-            "uncaptioned_files": sorted(uncaptioned)[:_MAX_LISTED],
+            "uncaptioned": len(packed.uncaptioned),
+            "uncaptioned_files": sorted(packed.uncaptioned)[:_MAX_LISTED],
             "captions_without_image": len(orphans),
             "captions_without_image_files": orphans[:_MAX_LISTED],
         }
     return summary
+
+
+def pack_shards(
+    src: str | Path,
+    out_dir: str,
+    *,
+    rows_per_shard: int = 1000,
+    seed: int = 0,
+    captions: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write WebDataset shards ``out_dir/shard-000000.tar``, ... from an image folder (packed as
+    :func:`pack_image_folder` does) or from image data any source reads (a Parquet file, ...):
+    ``.jpg``/``.png`` + ``.cls`` (+ ``.txt`` captions) per sample, rows in the source's order.
+    Returns the summary with the brace ``pattern`` to put in ``data.train``."""
+    import tempfile
+
+    from service.data.parquet import default_columns
+    from service.data.sources import inspect_source
+    from service.data.webdataset import write_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(src).is_dir() and not any(Path(src).rglob("*.parquet")):
+            src = pack_image_folder(src, Path(tmp) / "packed.parquet", seed, captions)["out"]
+        source = inspect_source(str(src))
+        text = TEXT_COLUMN if TEXT_COLUMN in source.columns else None
+        table = source.read(default_columns(source, text))
+    shards = write_shards(table, out_dir, rows_per_shard=rows_per_shard, text_column=text)
+    last = len(shards) - 1
+    return {
+        "out": out_dir,
+        "format": "webdataset",
+        "shards": len(shards),
+        "rows": table.num_rows,
+        "pattern": f"{out_dir.rstrip('/')}/shard-{{000000..{last:06d}}}.tar",
+        "captions": "txt (text.column: txt)" if text else None,
+    }
