@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quality import BUNDLED, run_ours
+from quality import run_ours
+
+from service.config import BUNDLED_DATA_DIR
 
 FAMILIES: dict[str, list[dict[str, Any]]] = {
     "temperature": [{"loss.temperature": t} for t in (0.1, 0.2, 0.5, 1.0)],
@@ -67,8 +69,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="jobs/configs/smoke-cpu.yaml")
-    p.add_argument("--train", default=str(BUNDLED / "cifar10-train-subset.parquet"))
-    p.add_argument("--test", default=str(BUNDLED / "cifar10-test-subset.parquet"))
+    p.add_argument("--train", default=str(BUNDLED_DATA_DIR / "cifar10-train-subset.parquet"))
+    p.add_argument("--test", default=str(BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"))
     p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
     p.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of a budget")
     p.add_argument("--only", choices=list(FAMILIES), nargs="+", default=list(FAMILIES))

@@ -34,7 +34,6 @@ from service.models import build_backbone, build_model
 from service.train.optim import warmup_cosine_factor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-BUNDLED = Path(__file__).resolve().parents[1] / "service" / "data" / "bundled"
 
 
 def protocol(encoder: nn.Module, config: Config, train: str, test: str) -> dict[str, float]:

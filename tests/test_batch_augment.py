@@ -18,7 +18,7 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from service.config import REPO_ROOT, AugmentConfig
+from service.config import BUNDLED_DATA_DIR, AugmentConfig
 from service.data import (
     BatchSimCLRAugment,
     DataError,
@@ -39,7 +39,7 @@ from service.data.batch_augment import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 FLOAT_ATOL = 1e-5
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 

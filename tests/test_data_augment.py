@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from service.commands.data import pack_command, preview_command
-from service.config import REPO_ROOT, AugmentConfig
+from service.config import BUNDLED_DATA_DIR, AugmentConfig
 from service.data import (
     DataError,
     MultiViewTransform,
@@ -27,7 +27,7 @@ from tests.helpers import solid_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from service.config import REPO_ROOT, load_config
+from service.config import BUNDLED_DATA_DIR, load_config
 from service.data import TooManyBadImagesError, decode_image
 from service.data.augmenters import augment_seed
 from service.data.decoded import (
@@ -31,7 +31,7 @@ from service.train.batches import TrainBatches, augment_device
 from service.train.inputs import WorkerInputs
 from tests.helpers import encode_image
 
-TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,12 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.config import REPO_ROOT
+from service.config import BUNDLED_DATA_DIR, REPO_ROOT
 from service.data import DataError, inspect_parquet, read_image_table, resolve_parquet_files
 from service.data.ray_dataset import read_ray_dataset
 
-BUNDLED = REPO_ROOT / "service" / "data" / "bundled"
-TEST_SUBSET = BUNDLED / "cifar10-test-subset.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 

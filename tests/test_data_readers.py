@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.config import REPO_ROOT, AugmentConfig, load_config
+from service.config import BUNDLED_DATA_DIR, REPO_ROOT, AugmentConfig, load_config
 from service.data import (
     DecodeStats,
     ParquetImageDataset,
@@ -37,7 +37,7 @@ from service.data import (
 )
 from tests.helpers import encode_image
 
-TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 CFG = AugmentConfig(backend="torchvision")  # the per-image reference pipeline
 # Normalised values can only lie in [(0 - mean) / std, (1 - mean) / std] per channel.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, load_config
+from service.config import BUNDLED_DATA_DIR, ConfigError, load_config
 from service.train.checkpoint import load_state, save_state
 from service.train.identity import latest_checkpoint, plan_run, read_record, write_record
 
@@ -82,7 +82,7 @@ def test_training_data_is_compared_by_content_not_path(tmp_path: Path) -> None:
 
     from service.train.identity import data_fingerprint
 
-    bundled = Path("service/data/bundled/cifar10-train-subset.parquet").resolve()
+    bundled = BUNDLED_DATA_DIR / "cifar10-train-subset.parquet"
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         shutil.copy(bundled, tmp_path / name / bundled.name)

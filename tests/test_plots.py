@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import load_config
+from service.config import BUNDLED_DATA_DIR, load_config
 from service.tracking.plots import (
     baseline_comparison_figure,
     embeddings_figure,
@@ -19,6 +19,8 @@ from service.tracking.plots import (
     training_curves_figure,
     user_epochs,
 )
+
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 
 # What the loop records: an epoch-0 row (random-init validation kNN, no training loss), then one
 # row per completed epoch 1..N. kNN peaks at epoch 2 (0.422), dips, then ties at epoch 4.
@@ -152,7 +154,7 @@ def test_image_text_runs_plot_zero_shot_and_recall(tmp_path):
 def test_embedding_legend_uses_class_names(tmp_path):
     from service.train.finalize import class_names
 
-    names = class_names("service/data/bundled/cifar10-test-subset.parquet", "label_name")
+    names = class_names(str(TEST_SUBSET), "label_name")
     assert names is not None and names[0] == "airplane" and names[9] == "truck"
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=60)
@@ -165,7 +167,7 @@ def test_embedding_legend_uses_class_names(tmp_path):
     fig = embeddings_figure(features, labels, None, method="pca")  # data without names
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["0", "1", "2"]
     assert plot_embeddings(features, labels, tmp_path / "e.png", names, method="pca").exists()
-    assert class_names("service/data/bundled/cifar10-test-subset.parquet", "no_such") is None
+    assert class_names(str(TEST_SUBSET), "no_such") is None
 
 
 def test_baseline_comparison_bars(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.config import REPO_ROOT, load_config
+from service.config import BUNDLED_DATA_DIR, load_config
 from service.data.decoded import (
     SharedDecodedMismatchError,
     decode_rows,
@@ -25,8 +25,8 @@ from service.data.pipeline import prepare
 from service.train.batches import TrainBatches
 from service.train.inputs import WorkerInputs
 
-TEST_SUBSET = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-subset.parquet"
-CAPTIONS = REPO_ROOT / "service" / "data" / "bundled" / "cifar10-test-captions.parquet"
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
+CAPTIONS = BUNDLED_DATA_DIR / "cifar10-test-captions.parquet"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.config import Config, load_config
+from service.config import BUNDLED_DATA_DIR, Config, load_config
 from service.data import build_train_dataset
 from service.data.splits import holdout_split, train_val_rows
+
+TEST_SUBSET = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
 
 
 def test_default_validation_is_held_out_from_train_not_the_test_split() -> None:
@@ -30,7 +32,7 @@ def test_split_is_seeded_and_limit_takes_a_random_subset_of_training_rows() -> N
 
 
 def test_a_val_file_keeps_every_training_row() -> None:
-    config = load_config(None, ["data.val=service/data/bundled/cifar10-test-subset.parquet"])
+    config = load_config(None, [f"data.val={TEST_SUBSET}"])
     rows = train_val_rows(config)
     assert len(rows.val) == 0 and len(rows.train) == 5000
 
@@ -52,6 +54,6 @@ def test_ray_reader_streams_unless_rows_are_selected_and_large_selections_are_re
     assert any("data.val to a held-out Parquet file" in p for p in checks.data_problems(config))
     config = load_config(
         None, ["data.reader=ray", "data.val_fraction=0",
-               "data.val=service/data/bundled/cifar10-test-subset.parquet"],
+               f"data.val={TEST_SUBSET}"],
     )  # fmt: skip
     assert checks.data_problems(config) == []

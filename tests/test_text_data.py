@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from service.cli import main
-from service.config import ConfigError, TextConfig, load_config
+from service.config import BUNDLED_DATA_DIR, ConfigError, TextConfig, load_config
 from service.data import (
     CAPTION_TEMPLATES,
     DecodeBatchFn,
@@ -42,7 +42,6 @@ from service.train.inputs import WorkerInputs
 from service.train.preflight import preflight
 from tests.helpers import solid_png
 
-BUNDLED = "service/data/bundled"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -80,7 +79,7 @@ def captioned(tmp_path):
 
 
 def test_captions_command_is_seeded_varied_and_keeps_rows(tmp_path, capsys):
-    src = f"{BUNDLED}/cifar10-test-subset.parquet"
+    src = f"{BUNDLED_DATA_DIR}/cifar10-test-subset.parquet"
     outs = [tmp_path / f"{i}.parquet" for i in range(3)]
     for out, seed in zip(outs, (0, 0, 1), strict=True):
         assert main(["data", "captions", src, str(out), "--seed", str(seed)]) == 0
@@ -97,7 +96,7 @@ def test_captions_command_is_seeded_varied_and_keeps_rows(tmp_path, capsys):
 
 
 def test_captions_command_templates_file(tmp_path):
-    src = f"{BUNDLED}/cifar10-test-subset.parquet"
+    src = f"{BUNDLED_DATA_DIR}/cifar10-test-subset.parquet"
     templates = tmp_path / "t.txt"
     templates.write_text("# mine\nthe {}!\n\nlook: {}\n")
     out = tmp_path / "o.parquet"
@@ -110,14 +109,16 @@ def test_captions_command_templates_file(tmp_path):
 
 def _names() -> set[str]:
     return set(
-        pq.read_table(f"{BUNDLED}/cifar10-test-subset.parquet").column("label_name").to_pylist()
+        pq.read_table(f"{BUNDLED_DATA_DIR}/cifar10-test-subset.parquet")
+        .column("label_name")
+        .to_pylist()
     )
 
 
 def test_bundled_captioned_files_are_the_subsets_plus_text():
     for split in ("train", "test"):
-        subset = pq.read_table(f"{BUNDLED}/cifar10-{split}-subset.parquet")
-        captioned = pq.read_table(f"{BUNDLED}/cifar10-{split}-captions.parquet")
+        subset = pq.read_table(f"{BUNDLED_DATA_DIR}/cifar10-{split}-subset.parquet")
+        captioned = pq.read_table(f"{BUNDLED_DATA_DIR}/cifar10-{split}-captions.parquet")
         assert captioned.drop_columns(["text"]).equals(subset)
         texts = captioned.column("text").to_pylist()
         names = subset.column("label_name").to_pylist()
@@ -294,8 +295,8 @@ def _text_config(**overrides):
             "text.column": "text",
             "loss.name": "symmetric",  # the image–text losses (symmetric | siglip)
             "mlflow.champion_metric": "train_loss",
-            "data.train": f"{BUNDLED}/cifar10-train-captions.parquet",
-            "data.test": f"{BUNDLED}/cifar10-test-captions.parquet",
+            "data.train": f"{BUNDLED_DATA_DIR}/cifar10-train-captions.parquet",
+            "data.test": f"{BUNDLED_DATA_DIR}/cifar10-test-captions.parquet",
             **overrides,
         }
     )
@@ -307,14 +308,14 @@ def test_preflight_accepts_the_bundled_captioned_data():
 
 def test_preflight_names_a_missing_or_wrong_text_column(tmp_path):
     with pytest.raises(ConfigError) as err:
-        preflight(_text_config(**{"data.test": f"{BUNDLED}/cifar10-test-subset.parquet"}))
+        preflight(_text_config(**{"data.test": f"{BUNDLED_DATA_DIR}/cifar10-test-subset.parquet"}))
     assert "data.test" in str(err.value) and "no caption column 'text'" in str(err.value)
     with pytest.raises(ConfigError, match="no caption column 'caption'"):
         preflight(_text_config(**{"text.column": "caption"}))
     with pytest.raises(ConfigError, match="caption column 'label' is int64, expected strings"):
         preflight(_text_config(**{"text.column": "label"}))
     empty = tmp_path / "empty.parquet"
-    table = pq.read_table(f"{BUNDLED}/cifar10-test-captions.parquet").slice(0, 64)
+    table = pq.read_table(f"{BUNDLED_DATA_DIR}/cifar10-test-captions.parquet").slice(0, 64)
     pq.write_table(table.set_column(3, "text", pa.array([""] * 64, pa.string())), empty)
     with pytest.raises(ConfigError, match="captions in 'text' are null or empty"):
         preflight(_text_config(**{"data.train": str(empty), "train.global_batch_size": 8}))

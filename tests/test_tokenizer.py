@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from service.config import load_config
+from service.config import BUNDLED_DATA_DIR, load_config
 from service.data.captions import CAPTION_TEMPLATES, fill_template
 from service.text import Tokenizer, fit_tokenizer
 
@@ -80,7 +80,7 @@ def test_fit_tokenizer_uses_only_training_rows(monkeypatch) -> None:
     config = load_config(
         overrides={
             "text.column": "text",
-            "data.train": "service/data/bundled/cifar10-train-captions.parquet",
+            "data.train": str(BUNDLED_DATA_DIR / "cifar10-train-captions.parquet"),
             "data.val_fraction": 0.5,
         }
     )

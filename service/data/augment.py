@@ -1,8 +1,12 @@
-"""SimCLR augmentations (torchvision ``transforms.v2``), the eval transform, multi-view wrapping.
+"""SimCLR augmentations (torchvision ``transforms.v2``), the eval transform, multi-view wrapping,
+and the ``augment`` section's rules.
 
 The colour-jitter strength ``s`` (``augment.strength``) and ``augment.min_scale`` are what Ray Tune
-searches, so they enter the pipeline in exactly one place each: :func:`color_jitter` and the
-``RandomResizedCrop`` in :func:`simclr_transform`. Both readers build their transform here.
+searches, so they enter the pipeline in exactly one place each: :func:`jitter_strengths` (also
+what the batched pipeline, :mod:`service.data.batch_augment`, draws its factors from) and the
+``RandomResizedCrop`` in :func:`simclr_transform`. Both readers build their transform here. The
+rules for the section live here too (:func:`augment_config_problems`, gathered by preflight); the
+transforms raise the same messages for the values they use.
 
 Transforms take an RGB ``PIL.Image`` (from :func:`service.data.decode.decode_image`): at 32 px the
 PIL kernels are ~1.5x faster than the tensor ones, so conversion to a tensor happens last.
@@ -19,21 +23,81 @@ from torchvision.transforms import v2
 from service.config import AugmentConfig
 from service.data.errors import DataError
 
-# torchvision requires hue jitter <= 0.5, i.e. 0.2 * s <= 0.5.
+# torchvision requires hue jitter <= 0.5, i.e. 0.2 * s <= 0.5 (jitter_strengths).
 MAX_STRENGTH = 2.5
+MIN_CROP_SIZE = 8  # the small CNN halves the map three times
+AUGMENT_BACKENDS = ("torchvision", "batched")
+
+
+def jitter_strengths(strength: float) -> tuple[float, float, float, float]:
+    """SimCLR's colour jitter for strength ``s``: (brightness, contrast, saturation, hue) =
+    (0.8s, 0.8s, 0.8s, 0.2s), in torchvision ``ColorJitter``'s sense (a factor in
+    ``[max(0, 1 - x), 1 + x]``, a hue shift in ``[-x, x]``).
+
+    >>> jitter_strengths(0.5)
+    (0.4, 0.4, 0.4, 0.1)
+    """
+    s = float(strength)
+    return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+
+def _strength_problem(strength: float) -> str | None:
+    if 0 <= strength <= MAX_STRENGTH:
+        return None
+    return (
+        f"augment.strength must be in [0, {MAX_STRENGTH}] (hue jitter 0.2*s <= 0.5), got {strength}"
+    )
+
+
+def _min_scale_problem(min_scale: float) -> str | None:
+    if 0 < min_scale <= 1:
+        return None
+    return f"augment.min_scale must be in (0, 1], got {min_scale}"
+
+
+def _mean_std_problem(mean: Sequence[float], std: Sequence[float]) -> str | None:
+    if len(mean) == 3 and len(std) == 3 and min(std, default=0) > 0:
+        return None
+    return f"augment.mean/std must be 3 values with std > 0, got {mean}/{std}"
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise DataError(problem)
+
+
+def augment_config_problems(a: AugmentConfig) -> list[str]:
+    """What is wrong with the ``augment`` section (empty when nothing).
+
+    >>> augment_config_problems(AugmentConfig(strength=3.0))
+    ['augment.strength must be in [0, 2.5] (hue jitter 0.2*s <= 0.5), got 3.0']
+    """
+    problems = [_strength_problem(a.strength), _min_scale_problem(a.min_scale)]
+    if a.n_views < 2:
+        problems.append(f"augment.n_views must be >= 2, got {a.n_views}")
+    if a.crop_size is not None and a.crop_size < MIN_CROP_SIZE:
+        problems.append(
+            f"augment.crop_size must be >= {MIN_CROP_SIZE} px (or null for data.image_size), "
+            f"got {a.crop_size}"
+        )
+    for key in ("grayscale_p", "jitter_p"):
+        if not 0 <= getattr(a, key) <= 1:
+            problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
+    problems.append(_mean_std_problem(a.mean, a.std))
+    if a.backend not in AUGMENT_BACKENDS:
+        problems.append(
+            f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
+        )
+    return [problem for problem in problems if problem is not None]
 
 
 def color_jitter(strength: float) -> v2.ColorJitter | None:
     """SimCLR's ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); ``None`` for s = 0 (no jitter at all)."""
-    if not 0 <= strength <= MAX_STRENGTH:
-        raise DataError(
-            f"augment.strength must be in [0, {MAX_STRENGTH}] (hue jitter 0.2*s <= 0.5), "
-            f"got {strength}"
-        )
+    _raise_if(_strength_problem(strength))
     if strength == 0:
         return None
-    s = float(strength)
-    return v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+    brightness, contrast, saturation, hue = jitter_strengths(strength)
+    return v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -42,8 +106,7 @@ def blur_kernel_size(image_size: int) -> int:
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise DataError(f"augment.mean/std must be 3 values with std > 0, got {mean} / {std}")
+    _raise_if(_mean_std_problem(mean, std))
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -69,8 +132,7 @@ def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
     >>> t(Image.new("RGB", (40, 30))).shape
     torch.Size([3, 32, 32])
     """
-    if not 0 < cfg.min_scale <= 1:
-        raise DataError(f"augment.min_scale must be in (0, 1], got {cfg.min_scale}")
+    _raise_if(_min_scale_problem(cfg.min_scale))
     size = view_size(cfg, image_size)
     ops: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True),

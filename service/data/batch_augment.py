@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from service.config import AugmentConfig
-from service.data.augment import blur_kernel_size, simclr_transform, view_size
+from service.data.augment import blur_kernel_size, jitter_strengths, simclr_transform, view_size
 from service.data.errors import DataError
 
 # SimCLR / torchvision RandomResizedCrop defaults.
@@ -136,9 +136,9 @@ def sample_view_params(
 
     flip = coin(0.5)
     jitter = coin(cfg.jitter_p) & (cfg.strength > 0)
-    s = float(cfg.strength)
-    low = torch.tensor([max(0.0, 1 - 0.8 * s)] * 3 + [-0.2 * s])
-    high = torch.tensor([1 + 0.8 * s] * 3 + [0.2 * s])
+    *factor_strengths, hue = jitter_strengths(cfg.strength)  # ColorJitter's ranges, as torchvision
+    low = torch.tensor([max(0.0, 1 - x) for x in factor_strengths] + [-hue])
+    high = torch.tensor([1 + x for x in factor_strengths] + [hue])
     factors = low + (high - low) * torch.rand(n, 4, generator=generator)
     order = torch.rand(n, 4, generator=generator).argsort(dim=1)  # uniform random permutation
     grayscale = coin(cfg.grayscale_p)

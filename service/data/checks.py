@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.config import AugmentConfig, Config, DataConfig, TextConfig
-from service.data.augment import MAX_STRENGTH
+from service.config import Config, DataConfig, TextConfig
+from service.data.augment import (  # the augment section's rules live with its transforms
+    augment_config_problems as augment_config_problems,  # re-exported: preflight gathers here
+)
 from service.data.captions import is_caption
 from service.data.decode import decode_image
 from service.data.errors import DataError
@@ -24,7 +26,6 @@ from service.data.parquet import (
 from service.data.sources import DataSource, inspect_source
 
 READERS = ("torch", "ray")
-AUGMENT_BACKENDS = ("torchvision", "batched")
 AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
 EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on the driver
@@ -47,38 +48,6 @@ def data_config_problems(d: DataConfig) -> list[str]:
         problems.append(
             f"data.augment_device must be one of {'|'.join(AUGMENT_DEVICES)}, "
             f"got {d.augment_device!r}"
-        )
-    return problems
-
-
-MIN_CROP_SIZE = 8  # the small CNN halves the map three times
-
-
-def augment_config_problems(a: AugmentConfig) -> list[str]:
-    """What is wrong with the ``augment`` section (empty when nothing)."""
-    problems = []
-    if not 0 <= a.strength <= MAX_STRENGTH:
-        problems.append(
-            f"augment.strength must be in [0, {MAX_STRENGTH}] (hue jitter 0.2*s <= 0.5), "
-            f"got {a.strength}"
-        )
-    if not 0 < a.min_scale <= 1:
-        problems.append(f"augment.min_scale must be in (0, 1], got {a.min_scale}")
-    if a.n_views < 2:
-        problems.append(f"augment.n_views must be >= 2, got {a.n_views}")
-    if a.crop_size is not None and a.crop_size < MIN_CROP_SIZE:
-        problems.append(
-            f"augment.crop_size must be >= {MIN_CROP_SIZE} px (or null for data.image_size), "
-            f"got {a.crop_size}"
-        )
-    for key in ("grayscale_p", "jitter_p"):
-        if not 0 <= getattr(a, key) <= 1:
-            problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
-    if len(a.mean) != 3 or len(a.std) != 3 or min(a.std, default=0) <= 0:
-        problems.append(f"augment.mean/std must be 3 values with std > 0, got {a.mean}/{a.std}")
-    if a.backend not in AUGMENT_BACKENDS:
-        problems.append(
-            f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
         )
     return problems
 

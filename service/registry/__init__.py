@@ -22,11 +22,16 @@ from service.registry.load import (
     load_encoder,
     load_from_directory,
     load_registered,
-    model_directory,
     pull,
     version_aliases,
 )
-from service.registry.lookup import ModelRef, download_version, parse_model_ref, resolve_version
+from service.registry.lookup import (
+    ModelRef,
+    download_version,
+    model_directory,
+    parse_model_ref,
+    resolve_version,
+)
 from service.registry.register import LoggedEncoder, log_encoder, register_encoder
 from service.registry.spec import (
     EncoderSpec,

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +24,14 @@ from typing import Any, Literal
 from torch import nn
 
 from service.registry.errors import EncoderSpecError, RegistryError
-from service.registry.lookup import download_version, parse_model_ref, resolve_version
+from service.registry.lookup import (
+    download_version,
+    model_directory,
+    parse_model_ref,
+    resolve_version,
+)
 from service.registry.spec import SPEC_FILE, WEIGHTS_FILE, EncoderSpec, find_weights_copy
+from service.registry.text import copy_text_files
 from service.tracking.uri import redact_uri, resolve_tracking_uri
 
 Source = Literal["auto", "weights", "pickle"]
@@ -104,24 +108,6 @@ def load_registered(
     """:func:`load_encoder`, plus the encoder's spec (architecture, input size, normalisation)."""
     with model_directory(model_uri, tracking_uri) as directory:
         return _load_directory(directory, source)
-
-
-@contextmanager
-def model_directory(model_uri: str, tracking_uri: str | None = None) -> Iterator[Path]:
-    """A local directory holding the files of ``model_uri``: a pulled (or downloaded MLflow
-    model) directory as is, or a registered version downloaded into a temporary directory that
-    is removed on exit. Without ``tracking_uri``, the store pretraining used."""
-    local = Path(model_uri[len("file://") :] if model_uri.startswith("file://") else model_uri)
-    if not model_uri.startswith("models:/") and local.is_dir():
-        yield local
-        return
-    from mlflow import MlflowClient
-
-    ref = parse_model_ref(model_uri)
-    uri = resolve_tracking_uri(explicit=tracking_uri)
-    version = resolve_version(MlflowClient(uri), ref)
-    with tempfile.TemporaryDirectory(prefix="encoder-") as tmp:
-        yield download_version(uri, ref.name, str(version.version), tmp)
 
 
 def version_aliases(client: Any, name: str, version: str | int) -> list[str]:
@@ -204,17 +190,6 @@ encoder.eval()  # inputs: RGB, resized+centre-cropped to image_size, scaled to [
 """
 
 
-def _copy_text_files(model_dir: Path, out: Path) -> None:
-    """An image–text version's towers, spec and tokenizer beside ``encoder.*`` (if it has them),
-    so ``load_image_text_model(out)`` / ``load_text_encoder(out)`` work offline."""
-    from service.registry.text import TEXT_FILES, find_text_files, is_image_text_dir
-
-    if is_image_text_dir(model_dir):
-        base = find_text_files(model_dir)
-        for name in TEXT_FILES:
-            shutil.copy2(base / name, out / name)
-
-
 def pull(
     spec: str, out_dir: str | Path, tracking_uri: str | None = None, *, overwrite: bool = False
 ) -> Path:
@@ -239,7 +214,7 @@ def pull(
     spec_path, weights_path = find_weights_copy(model_dir)
     shutil.copy2(spec_path, out / SPEC_FILE)
     shutil.copy2(weights_path, out / WEIGHTS_FILE)
-    _copy_text_files(model_dir, out)
+    copy_text_files(model_dir, out)
     encoder_spec = EncoderSpec.load(out / SPEC_FILE)
 
     info = {

@@ -1,5 +1,6 @@
 """Resolve ``NAME@ALIAS`` / ``NAME/VERSION`` / ``models:/...`` to a model version, with errors that
-list what exists, and download a version's files.
+list what exists, and download a version's files (``model_directory``: a version or a pulled
+directory as a local folder, what the image encoder and the image–text loaders both read).
 
     >>> parse_model_ref("models:/contrastive-encoder@champion")
     ModelRef(name='contrastive-encoder', version=None, alias='champion')
@@ -10,12 +11,15 @@ list what exists, and download a version's files.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.registry.errors import RegistryLookupError
-from service.tracking.uri import use_tracking_uri
+from service.tracking.uri import resolve_tracking_uri, use_tracking_uri
 
 MODELS_SCHEME = "models:/"
 _PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -116,3 +120,21 @@ def download_version(tracking_uri: str, name: str, version: str, dst: str | Path
         else:
             os.environ[_PROGRESS_ENV] = saved
     return Path(local)
+
+
+@contextmanager
+def model_directory(model_uri: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """A local directory holding the files of ``model_uri``: a pulled (or downloaded MLflow
+    model) directory as is, or a registered version downloaded into a temporary directory that
+    is removed on exit. Without ``tracking_uri``, the store pretraining used."""
+    local = Path(model_uri[len("file://") :] if model_uri.startswith("file://") else model_uri)
+    if not model_uri.startswith(MODELS_SCHEME) and local.is_dir():
+        yield local
+        return
+    from mlflow import MlflowClient
+
+    ref = parse_model_ref(model_uri)
+    uri = resolve_tracking_uri(explicit=tracking_uri)
+    version = resolve_version(MlflowClient(uri), ref)
+    with tempfile.TemporaryDirectory(prefix="encoder-") as tmp:
+        yield download_version(uri, ref.name, str(version.version), tmp)

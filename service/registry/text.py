@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 
 from service.config import Config, ModelConfig, TextConfig
 from service.registry.errors import EncoderSpecError, RegistryError
+from service.registry.lookup import model_directory
 
 IMAGE_TEXT_SPEC_FILE = "image_text.json"
 TOWERS_FILE = "towers.safetensors"
@@ -229,8 +231,6 @@ def _load_directory(directory: Path) -> LoadedImageText:
 
 def load_image_text(model_uri: str, tracking_uri: str | None = None) -> LoadedImageText:
     """:func:`load_image_text_model`, plus the spec (input size, normalisation, templates)."""
-    from service.registry.load import model_directory
-
     with model_directory(model_uri, tracking_uri) as directory:
         return _load_directory(directory)
 
@@ -250,5 +250,15 @@ def load_text_encoder(model_uri: str, tracking_uri: str | None = None) -> TextEn
 
 
 def is_image_text_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` (downloaded model dir or pulled dir) holds an image–text version."""
     directory = Path(directory)
     return any((b / IMAGE_TEXT_SPEC_FILE).exists() for b in (directory, directory / "extra_files"))
+
+
+def copy_text_files(model_dir: Path, out: Path) -> None:
+    """An image–text version's towers, spec and tokenizer beside ``encoder.*`` (if it has them),
+    so ``load_image_text_model(out)`` / ``load_text_encoder(out)`` work offline (``pull``)."""
+    if is_image_text_dir(model_dir):
+        base = find_text_files(model_dir)
+        for name in TEXT_FILES:
+            shutil.copy2(base / name, out / name)
