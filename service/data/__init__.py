@@ -1,39 +1,36 @@
-"""Image data: Parquet discovery and validation, decoding, SimCLR augmentations, two readers.
+"""Image data: one owner for the training-data path, data sources and augmentation backends
+registered by name, decoding, SimCLR augmentations, two readers.
 
-- PyTorch path (single process, tests, data that fits in memory): :class:`ParquetImageDataset`
-  + :func:`make_dataloader`.
-- Ray Data path (streaming, any size): :func:`read_ray_dataset` → :func:`augment_ray_dataset`
-  → :func:`iter_view_batches` on each Ray Train worker's shard.
+- Training data (:mod:`service.data.pipeline`): :func:`prepare` on the driver decides the path
+  once (rows, their key, decode once / shared copy / stream / Ray Data); :func:`open_batches` on
+  each worker returns the epoch's batches, the same step count on every rank.
+- Sources (:mod:`service.data.sources`): :func:`inspect_source` resolves any ``data.*`` path with
+  the format that owns it: Parquet (:mod:`service.data.parquet`) or WebDataset tar shards
+  (:mod:`service.data.shards`, :mod:`service.data.webdataset`). Readers, checks, evaluation,
+  ``embed`` and ``zero-shot`` all read rows through it.
+- Augmentation backends (:mod:`service.data.augmenters`): ``batched`` (uint8 batches augmented on
+  the training device, :class:`BatchSimCLRAugment`) and ``torchvision`` (per image, the
+  reference).
+- Readers (:mod:`service.data.readers`): PyTorch (decoded rows + ``DistributedSampler``, or a
+  stream) and Ray Data shards (:mod:`service.data.ray_dataset`).
 
-Both yield ``(list of n_views tensors [b, 3, H, W], labels [b])`` batches.
+Image–text data (``text.column`` set): the readers carry the caption with its image
+(:mod:`service.data.captions`).
 
-Batched augmentation (:mod:`service.data.batch_augment`): the same SimCLR pipeline on a whole
-uint8 batch ``[B, 3, H, W]`` on its device (CPU or CUDA), seeded per instance::
-
-    augment = BatchSimCLRAugment(config.augment, image_size=32, seed=rank_seed)
-    views = augment(uint8_batch)  # n_views float32 tensors [B, 3, 32, 32], normalised
-
-With ``augment.backend=batched`` the readers deliver decoded uint8 batches instead of views:
-the PyTorch reader decodes the training rows once into shared memory
-(:mod:`service.data.decoded`), the Ray reader decodes in its map tasks (:class:`DecodeBatchFn`,
-:func:`iter_image_batches`), and the trainer augments on its device
-(``service.train.batches.TrainBatches``).
-
-Image–text data (``text.column`` set): both readers carry the caption column with its image
-(:mod:`service.data.captions`: valid captions, templated captions from class names, captions
-files for ``data pack --captions``); :func:`iter_captioned_batches` on the Ray path.
-
-Ray is imported lazily (inside :func:`read_ray_dataset`), so importing this package is cheap.
+Ray is imported lazily, so importing this package is cheap.
 """
 
 from service.data.augment import (
     MultiViewTransform,
+    augment_config_problems,
     color_jitter,
     denormalize,
     eval_transform,
+    jitter_strengths,
     simclr_transform,
     view_size,
 )
+from service.data.augmenters import AUGMENTERS, Augmenter, augment_seed
 from service.data.batch_augment import BatchSimCLRAugment, ViewParams
 from service.data.captions import (
     CAPTION_TEMPLATES,
@@ -62,13 +59,15 @@ from service.data.decoded import (
     training_key,
 )
 from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
-from service.data.pack import pack_image_folder
+from service.data.pack import pack_image_folder, pack_shards
 from service.data.parquet import (
     ParquetSource,
     inspect_parquet,
     read_image_table,
     resolve_parquet_files,
 )
+from service.data.pipeline import TrainData, open_batches, prepare
+from service.data.plan import MODES, PreparedData, steps_per_epoch, training_rows
 from service.data.preview import save_augmentation_preview
 from service.data.ray_dataset import (
     DecodeBatchFn,
@@ -81,6 +80,14 @@ from service.data.ray_dataset import (
     make_multiview_batch_fn,
     read_ray_dataset,
 )
+from service.data.shards import ShardSource, inspect_shard_source, is_shard_pattern
+from service.data.sources import (
+    SOURCE_FORMATS,
+    DataSource,
+    inspect_source,
+    register_source,
+    source_format,
+)
 from service.data.torch_dataset import (
     ParquetImageDataset,
     build_eval_dataset,
@@ -90,6 +97,27 @@ from service.data.torch_dataset import (
 )
 
 __all__ = [
+    "augment_config_problems",
+    "jitter_strengths",
+    "AUGMENTERS",
+    "Augmenter",
+    "DataSource",
+    "MODES",
+    "PreparedData",
+    "SOURCE_FORMATS",
+    "ShardSource",
+    "TrainData",
+    "augment_seed",
+    "inspect_shard_source",
+    "inspect_source",
+    "is_shard_pattern",
+    "open_batches",
+    "pack_shards",
+    "prepare",
+    "register_source",
+    "source_format",
+    "steps_per_epoch",
+    "training_rows",
     "DecodedKey",
     "SharedDecoded",
     "SharedDecodedMismatchError",

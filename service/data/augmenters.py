@@ -4,7 +4,8 @@ A backend answers three questions for the readers, so no reader branches on its 
 
 - ``item_transform``: what the PyTorch streaming reader does per row (the views themselves, or
   only a decoded uint8 square to augment later in a batch);
-- ``map_fn``: the Ray Data ``map_batches`` function (decode + augment, or decode only);
+- ``yields_uint8``: whether the Ray Data map tasks only decode (the views are made later) or
+  also augment;
 - ``batch_fn``: what the training process does to each loader batch on its device (nothing, or
   :class:`~service.data.batch_augment.BatchSimCLRAugment`).
 
@@ -49,7 +50,6 @@ class Augmenter:
     name: str
     yields_uint8: bool  # loaders deliver decoded uint8 [b, 3, S, S]; batch_fn makes the views
     item_transform: Callable[[Config], Callable[[Any], Any]]
-    map_fn: Callable[..., Any]  # (config-like args) -> a Ray Data map_batches callable
     batch_fn: Callable[[Config, int, torch.device], Callable[[Any], Views]]
 
 
@@ -82,21 +82,9 @@ def _views_fn(config: Config, rank: int, device: torch.device) -> Callable[[Any]
     return lambda views: views if isinstance(views, list) else [views]
 
 
-def _decode_map_fn(cfg: Any, image_size: int, n: int, *args: Any, **kwargs: Any) -> Any:
-    from service.data.ray_dataset import DecodeBatchFn
-
-    return DecodeBatchFn(image_size, *args, **kwargs)
-
-
-def _views_map_fn(cfg: Any, image_size: int, n: int, *args: Any, **kwargs: Any) -> Any:
-    from service.data.ray_dataset import MultiViewBatchFn
-
-    return MultiViewBatchFn(cfg, image_size, n, *args, **kwargs)
-
-
 AUGMENTERS: dict[str, Augmenter] = {
-    "batched": Augmenter("batched", True, _uint8_item, _decode_map_fn, _batched_fn),
-    "torchvision": Augmenter("torchvision", False, _views_item, _views_map_fn, _views_fn),
+    "batched": Augmenter("batched", True, _uint8_item, _batched_fn),
+    "torchvision": Augmenter("torchvision", False, _views_item, _views_fn),
 }
 
 

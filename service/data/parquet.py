@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from service.data.errors import DataError
+from service.data.sources import register_source
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -281,10 +282,4 @@ def _ray_dataset(source: ParquetSource, columns: list[str], indices: np.ndarray 
     ).select_columns(columns)
 
 
-def _register() -> None:
-    from service.data.sources import register_source
-
-    register_source("parquet", lambda path: True, inspect_parquet)
-
-
-_register()
+register_source("parquet", lambda path: True, inspect_parquet)

@@ -31,53 +31,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from service.config import Config
 from service.data.augmenters import Views, augmenter, n_views
-from service.data.decoded import DecodedKey, SharedDecoded, decode_once_plan, decoded_key
+from service.data.decoded import SharedDecoded, decode_once_plan, decoded_key
+from service.data.plan import (
+    MODES,
+    LoaderBatch,
+    PreparedData,
+    steps_per_epoch,
+    training_rows,
+)
+from service.data.readers import READERS
 
 log = logging.getLogger("service.data")
 
-LoaderBatch = tuple[Any, torch.Tensor, list[str] | None]  # (uint8 or views, labels, captions)
 TrainBatch = tuple[Views, torch.Tensor, list[str] | None]
-MODES = ("ray", "shared", "decoded", "stream")
-
-
-def steps_per_epoch(rows: int, global_batch_size: int) -> int:
-    """Full global batches per epoch; the last partial batch is dropped on every rank.
-
-    ``DistributedSampler(drop_last=True)`` + a ``drop_last`` loader give floor(floor(N/W)/b),
-    which equals floor(N / (W·b)); the Ray Data reader is cut to the same count.
-    """
-    return rows // global_batch_size
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """What the driver decided about a run's training data (pickled into every worker)."""
-
-    mode: str  # one of MODES
-    rows: int  # training rows selected (before undecodable ones are skipped)
-    key: DecodedKey  # which rows: the fingerprint a shared copy must match
-    reason: str  # why this mode, for the log
-    shared: SharedDecoded | None = None
-    # Driver only: the Ray datasets the trainer shards (``TorchTrainer(datasets=...)``).
-    datasets: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def for_workers(self) -> PreparedData:
-        """This, without the driver-only datasets (workers get their shard from Ray Train)."""
-        return replace(self, datasets={})
-
-
-def _training_rows(config: Config) -> np.ndarray:
-    from service.data.splits import train_val_rows
-
-    return train_val_rows(config).train_rows(config.data.limit)
 
 
 def prepare(
@@ -88,7 +61,7 @@ def prepare(
     ``shared``: a decoded copy the caller already holds (the Tune driver, for all its trials);
     ``share=False`` never puts a copy in the object store (tests, single-process tools)."""
     d = config.data
-    rows = _training_rows(config)
+    rows = training_rows(config)
     key = decoded_key(d.train, rows, d.image_size, config.text.column)
     if d.reader == "ray":
         from service.data.ray_dataset import build_ray_train_dataset
@@ -148,8 +121,6 @@ def open_batches(
     prepared: PreparedData, config: Config, rank: int, world: int, device: torch.device
 ) -> TrainData:
     """This rank's :class:`TrainData` for the mode ``prepared`` names (on the worker)."""
-    from service.data.readers import READERS
-
     if prepared.mode not in READERS:
         raise ValueError(f"unknown data mode {prepared.mode!r}; expected one of {MODES}")
     log.info("data: %s", prepared.reason)

@@ -285,8 +285,13 @@ def augment_ray_dataset(
     """
     from service.data.augmenters import AUGMENTERS
 
-    backend = AUGMENTERS[cfg.backend]  # decode only (batched) or decode + views (torchvision)
-    fn = backend.map_fn(cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column)
+    fn: Any
+    if AUGMENTERS[cfg.backend].yields_uint8:  # the trainer augments: decode only
+        fn = DecodeBatchFn(image_size, max_bad_fraction, map_batch_size, text_column)
+    else:
+        fn = MultiViewBatchFn(
+            cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column
+        )
     ds = ds.repartition(target_num_rows_per_block=map_batch_size)
     if shuffle:
         ds = ds.randomize_block_order()  # no seed: a new order every execution (epoch)

@@ -20,15 +20,9 @@ import torch
 
 from service.config import Config
 from service.data.augmenters import augmenter, n_views
-from service.data.pipeline import LoaderBatch, PreparedData
+from service.data.plan import LoaderBatch, PreparedData, training_rows, with_captions
 
 Opened = tuple[int, Callable[[int], Iterator[LoaderBatch]], Any, Any]
-
-
-def _with_captions(batches: Any) -> Iterator[LoaderBatch]:
-    """Loader batches ``(x, labels)`` or ``(x, labels, captions)`` → always three items."""
-    for batch in batches:
-        yield batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
 
 
 def _sampler(dataset: Any, config: Config, rank: int, world: int) -> Any:
@@ -43,7 +37,7 @@ def _sampler(dataset: Any, config: Config, rank: int, world: int) -> Any:
 def _epochs(loader: Any, sampler: Any) -> Callable[[int], Iterator[LoaderBatch]]:
     def epoch(e: int) -> Iterator[LoaderBatch]:
         sampler.set_epoch(e)
-        return _with_captions(iter(loader))
+        return with_captions(iter(loader))
 
     return epoch
 
@@ -81,10 +75,9 @@ def _shared(prepared: PreparedData, config: Config, rank: int, world: int, devic
 def _rows(prepared: PreparedData, config: Config) -> Any:
     """The training rows, checked against the driver's key (same files, rows, size)."""
     from service.data.decoded import decoded_key
-    from service.data.pipeline import _training_rows
 
     d = config.data
-    rows = _training_rows(config)
+    rows = training_rows(config)
     if decoded_key(d.train, rows, d.image_size, config.text.column) != prepared.key:
         raise ValueError(
             f"this worker selects other training rows than the driver prepared "
@@ -138,7 +131,7 @@ def _ray(prepared: PreparedData, config: Config, rank: int, world: int, device: 
             batches = rd.iter_image_batches(shard, b, drop_last=True, device=target)
         else:
             batches = rd.iter_view_batches(shard, b, n_views(config), drop_last=True)
-        return _with_captions(batches)
+        return with_captions(batches)
 
     return prepared.rows, epoch, None, None
 

@@ -29,6 +29,8 @@ from torch.utils.data import IterableDataset
 from service.data import webdataset as wds
 from service.data.errors import DataError
 from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN, LABEL_NAME_COLUMN
+from service.data.plan import with_captions
+from service.data.sources import register_source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 STREAM_BUFFER_ROWS = 1024  # the streaming reader's shuffle buffer (rows), as the Ray reader's
@@ -165,9 +167,7 @@ class ShardStream(IterableDataset):
     def epoch_loader(self, loader: Any) -> Any:
         def epoch(e: int) -> Any:
             self.epoch = e
-            from service.data.readers import _with_captions
-
-            return _with_captions(iter(loader))
+            return with_captions(iter(loader))
 
         return epoch
 
@@ -207,10 +207,4 @@ def _training_keys(source: ShardSource, config: Any, rows: int) -> Any:
     return {keys[int(i)] for i in train}.__contains__
 
 
-def _register() -> None:
-    from service.data.sources import register_source
-
-    register_source("webdataset", is_shard_pattern, inspect_shard_source)
-
-
-_register()
+register_source("webdataset", is_shard_pattern, inspect_shard_source)

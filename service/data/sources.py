@@ -11,7 +11,8 @@ keys mean the same thing for every format.
 Shipped sources: ``parquet`` (a file, directory, glob or URI of Parquet files,
 :mod:`service.data.parquet`) and ``webdataset`` (tar shards, ``shards/{000000..000099}.tar``,
 :mod:`service.data.shards`). The first registered source whose ``matches(path)`` is true owns a
-path; Parquet is the fallback.
+path; Parquet is the fallback. The formats register when :mod:`service.data` is imported (any
+import of a ``service.data`` module imports the package first).
 
     >>> inspect_source("service/data/bundled/cifar10-test-subset.parquet").format
     'parquet'
@@ -77,19 +78,9 @@ def register_source(
     SOURCE_FORMATS[name] = SourceFormat(name, matches, inspect)
 
 
-def _formats() -> dict[str, SourceFormat]:
-    # The shipped formats register on import; importing them here keeps the registry complete
-    # whichever module a caller imported first.
-    import service.data.parquet  # noqa: F401
-    import service.data.shards  # noqa: F401
-
-    return SOURCE_FORMATS
-
-
 def source_format(path: str) -> str:
     """The name of the format that owns ``path`` (Parquet unless another claims it)."""
-    formats = _formats()
-    for name, fmt in formats.items():
+    for name, fmt in SOURCE_FORMATS.items():
         if name != "parquet" and fmt.matches(str(path)):
             return name
     return "parquet"
@@ -98,4 +89,4 @@ def source_format(path: str) -> str:
 def inspect_source(path: str) -> DataSource:
     """Resolve and validate ``path`` with the format that owns it (cheap: headers, footers);
     raises :class:`~service.data.errors.DataError` naming the path and what to do."""
-    return _formats()[source_format(path)].inspect(str(path))
+    return SOURCE_FORMATS[source_format(path)].inspect(str(path))
