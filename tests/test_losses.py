@@ -7,7 +7,11 @@ Distributed exactness lives in ``test_losses_distributed.py``; the loop referenc
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import math
+import pkgutil
+import sys
 import tempfile
 
 import pytest
@@ -15,10 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import service.losses
 from service.config import LossConfig, ModelConfig
 from service.losses import (
     LOSS_CLASSES,
     LOSS_NAMES,
+    MARGIN_LOSS_NAMES,
+    PAIRED_LOSS_NAMES,
     ContrastiveLoss,
     DebiasedNTXentLoss,
     HardNegativeNTXentLoss,
@@ -34,6 +41,7 @@ from service.losses import (
     gather_with_grad,
     get_rank,
     get_world_size,
+    loss_config_problems,
     masked_logsumexp,
     momentum_update,
 )
@@ -568,8 +576,96 @@ def test_loss_names_and_capabilities_are_defined_by_the_classes() -> None:
     assert chunked == {"ntxent", "symmetric", "moco"}
     assert two_views == {"symmetric", "moco", "debiased", "siglip"}
     assert labelled == {"supcon", "triplet", "pairwise"}
+    assert PAIRED_LOSS_NAMES == ("symmetric", "siglip")
+    assert MARGIN_LOSS_NAMES == ("triplet", "pairwise")
+    assert {n for n, c in LOSS_CLASSES.items() if not c.in_batch_negatives} == {"moco"}
     with pytest.raises(LossInputError, match="does not support chunk_size"):
         ContrastiveLoss(0.5, chunk_size=4)  # a loss must opt in to chunking
+
+
+def _loss_classes_in_the_package() -> set[type[ContrastiveLoss]]:
+    """Every ``ContrastiveLoss`` subclass defined at module level in ``service.losses`` that
+    implements ``compute`` (bases like ``MarginLoss`` do not; doctest toys are not module
+    attributes)."""
+    for module in pkgutil.iter_modules(service.losses.__path__, "service.losses."):
+        importlib.import_module(module.name)
+    found, todo = set(), [ContrastiveLoss]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            module = sys.modules.get(sub.__module__)
+            defined_here = getattr(module, sub.__qualname__, None) is sub
+            if defined_here and sub.__module__.startswith("service.losses."):
+                found.add(sub)
+    return {cls for cls in found if cls.compute is not ContrastiveLoss.compute}
+
+
+def test_every_loss_class_is_registered_under_its_name() -> None:
+    classes = _loss_classes_in_the_package()
+    assert len(classes) >= 9
+    unregistered = {cls.__name__ for cls in classes} - {c.__name__ for c in LOSS_CLASSES.values()}
+    assert not unregistered, f"add {unregistered} to LOSS_CLASSES in service/losses/factory.py"
+    for name, cls in LOSS_CLASSES.items():
+        assert cls.name == name
+        crit = build_loss(LossConfig(name=name), embed_dim=16, gather_distributed=False)
+        assert type(crit) is cls and not crit.gather_distributed
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_registered_classes_build_themselves_from_the_config(name: str) -> None:
+    # ``from_config`` comes from the class itself or from an ancestor whose constructor takes
+    # every argument this one does: a loss with a hyperparameter of its own must override it.
+    cls = LOSS_CLASSES[name]
+    owner = next(c for c in cls.__mro__ if "from_config" in vars(c))
+    arguments = set(inspect.signature(cls.__init__).parameters)
+    assert arguments <= set(inspect.signature(owner.__init__).parameters), (
+        f"{cls.__name__} takes {arguments - set(inspect.signature(owner.__init__).parameters)} "
+        f"but inherits from_config from {owner.__name__}: override from_config"
+    )
+    assert cls.config_problems(LossConfig(name=name)) == []  # the defaults are valid
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"name": "ntxent", "temperature": 0.0}, "loss.temperature must be > 0 and finite, got 0"),
+        ({"name": "ntxent", "chunk_size": 0}, "loss.chunk_size must be a positive integer"),
+        ({"name": "moco", "moco_queue_size": 0}, "loss.moco_queue_size must be >= 1, got 0"),
+        ({"name": "moco", "moco_momentum": 1.5}, "loss.moco_momentum must be in [0, 1], got 1.5"),
+        ({"name": "hard_negative", "top_k": 0}, "loss.top_k must be >= 1, got 0"),
+        ({"name": "debiased", "tau_plus": 1.0}, "loss.tau_plus must be in [0, 1), got 1.0"),
+        ({"name": "supcon", "temperature": -1.0}, "loss.temperature must be > 0"),
+        ({"name": "triplet", "margin": -0.1}, "loss.margin must be > 0 and finite, got -0.1"),
+        ({"name": "pairwise", "margin": float("inf")}, "loss.margin must be > 0 and finite"),
+        ({"name": "siglip", "siglip_bias_init": float("nan")}, "loss.siglip_bias_init must be"),
+        (
+            {"name": "symmetric", "temperature": 0.001, "learnable_temperature": True},
+            "loss.temperature=0.001 is below 1/max_logit_scale=0.01",
+        ),
+    ],
+)
+def test_config_problems_name_the_key_and_agree_with_the_constructor(fields, problem) -> None:
+    cfg = LossConfig(**fields)
+    found = loss_config_problems(cfg)
+    assert len(found) == 1 and found[0].startswith(problem), found
+    with pytest.raises(LossInputError):  # the worker's one check: the constructor's own
+        build_loss(cfg, embed_dim=8)
+
+
+def test_loss_config_problems_reports_everything_at_once() -> None:
+    cfg = LossConfig(name="moco", temperature=-1.0, margin=0.5, moco_queue_size=0)
+    found = loss_config_problems(cfg, n_views=3)
+    assert [p.split()[0].split("=")[0] for p in found] == [
+        "loss.margin",
+        "loss.name",  # takes exactly 2 views
+        "loss.temperature",
+        "loss.moco_queue_size",
+    ]
+    assert loss_config_problems(LossConfig(name="arcface")) == [
+        f"loss.name must be one of {'|'.join(LOSS_NAMES)}, got 'arcface'"
+    ]
+    # margin losses have no temperature: loss.temperature is not theirs to check
+    assert loss_config_problems(LossConfig(name="triplet", temperature=-1.0)) == []
 
 
 def test_repr_names_the_hyperparameters() -> None:
@@ -740,3 +836,13 @@ def test_ntxent_first_loss_of_a_random_model_is_near_the_expected_one(n_views: i
         first = float(crit.forward_views(model, views))
     expected = crit.expected_initial_loss(n_views, batch)
     assert abs(first - expected) / expected < 0.25, (first, expected)
+
+
+def test_docs_table_lists_every_registered_loss() -> None:
+    from service.config import REPO_ROOT
+
+    table = (REPO_ROOT / "docs" / "losses.md").read_text()
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    # the loss rows: a name and a class in backticks (not the header's "class")
+    documented = {n.strip(" `"): c.strip(" `") for n, c in rows if c.strip().startswith("`")}
+    assert documented == {name: cls.__name__ for name, cls in LOSS_CLASSES.items()}

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from service.config import REPO_ROOT, ConfigError, load_config
-from service.train.preflight import config_problems, preflight
+from service.losses import LOSS_CLASSES, LOSS_NAMES, ContrastiveLoss
+from service.train.preflight import config_problems, loss_problems, preflight
 
 SMOKE = REPO_ROOT / "jobs" / "configs" / "smoke-cpu.yaml"
 
@@ -161,3 +162,25 @@ def test_text_mode_loss_rule_is_reported_once() -> None:
                                  "mlflow.champion_metric=train_loss"])  # fmt: skip
     problems = [p for p in config_problems(config) if "ntxent" in p]
     assert len(problems) == 1 and "symmetric|siglip" in problems[0], problems
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_problems_build_no_loss(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pre-flight asks the loss's class for its rules; the worker's constructor is the only other
+    # check of loss.temperature. Any construction here would raise.
+    def no_construction(self, *args, **kwargs) -> None:
+        raise AssertionError(f"pre-flight built a {type(self).__name__}")
+
+    monkeypatch.setattr(ContrastiveLoss, "__init__", no_construction)
+    config = load_config(SMOKE, [f"loss.name={name}", "augment.n_views=2"])
+    assert loss_problems(config) == []
+    key = "loss.margin" if LOSS_CLASSES[name].uses_margin else "loss.temperature"
+    setattr(config.loss, key.split(".")[1], -1.0)
+    assert loss_problems(config) == [f"{key} must be > 0 and finite, got -1.0"]
+
+
+def test_per_worker_batch_of_one_needs_negatives_from_elsewhere() -> None:
+    keys = ["train.global_batch_size=2", "train.num_workers=2"]
+    assert loss_problems(load_config(SMOKE, [*keys, "loss.name=moco"])) == []
+    problems = loss_problems(load_config(SMOKE, keys))
+    assert problems == ["per-worker batch 1 is too small for in-batch negatives"]

@@ -24,6 +24,8 @@ from service.losses.factory import (
     build_loss,
     check_loss_config,
     loss_class,
+    loss_config_problems,
+    loss_names,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
 from service.losses.margin import MarginLoss
@@ -72,6 +74,8 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "loss_class",
+    "loss_config_problems",
+    "loss_names",
     "masked_logsumexp",
     "momentum_update",
     "shuffled_forward",

@@ -35,7 +35,7 @@ checkpoint is loaded into the criterion.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
@@ -49,16 +49,28 @@ from service.losses.inputs import (
     check_temperature,
     check_views,
     full_precision,
+    problems,
 )
 from service.models import unwrap
+
+if TYPE_CHECKING:
+    from service.config import LossConfig
 
 
 class ContrastiveLoss(nn.Module):
     """Base of the contrastive losses: temperature, ``gather_distributed``, hooks (no-ops).
 
-    Class attributes say what a loss supports, so config validation can ask the loss:
+    Class attributes say what a loss is and supports, so config validation can ask the loss:
+    ``name`` (its ``loss.name``; the registry is ``service.losses.factory.LOSS_CLASSES``),
     ``supports_learnable_temperature``, ``supports_chunking`` (``chunk_size=k`` streams the keys),
-    ``exact_views`` (None: any number >= 2) and ``needs_labels`` (class labels per sample).
+    ``exact_views`` (None: any number >= 2), ``needs_labels`` (class labels per sample),
+    ``paired`` (can train image–text pairs: its two views may be different modalities),
+    ``uses_margin`` (takes ``loss.margin``) and ``in_batch_negatives`` (False: the negatives come
+    from elsewhere, e.g. MoCo's queue, so a per-worker batch of one is fine).
+
+    Two classmethods connect a loss to ``config.loss`` (a ``LossConfig``): ``config_problems``
+    (its hyperparameter ranges, naming the config keys, without building anything) and
+    ``from_config`` (the loss the config describes). Both default to the temperature-only case.
 
     >>> import torch
     >>> class Alignment(ContrastiveLoss):  # a toy loss: mean distance of the positive pairs
@@ -70,10 +82,14 @@ class ContrastiveLoss(nn.Module):
     Alignment(temperature=0.5, gather_distributed=True)
     """
 
+    name: ClassVar[str] = ""  # ``loss.name``; set by every registered loss
     supports_learnable_temperature: ClassVar[bool] = False
     supports_chunking: ClassVar[bool] = False
     exact_views: ClassVar[int | None] = None
     needs_labels: ClassVar[bool] = False
+    paired: ClassVar[bool] = False
+    uses_margin: ClassVar[bool] = False
+    in_batch_negatives: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -87,6 +103,28 @@ class ContrastiveLoss(nn.Module):
         if chunk_size is not None and not self.supports_chunking:
             raise LossInputError(f"{type(self).__name__} does not support chunk_size")
         self.chunk_size = check_chunk_size(chunk_size)
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        """The ranges of this loss's hyperparameters in ``cfg``, as problems naming the config
+        keys; nothing is built. The constructor checks its arguments with the same functions.
+
+        >>> from service.config import LossConfig
+        >>> ContrastiveLoss.config_problems(LossConfig(temperature=-1.0))
+        ['loss.temperature must be > 0 and finite, got -1.0']
+        """
+        checks: list[tuple] = [(check_temperature, cfg.temperature, "loss.temperature")]
+        if cls.supports_chunking:
+            checks.append((check_chunk_size, cfg.chunk_size, "loss.chunk_size"))
+        return problems(*checks)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        """The loss ``cfg`` describes (``embed_dim``: the projection output size). The default
+        passes the temperature (and ``chunk_size`` to a chunking loss); losses with more
+        hyperparameters override it."""
+        chunking = {"chunk_size": cfg.chunk_size} if cls.supports_chunking else {}
+        return cls(cfg.temperature, gather_distributed=gather_distributed, **chunking)
 
     @property
     def temperature(self) -> float:

@@ -8,6 +8,7 @@ the distributed exactness argument are the same as ``NTXentLoss``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor
@@ -15,7 +16,24 @@ from torch import Tensor
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import MASKED
 from service.losses.errors import LossInputError
-from service.losses.inputs import Batch, local_anchors_and_keys
+from service.losses.inputs import Batch, local_anchors_and_keys, problems
+
+if TYPE_CHECKING:
+    from service.config import LossConfig
+
+
+def check_top_k(top_k: int, name: str = "top_k") -> int:
+    """``top_k`` as an int >= 1, or ``LossInputError``."""
+    if int(top_k) < 1:
+        raise LossInputError(f"{name} must be >= 1, got {top_k}")
+    return int(top_k)
+
+
+def check_tau_plus(tau_plus: float, name: str = "tau_plus") -> float:
+    """``tau_plus`` (a class prior) as a float in [0, 1), or ``LossInputError``."""
+    if not 0.0 <= float(tau_plus) < 1.0:
+        raise LossInputError(f"{name} must be in [0, 1), got {tau_plus}")
+    return float(tau_plus)
 
 
 def _logits_and_positive_columns(
@@ -46,13 +64,21 @@ class HardNegativeNTXentLoss(ContrastiveLoss):
     >>> loss = crit(torch.randn(8, 16), torch.randn(8, 16))
     """
 
+    name = "hard_negative"
+
     def __init__(
         self, temperature: float = 0.5, top_k: int = 64, gather_distributed: bool = True
     ) -> None:
         super().__init__(temperature, gather_distributed)
-        if int(top_k) < 1:
-            raise LossInputError(f"top_k must be >= 1, got {top_k}")
-        self.top_k = int(top_k)
+        self.top_k = check_top_k(top_k)
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        return super().config_problems(cfg) + problems((check_top_k, cfg.top_k, "loss.top_k"))
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        return cls(cfg.temperature, cfg.top_k, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         logits, columns, is_self = _logits_and_positive_columns(
@@ -96,15 +122,23 @@ class DebiasedNTXentLoss(ContrastiveLoss):
     >>> loss = crit(torch.randn(8, 16), torch.randn(8, 16))
     """
 
+    name = "debiased"
     exact_views = 2
 
     def __init__(
         self, temperature: float = 0.5, tau_plus: float = 0.1, gather_distributed: bool = True
     ) -> None:
         super().__init__(temperature, gather_distributed)
-        if not 0.0 <= float(tau_plus) < 1.0:
-            raise LossInputError(f"tau_plus must be in [0, 1), got {tau_plus}")
-        self.tau_plus = float(tau_plus)
+        self.tau_plus = check_tau_plus(tau_plus)
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        tau_plus = (check_tau_plus, cfg.tau_plus, "loss.tau_plus")
+        return super().config_problems(cfg) + problems(tau_plus)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        return cls(cfg.temperature, cfg.tau_plus, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         logits, columns, is_self = _logits_and_positive_columns(

@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,31 @@ def check_temperature(temperature: float, name: str = "temperature") -> float:
     return value
 
 
-def check_chunk_size(chunk_size: int | None) -> int | None:
+def check_chunk_size(chunk_size: int | None, name: str = "chunk_size") -> int | None:
     """``None`` (no chunking) or a positive int number of key columns per block."""
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-        raise LossInputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        raise LossInputError(f"{name} must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
+
+
+def problems(*checks: tuple[Any, ...]) -> list[str]:
+    """The messages of the checks that fail: each ``(check, *args)`` is called and its
+    ``LossInputError`` collected, so one range rule serves the constructor (raise) and the
+    config (``loss.<key>`` problems, nothing built).
+
+    >>> problems((check_temperature, 0.5, "loss.temperature"),
+    ...          (check_temperature, -1.0, "loss.temperature"))
+    ['loss.temperature must be > 0 and finite, got -1.0']
+    """
+    found = []
+    for check, *args in checks:
+        try:
+            check(*args)
+        except LossInputError as exc:
+            found.append(str(exc))
+    return found
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -3,18 +3,23 @@ this rank's anchors to every embedding of the global batch."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Self
+
 from torch import Tensor
 
 from service.losses.base import ContrastiveLoss
 from service.losses.errors import LossInputError
-from service.losses.inputs import local_anchors_and_keys
+from service.losses.inputs import local_anchors_and_keys, problems
+
+if TYPE_CHECKING:
+    from service.config import LossConfig
 
 
-def check_margin(margin: float) -> float:
+def check_margin(margin: float, name: str = "margin") -> float:
     """``margin`` as a positive finite float, or ``LossInputError``."""
     value = float(margin)
     if not (value > 0 and value < float("inf")):
-        raise LossInputError(f"margin must be > 0 and finite, got {margin!r}")
+        raise LossInputError(f"{name} must be > 0 and finite, got {margin!r}")
     return value
 
 
@@ -32,16 +37,29 @@ def unit_distances(z: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
 class MarginLoss(ContrastiveLoss):
     """Base of the label losses compared by Euclidean distance against a ``margin``.
 
-    There is no temperature (``temperature`` is reported as 1). :meth:`pair_distances` gives
-    the masks and distances of this rank's V*b anchors against all W*V*b embeddings of the
-    gathered batch, so each loss is its few lines of maths on top.
+    There is no temperature (``temperature`` is reported as 1; ``loss.temperature`` is not
+    used). :meth:`pair_distances` gives the masks and distances of this rank's V*b anchors
+    against all W*V*b embeddings of the gathered batch, so each loss is its few lines of maths
+    on top. ``loss.margin: null`` keeps the subclass's default margin.
     """
 
     needs_labels = True
+    uses_margin = True
 
     def __init__(self, margin: float, gather_distributed: bool = True) -> None:
         super().__init__(1.0, gather_distributed)
         self.margin = check_margin(margin)
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        if cfg.margin is None:
+            return []
+        return problems((check_margin, cfg.margin, "loss.margin"))
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        margin = {} if cfg.margin is None else {"margin": cfg.margin}
+        return cls(gather_distributed=gather_distributed, **margin)
 
     def pair_distances(
         self, views: tuple[Tensor, ...], labels: Tensor

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Self
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,25 @@ from service.losses.distributed import (
     is_distributed,
 )
 from service.losses.errors import LossInputError
-from service.losses.inputs import normalized
+from service.losses.inputs import normalized, problems
 from service.models import unwrap
 
+if TYPE_CHECKING:
+    from service.config import LossConfig
 
-def check_momentum(momentum: float) -> float:
+
+def check_momentum(momentum: float, name: str = "momentum") -> float:
     """``momentum`` as a float in [0, 1] (1 freezes the key encoder), or raise."""
     if not 0.0 <= float(momentum) <= 1.0:
-        raise LossInputError(f"momentum must be in [0, 1], got {momentum}")
+        raise LossInputError(f"{name} must be in [0, 1], got {momentum}")
     return float(momentum)
+
+
+def check_queue_size(size: int, name: str = "queue_size") -> int:
+    """``size`` (keys the queue holds) as an int >= 1, or raise."""
+    if int(size) < 1:
+        raise LossInputError(f"{name} must be >= 1, got {size}")
+    return int(size)
 
 
 @torch.no_grad()
@@ -214,8 +225,10 @@ class MoCoLoss(ContrastiveLoss):
     8
     """
 
+    name = "moco"
     supports_chunking = True
     exact_views = 2
+    in_batch_negatives = False  # the negatives come from the queue
 
     def __init__(
         self,
@@ -233,6 +246,24 @@ class MoCoLoss(ContrastiveLoss):
         self.key_encoder: MomentumEncoder | None = None  # set by attach()
         self.shuffle_seed = int(shuffle_seed)
         self.register_buffer("shuffle_step", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        return super().config_problems(cfg) + problems(
+            (check_queue_size, cfg.moco_queue_size, "loss.moco_queue_size"),
+            (check_momentum, cfg.moco_momentum, "loss.moco_momentum"),
+        )
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        return cls(
+            cfg.temperature,
+            queue_size=cfg.moco_queue_size,
+            dim=embed_dim,
+            gather_distributed=gather_distributed,
+            chunk_size=cfg.chunk_size,
+            momentum=cfg.moco_momentum,
+        )
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         self.check(views, min_global_batch=1)  # the negatives come from the queue

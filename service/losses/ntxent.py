@@ -51,6 +51,7 @@ class NTXentLoss(ContrastiveLoss):
     (torch.Size([]), 0.5)
     """
 
+    name = "ntxent"
     supports_chunking = True
 
     def __init__(

@@ -30,6 +30,8 @@ class PairwiseContrastiveLoss(MarginLoss):
     tensor(0.1716)
     """
 
+    name = "pairwise"
+
     def __init__(self, margin: float = 1.0, gather_distributed: bool = True) -> None:
         super().__init__(margin, gather_distributed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Self
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,18 @@ from torch import Tensor, nn
 
 from service.losses.distributed import gather_with_grad
 from service.losses.errors import LossInputError
-from service.losses.inputs import normalized
-from service.losses.temperature import LearnableTemperatureLoss
+from service.losses.inputs import normalized, problems
+from service.losses.temperature import MAX_LOGIT_SCALE, LearnableTemperatureLoss
+
+if TYPE_CHECKING:
+    from service.config import LossConfig
+
+
+def check_bias_init(bias_init: float, name: str = "siglip bias_init") -> float:
+    """``bias_init`` as a finite float, or ``LossInputError``."""
+    if not math.isfinite(float(bias_init)):
+        raise LossInputError(f"{name} must be finite, got {bias_init!r}")
+    return float(bias_init)
 
 
 class SigLIPLoss(LearnableTemperatureLoss):
@@ -47,20 +58,34 @@ class SigLIPLoss(LearnableTemperatureLoss):
     (0.1, [torch.Size([]), torch.Size([])])
     """
 
+    name = "siglip"
     exact_views = 2
+    paired = True
 
     def __init__(
         self,
         temperature: float = 0.1,
         bias_init: float = -10.0,
         learnable_temperature: bool = True,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
         gather_distributed: bool = True,
     ) -> None:
         super().__init__(temperature, learnable_temperature, max_logit_scale, gather_distributed)
-        if not math.isfinite(float(bias_init)):
-            raise LossInputError(f"siglip bias_init must be finite, got {bias_init!r}")
-        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+        self.bias = nn.Parameter(torch.tensor(check_bias_init(bias_init)))
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        bias = (check_bias_init, cfg.siglip_bias_init, "loss.siglip_bias_init")
+        return super().config_problems(cfg) + problems(bias)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        return cls(
+            cfg.temperature,
+            bias_init=cfg.siglip_bias_init,
+            learnable_temperature=cfg.learnable_temperature,
+            gather_distributed=gather_distributed,
+        )
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
         batch = self.check(views)

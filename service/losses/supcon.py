@@ -38,6 +38,7 @@ class SupConLoss(ContrastiveLoss):
     True
     """
 
+    name = "supcon"
     needs_labels = True
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:

@@ -33,8 +33,10 @@ class SymmetricInfoNCELoss(LearnableTemperatureLoss):
     0.07
     """
 
+    name = "symmetric"
     supports_chunking = True
     exact_views = 2
+    paired = True
 
     def __init__(
         self,

@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor, nn
 
 from service.losses.base import ContrastiveLoss
 from service.losses.errors import LossInputError
-from service.losses.inputs import check_temperature
+from service.losses.inputs import check_temperature, problems
+
+if TYPE_CHECKING:
+    from service.config import LossConfig
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of 1/T: a learnable temperature never goes below 0.01
+
+
+def check_learnable_start(
+    temperature: float, max_logit_scale: float = MAX_LOGIT_SCALE, name: str = "temperature"
+) -> None:
+    """A learnable temperature must start above ``1/max_logit_scale`` (else it starts clamped).
+
+    >>> check_learnable_start(0.001, name="loss.temperature")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    service.losses.errors.LossInputError: loss.temperature=0.001 is below 1/max_logit_scale=0.01...
+    """
+    if temperature > 0 and 1.0 / temperature > max_logit_scale:  # T <= 0: check_temperature's
+        raise LossInputError(
+            f"{name}={temperature} is below 1/max_logit_scale="
+            f"{1.0 / max_logit_scale:g}; a learnable temperature would start clamped"
+        )
 
 
 class LearnableTemperatureLoss(ContrastiveLoss):
@@ -39,21 +62,33 @@ class LearnableTemperatureLoss(ContrastiveLoss):
         self,
         temperature: float,
         learnable_temperature: bool = False,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
         gather_distributed: bool = True,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(temperature, gather_distributed, chunk_size)
         self.learnable_temperature = learnable_temperature
         self.max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
-        if learnable_temperature and 1.0 / self._temperature > self.max_logit_scale:
-            raise LossInputError(
-                f"temperature={self._temperature} is below 1/max_logit_scale="
-                f"{1.0 / self.max_logit_scale:g}; a learnable temperature would start clamped"
-            )
         self.logit_scale: nn.Parameter | None = None
         if learnable_temperature:
+            check_learnable_start(self._temperature, self.max_logit_scale)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self._temperature)))
+
+    @classmethod
+    def config_problems(cls, cfg: LossConfig) -> list[str]:
+        start = (check_learnable_start, cfg.temperature, MAX_LOGIT_SCALE, "loss.temperature")
+        found = super().config_problems(cfg)
+        return found + problems(start) if cfg.learnable_temperature else found
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        chunking = {"chunk_size": cfg.chunk_size} if cls.supports_chunking else {}
+        return cls(
+            cfg.temperature,
+            learnable_temperature=cfg.learnable_temperature,
+            gather_distributed=gather_distributed,
+            **chunking,
+        )
 
     def scale(self, dtype: torch.dtype | None = None) -> Tensor | float:
         """The multiplicative logit scale 1/T: a differentiable tensor when learnable (unclamped:

@@ -33,6 +33,8 @@ class TripletLoss(MarginLoss):
     tensor(0.5858)
     """
 
+    name = "triplet"
+
     def __init__(self, margin: float = 0.2, gather_distributed: bool = True) -> None:
         super().__init__(margin, gather_distributed)
 
