@@ -206,3 +206,29 @@ def test_evaluate_json_has_documented_keys(smoke_run) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"linear_top1", "knn_top1", "n_train", "n_test"} <= set(result)
     assert Path(result["source"]) == Path(smoke_run.summary["checkpoint"])
+
+
+@pytest.mark.slow
+def test_pretraining_on_webdataset_shards_matches_parquet(smoke_run, ray_cluster, tmp_path):
+    """The smoke job again, its training data as WebDataset tar shards (the same rows in the
+    same order): same rows selected, decoded once and shared, so the same kNN within noise."""
+    import pyarrow.parquet as pq
+
+    from service.data.webdataset import write_shards
+
+    write_shards(pq.read_table(TRAIN), str(tmp_path / "shards"), rows_per_shard=1000)
+    overrides = [
+        *smoke_run.overrides,
+        f"data.train={tmp_path}/shards/shard-{{000000..000004}}.tar",
+        "train.run_name=smoke-shards",
+        "mlflow.registered_model_name=smoke-shards-encoder",
+    ]
+    job_id = f"shards-{int(time.time())}"
+    entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
+    ray_cluster.submit([*entry, *_sets(overrides)], job_id)
+    status, logs = ray_cluster.wait(job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    summary = last_json_line(logs)
+    assert "decoded once for all ranks" in logs and "shard-{000000..000004}.tar" in logs
+    assert summary["epochs"] == smoke_run.summary["epochs"]
+    assert summary["knn_top1"] == pytest.approx(smoke_run.summary["knn_top1"], abs=0.03)
