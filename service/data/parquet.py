@@ -260,7 +260,9 @@ def read_image_table(
     >>> read_image_table("service/data/bundled/cifar10-test-subset.parquet", limit=4).num_rows
     4
     """
-    source = inspect_parquet(path)
+    from service.data.sources import inspect_source
+
+    source = inspect_source(path)  # any registered format
     columns = list(columns) if columns is not None else default_columns(source)
     return source.read(columns, limit_indices(source, limit, seed))
 

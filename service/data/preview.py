@@ -10,6 +10,7 @@ backend the config trains with (``augment.backend``): the per-image torchvision 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -76,41 +77,57 @@ def save_augmentation_preview(
     if n_images < 1 or n_views < 1:
         raise DataError(f"need n_images >= 1 and n_views >= 1, got {n_images} and {n_views}")
     table = read_image_table(data_path, limit=n_images, seed=seed)
-    names = (
-        table.column(LABEL_NAME_COLUMN).to_pylist()
-        if LABEL_NAME_COLUMN in table.schema.names
-        else None
-    )
-    labels = table.column(LABEL_COLUMN).to_pylist() if LABEL_COLUMN in table.schema.names else None
+    decoded = _decoded_rows(table)
+    views = _views(cfg, image_size, n_views, seed, [image for _, image in decoded])
     original = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
     tile = max(image_size, _MIN_TILE)
-    columns = 1 + n_views
-    decoded: list[tuple[str, Image.Image]] = []
-    for i, blob in enumerate(table.column("image").to_pylist()):
-        caption = names[i] if names else (f"label {labels[i]}" if labels else f"image {i}")
-        try:
-            decoded.append((caption, decode_image(blob)))
-        except CorruptImageError:
-            continue  # the preview shows images, not errors; readers report corrupt rows
-    views = _views(cfg, image_size, n_views, seed, [image for _, image in decoded])
     rows: list[tuple[str, list[Image.Image]]] = []
     for (caption, image), image_views in zip(decoded, views, strict=True):
         tiles = [original(image)] + [_to_pil(v, cfg) for v in image_views]
         rows.append((caption, [t.resize((tile, tile), Image.Resampling.NEAREST) for t in tiles]))
     if not rows:
         raise DataError(f"none of the {table.num_rows} sampled images in {data_path!r} decode")
+    canvas = _grid(rows, n_views, tile, cfg, image_size)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return out
 
+
+def _decoded_rows(table: Any) -> list[tuple[str, Image.Image]]:
+    """``(caption, image)`` of the decodable rows; the caption is the class name, the label or
+    the row number (the preview shows images, not errors: readers report corrupt rows)."""
+    columns = table.schema.names
+    names = table.column(LABEL_NAME_COLUMN).to_pylist() if LABEL_NAME_COLUMN in columns else None
+    labels = table.column(LABEL_COLUMN).to_pylist() if LABEL_COLUMN in columns else None
+    decoded = []
+    for i, blob in enumerate(table.column("image").to_pylist()):
+        caption = names[i] if names else (f"label {labels[i]}" if labels else f"image {i}")
+        try:
+            decoded.append((caption, decode_image(blob)))
+        except CorruptImageError:
+            continue
+    return decoded
+
+
+def _grid(
+    rows: list[tuple[str, list[Image.Image]]],
+    n_views: int,
+    tile: int,
+    cfg: AugmentConfig,
+    image_size: int,
+) -> Image.Image:
+    """The tiles in a labelled grid with the settings as a footer."""
     font = ImageFont.load_default(size=14)
     footer = [
         f"strength={cfg.strength}  min_scale={cfg.min_scale}  size={image_size}",
         f"jitter_p={cfg.jitter_p}  grayscale_p={cfg.grayscale_p}  blur={cfg.blur}",
         f"backend={cfg.backend}",
     ]
-    grid_width = _LABEL_WIDTH + columns * (tile + _PAD) + _PAD
+    grid_width = _LABEL_WIDTH + (1 + n_views) * (tile + _PAD) + _PAD
     width = max(grid_width, *(int(font.getlength(line)) + 2 * _PAD for line in footer))
     grid_bottom = _HEADER + len(rows) * (tile + _PAD) + _PAD
-    height = grid_bottom + len(footer) * _HEADER
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas = Image.new("RGB", (width, grid_bottom + len(footer) * _HEADER), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(["original"] + [f"view {v + 1}" for v in range(n_views)]):
         draw.text((_LABEL_WIDTH + _PAD + c * (tile + _PAD), 3), title, fill=(0, 0, 0), font=font)
@@ -121,8 +138,4 @@ def save_augmentation_preview(
             canvas.paste(t, (_LABEL_WIDTH + _PAD + c * (tile + _PAD), y))
     for i, line in enumerate(footer):
         draw.text((_PAD, grid_bottom + i * _HEADER + 2), line, fill=(90, 90, 90), font=font)
-
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
-    return out
+    return canvas

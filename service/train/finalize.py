@@ -28,18 +28,30 @@ def finalize_run(
     run's tokenizer, ``tokenizer_json``). Returns summary additions."""
     if tracking is None or checkpoint_dir is None:
         return {}
-    from service.data.augment import eval_transform
-    from service.data.preview import save_augmentation_preview
-    from service.eval.features import extract_features
-    from service.registry.register import register_encoder
-    from service.tracking.plots import plot_embeddings, plot_training_curves
     from service.train.checkpoint import load_state, load_training_model_from_checkpoint
 
     logger = tracking.logger()
-    state = load_state(checkpoint_dir)
+    history = load_state(checkpoint_dir)["history"]
     model, _ = load_training_model_from_checkpoint(checkpoint_dir)
-    backbone = model.backbone
-    history = state["history"]
+    _log_plots(config, logger, model.backbone, history, workdir)
+    summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
+    if config.mlflow.registered_model_name:
+        summary.update(_register(config, tracking, model, history, tokenizer_json))
+    # Flushed after registration: that call waits out a tracking-server outage with MLflow's
+    # own retries, so buffered plots/metrics get their best chance to land here.
+    report = logger.flush()
+    if not getattr(report, "ok", True):
+        _progress(f"some MLflow records could not be logged: {report}")
+    return summary
+
+
+def _log_plots(config: Config, logger: Any, backbone: Any, history: list, workdir: Path) -> None:
+    """Training curves, the augmentation preview and the test split's embedding plot."""
+    from service.data.augment import eval_transform
+    from service.data.preview import save_augmentation_preview
+    from service.eval.features import extract_features
+    from service.tracking.plots import plot_embeddings, plot_training_curves
+
     _progress("plotting training curves and augmentation preview")
     chance, chance_label = chance_loss(config)
     curves = plot_training_curves(
@@ -47,14 +59,10 @@ def finalize_run(
     )
     logger.log_artifact(curves, "plots")
     preview = save_augmentation_preview(
-        config.data.train,
-        workdir / "augmentation_preview.png",
-        config.augment,
+        config.data.train, workdir / "augmentation_preview.png", config.augment,
         config.data.image_size,
-    )
+    )  # fmt: skip
     logger.log_artifact(preview, "plots")
-
-    knn = next((h["knn_top1"] for h in reversed(history) if "knn_top1" in h), None)
     if config.data.test:
         _progress(f"embedding the test split {config.data.test}")
         transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
@@ -65,28 +73,28 @@ def finalize_run(
         )
         logger.log_artifact(embedded, "plots")
 
-    summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
-    if config.mlflow.registered_model_name:
-        _progress(f"registering the backbone as {config.mlflow.registered_model_name!r}")
-        metric_name, metric_value = champion_metric(config, history)
-        registered = register_encoder(
-            backbone,
-            config,
-            tracking_uri=tracking.uri,
-            run_id=tracking.run_id,
-            knn=knn,
-            metric_name=metric_name,
-            metric_value=metric_value,
-            higher_is_better=not metric_name.endswith("loss"),
-            **_text_tower(config, model, tokenizer_json),
-        )
-        summary.update({k: registered[k] for k in ("model_uri", "version", "champion")})
-    # Flushed after registration: that call waits out a tracking-server outage with MLflow's
-    # own retries, so buffered plots/metrics get their best chance to land here.
-    report = logger.flush()
-    if not getattr(report, "ok", True):
-        _progress(f"some MLflow records could not be logged: {report}")
-    return summary
+
+def _register(
+    config: Config, tracking: TrackedRun, model: Any, history: list, tokenizer_json: str | None
+) -> dict[str, Any]:
+    """Register the backbone (the champion rule on the configured metric)."""
+    from service.registry.register import register_encoder
+
+    _progress(f"registering the backbone as {config.mlflow.registered_model_name!r}")
+    knn = next((h["knn_top1"] for h in reversed(history) if "knn_top1" in h), None)
+    metric_name, metric_value = champion_metric(config, history)
+    registered = register_encoder(
+        model.backbone,
+        config,
+        tracking_uri=tracking.uri,
+        run_id=tracking.run_id,
+        knn=knn,
+        metric_name=metric_name,
+        metric_value=metric_value,
+        higher_is_better=not metric_name.endswith("loss"),
+        **_text_tower(config, model, tokenizer_json),
+    )
+    return {k: registered[k] for k in ("model_uri", "version", "champion")}
 
 
 def _text_tower(config: Config, model: Any, tokenizer_json: str | None) -> dict[str, Any]:
