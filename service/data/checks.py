@@ -26,9 +26,6 @@ from service.data.parquet import (
     text_column_problem,
 )
 
-READERS = ("torch", "ray")
-AUGMENT_BACKENDS = ("torchvision", "batched")
-AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
 EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on the driver
 
@@ -36,8 +33,6 @@ EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on t
 def data_config_problems(d: DataConfig) -> list[str]:
     """What is wrong with the ``data`` section (empty when nothing)."""
     problems = []
-    if d.reader not in READERS:
-        problems.append(f"data.reader must be one of {'|'.join(READERS)}, got {d.reader!r}")
     if d.image_size < 8:
         problems.append(f"data.image_size must be >= 8, got {d.image_size}")
     if d.loader_workers < 0:
@@ -46,11 +41,6 @@ def data_config_problems(d: DataConfig) -> list[str]:
         problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not 0 <= d.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
-    if d.augment_device not in AUGMENT_DEVICES:
-        problems.append(
-            f"data.augment_device must be one of {'|'.join(AUGMENT_DEVICES)}, "
-            f"got {d.augment_device!r}"
-        )
     return problems
 
 
@@ -79,10 +69,6 @@ def augment_config_problems(a: AugmentConfig) -> list[str]:
             problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
     if len(a.mean) != 3 or len(a.std) != 3 or min(a.std, default=0) <= 0:
         problems.append(f"augment.mean/std must be 3 values with std > 0, got {a.mean}/{a.std}")
-    if a.backend not in AUGMENT_BACKENDS:
-        problems.append(
-            f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
-        )
     return problems
 
 
