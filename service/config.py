@@ -7,10 +7,15 @@ resolved config with the run. Unknown keys are an error, never silently ignored.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -22,6 +27,24 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the offending value."""
 
 
+# Choice fields: the allowed values live here, once; ``validate`` checks any ``Literal`` field
+# generically, and the owners read the list with ``typing.get_args`` (e.g. OPTIMIZERS).
+Reader = Literal["torch", "ray"]  # DataLoader + DistributedSampler, or Ray Data shards
+AugmentDevice = Literal["auto", "cpu", "cuda"]
+AugmentBackend = Literal["torchvision", "batched"]
+Arch = Literal["small_cnn", "resnet18", "resnet50"]  # service.models.backbones.BACKBONES
+Optimizer = Literal["adamw", "sgd", "lars"]
+LrScaling = Literal["linear", "sqrt", "none"]
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"]
+# knn_top1 / train_loss, and the image–text validation metrics (service.eval.image_text)
+ChampionMetric = Literal[
+    "knn_top1", "train_loss", "val_zeroshot_top1", "val_i2t_recall_at_5", "val_t2i_recall_at_5"
+]
+Searcher = Literal["random", "optuna"]
+Mode = Literal["min", "max"]
+
+
 @dataclass
 class DataConfig:
     train: str = str(BUNDLED_DATA_DIR / "cifar10-train-subset.parquet")
@@ -30,13 +53,13 @@ class DataConfig:
     val: str | None = None
     val_fraction: float = 0.1
     test: str | None = str(BUNDLED_DATA_DIR / "cifar10-test-subset.parquet")
-    reader: str = "torch"  # "torch" (DataLoader + DistributedSampler) or "ray" (Ray Data shards)
+    reader: Reader = "torch"
     image_size: int = 32
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
     max_bad_fraction: float = 0.01  # corrupt images above this fraction of a dataset → error
     limit: int | None = None  # use only the first N rows (after a seeded shuffle); for smoke runs
     # Where augment.backend=batched augments: "cuda" when the worker has a GPU (auto), or forced.
-    augment_device: str = "auto"  # auto | cpu | cuda
+    augment_device: AugmentDevice = "auto"
     # Decode once on the driver and share one read-only copy through Ray's object store with
     # every rank (and every concurrent Tune trial); false: each rank decodes its own copy.
     share_decoded: bool = True
@@ -64,12 +87,12 @@ class AugmentConfig:
     # "batched" (default; ~19x the images per CPU-second, smoke kNN 0.398 vs 0.358, see
     # docs/benchmarks.md): decoded uint8 batches augmented at once on data.augment_device
     # (service/data/batch_augment.py); "torchvision": the per-image PIL pipeline (the reference).
-    backend: str = "batched"
+    backend: AugmentBackend = "batched"
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "small_cnn"  # small_cnn | resnet18 | resnet50
+    arch: Arch = "small_cnn"
     cifar_stem: bool = True  # 3x3 conv stem without max-pool for 32 px inputs
     width: int = 32  # small_cnn: channels of the first stage (stages w, 2w, 4w, 8w)
     proj_hidden_dim: int = 512
@@ -104,15 +127,15 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
-    optimizer: str = "adamw"  # adamw | sgd | lars
+    placement_strategy: PlacementStrategy = "PACK"  # STRICT_SPREAD: one worker per node
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-3  # base LR; the effective LR is scaled with the global batch (lr_scaling)
-    lr_scaling: str = "linear"  # linear: lr*B/256 | sqrt: lr*sqrt(B/256) | none
+    lr_scaling: LrScaling = "linear"  # linear: lr*B/256 | sqrt: lr*sqrt(B/256) | none
     weight_decay: float = 1e-6
     momentum: float = 0.9
     warmup_epochs: float = 0.0
     grad_clip_norm: float | None = 1.0
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: AmpMode = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     seed: int = 0
     log_every_steps: int = 10
     checkpoint_every_epochs: int = 1
@@ -154,16 +177,16 @@ class MlflowConfig:
     tracking_uri: str | None = None  # None → $MLFLOW_TRACKING_URI or a local SQLite store
     experiment: str = "contrastive-pretrain"
     registered_model_name: str | None = "contrastive-encoder"
-    champion_metric: str = "knn_top1"
+    champion_metric: ChampionMetric = "knn_top1"
     enabled: bool = True
 
 
 @dataclass
 class TuneConfig:
     num_samples: int = 4
-    search: str = "random"  # random | optuna
+    search: Searcher = "random"
     metric: str = "knn_top1"
-    mode: str = "max"
+    mode: Mode = "max"
     max_concurrent_trials: int = 1
     grace_period_epochs: int = 1
     # Under train.time_budget_minutes ASHA's rungs are training minutes, not epochs (trials reach
@@ -241,6 +264,52 @@ class Config:
         """Dotted keys → values, e.g. {"loss.temperature": 0.5}; used for MLflow params."""
         return flatten(self.to_dict())
 
+    def with_values(self, values: Mapping[str, Any]) -> Config:
+        """A copy with the dotted ``values`` set, each coerced and type-checked against its
+        field, then the run's shape rules (``config_problems``); the other fields are not
+        checked again. A Tune trial's config is its base config ``with_values(sampled)``.
+
+        >>> Config().with_values({"loss.temperature": "1e-1", "train.epochs": 3.0}).loss
+        ... # doctest: +ELLIPSIS
+        LossConfig(name='ntxent', temperature=0.1, ...)
+        >>> Config().with_values({"train.optimizer": "adam"})
+        Traceback (most recent call last):
+        service.config.ConfigError: train.optimizer must be one of adamw|sgd|lars, got 'adam'
+        """
+        new = copy.deepcopy(self)
+        problems = []
+        for key, value in values.items():
+            section, f = _field(key)
+            obj = getattr(new, section)
+            value = _coerced(_field_types(type(obj))[f.name], value)
+            setattr(obj, f.name, value)
+            problems += _problems_of(obj, f, key)
+        raise_problems(problems or config_problems(new))
+        if self.is_checked("config"):  # the rest was checked, and the changes were just now
+            new.mark_checked("config")
+        return new
+
+    # What has been checked (``validate``: "config"; ``train.preflight``: "rules", "data") is
+    # recorded on the instance with its content, so each check runs once per config, and any
+    # change after a check makes it count as unchecked again.
+    def mark_checked(self, *stages: str) -> None:
+        """Record that the checks ``stages`` passed for this config as it is now."""
+        content = repr(self)
+        seen, done = vars(self).get("_checked", ("", frozenset()))
+        vars(self)["_checked"] = (content, (done if seen == content else frozenset()) | set(stages))
+
+    def is_checked(self, stage: str) -> bool:
+        """Whether ``stage``'s checks passed for this config as it is now.
+
+        >>> config = Config()
+        >>> config.mark_checked("rules"); config.is_checked("rules")
+        True
+        >>> config.loss.temperature = 0.2; config.is_checked("rules")
+        False
+        """
+        content, done = vars(self).get("_checked", ("", frozenset()))
+        return stage in done and content == repr(self)
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -313,6 +382,7 @@ def load_config(
     config = _build(Config, tree, "")
     validate(config)
     _resolve_local_paths(config)
+    config.mark_checked("config")  # the paths are strings still: the check holds
     return config
 
 
@@ -357,54 +427,88 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return config
 
 
-_NUMBER_TYPES = {"int": (int,), "float": (int, float)}
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a section (``Literal``/``| None`` as objects, not strings)."""
+    return typing.get_type_hints(cls)
 
 
-def _type_problem(key: str, hint: str, value: Any) -> str | None:
-    """``None`` when ``value`` fits the field's annotation (as a string, e.g. ``int | None``)."""
-    base, optional = hint.split(" | ")[0], hint.endswith("| None")
+def _field(key: str) -> tuple[str, dataclasses.Field]:
+    """The section name and field of a dotted key such as ``"loss.temperature"``."""
+    section, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config key(s) {[key]}; known: {sorted(sections)}")
+    fields = {f.name: f for f in dataclasses.fields(sections[section].default_factory())}
+    if name not in fields:
+        raise ConfigError(f"unknown config key(s) {[key]}; known: {sorted(fields)}")
+    return section, fields[name]
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``(int, True)`` for ``int | None``; ``(tp, False)`` for anything else."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Any), True
+    return tp, False
+
+
+def _coerced(tp: Any, value: Any) -> Any:
+    """YAML gives ints for 1 and strings for 1e-3 in some spellings: numbers to the field type."""
+    base, _ = _optional(tp)
+    if base is float and isinstance(value, str | int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def type_problem(key: str, tp: Any, value: Any, spelled: str = "") -> str | None:
+    """``None`` when ``value`` fits the annotation ``tp`` (resolved: ``int | None``,
+    ``Literal["torch", "ray"]``, ``list[float]``, ...); else the message naming ``key``.
+
+    >>> type_problem("data.reader", Reader, "spark")
+    "data.reader must be one of torch|ray, got 'spark'"
+    """
+    base, optional = _optional(tp)
     if value is None:
         return None if optional else f"{key} must not be null"
-    if base in _NUMBER_TYPES:
-        ok = isinstance(value, _NUMBER_TYPES[base]) and not isinstance(value, bool)
-        ok = ok and (base == "float" or not isinstance(value, float))
-        return (
-            None
-            if ok
-            else f"{key} must be {'an integer' if base == 'int' else 'a number'}, got {value!r}"
-        )
-    kinds = {"bool": bool, "str": str, "list[float]": list}
-    if base.startswith("dict"):
-        kinds[base] = dict
-    expected = kinds.get(base)
-    if expected is not None and not isinstance(value, expected):
-        return f"{key} must be of type {base}, got {value!r}"
+    if base in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and (base is float or not isinstance(value, float))):
+            return f"{key} must be {'an integer' if base is int else 'a number'}, got {value!r}"
+        return None
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value in choices:
+            return None
+        return f"{key} must be one of {'|'.join(map(str, choices))}, got {value!r}"
+    expected = typing.get_origin(base) or base
+    if expected in (bool, str, list, dict) and not isinstance(value, expected):
+        return f"{key} must be of type {spelled or expected.__name__}, got {value!r}"
     return None
 
 
+def _problems_of(obj: Any, f: dataclasses.Field, key: str) -> list[str]:
+    spelled = str(f.type).split(" | ")[0]  # as written, e.g. list[float]
+    problem = type_problem(key, _field_types(type(obj))[f.name], getattr(obj, f.name), spelled)
+    return [problem] if problem else []
+
+
 def _coerce_types(config: Config) -> list[str]:
-    """YAML gives ints for 1 and strings for 1e-3 in some spellings: coerce numbers to the field
-    types, then report every value that still does not fit its type (e.g. epochs=abc)."""
+    """Coerce numbers to the field types, then report every value that does not fit its field
+    (``train.epochs=abc``; a choice field outside its ``Literal``: ``data.reader=spark``)."""
     problems = []
     for section in dataclasses.fields(config):
         obj = getattr(config, section.name)
+        hints = _field_types(type(obj))
         for f in dataclasses.fields(obj):
-            key, hint, value = f"{section.name}.{f.name}", str(f.type), getattr(obj, f.name)
-            if (
-                hint.startswith("float")
-                and isinstance(value, str | int)
-                and not isinstance(value, bool)
-            ):
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            elif hint.startswith("int") and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            setattr(obj, f.name, value)
-            problem = _type_problem(key, hint, value)
-            if problem:
-                problems.append(problem)
+            setattr(obj, f.name, _coerced(hints[f.name], getattr(obj, f.name)))
+            problems += _problems_of(obj, f, f"{section.name}.{f.name}")
     return problems
 
 
@@ -435,12 +539,16 @@ def config_problems(config: Config) -> list[str]:
     return problems
 
 
+def validation_problems(config: Config) -> list[str]:
+    """Every type problem (numbers coerced first), else every rule ``config`` owns: the rules
+    compare numbers, so they are only meaningful once the types are right."""
+    return _coerce_types(config) or config_problems(config)
+
+
 def validate(config: Config) -> None:
-    """Raise one ``ConfigError`` listing every type problem and every rule ``config`` owns."""
-    problems = _coerce_types(config)
-    if not problems:  # the rules compare numbers: only meaningful once the types are right
-        problems = config_problems(config)
-    raise_problems(problems)
+    """Raise one ``ConfigError`` listing ``validation_problems``; else mark ``config`` checked."""
+    raise_problems(validation_problems(config))
+    config.mark_checked("config")
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -82,3 +82,87 @@ def test_shipped_configs_pass_every_owners_rules(path: Path) -> None:
     preflight(config, data=False)
     if "tune" in path.read_text():
         resolve_settings(config)
+
+
+# --- choice fields: Literal types, checked generically -----------------------------------------
+
+CHOICES = [
+    ("data.reader", "torch|ray"),
+    ("data.augment_device", "auto|cpu|cuda"),
+    ("augment.backend", "torchvision|batched"),
+    ("model.arch", "small_cnn|resnet18|resnet50"),
+    ("train.optimizer", "adamw|sgd|lars"),
+    ("train.lr_scaling", "linear|sqrt|none"),
+    ("train.amp", "auto|bf16|fp16|off"),
+    ("train.placement_strategy", "PACK|SPREAD|STRICT_SPREAD|STRICT_PACK"),
+    ("tune.search", "random|optuna"),
+    ("tune.mode", "min|max"),
+]
+
+
+@pytest.mark.parametrize(("key", "allowed"), CHOICES)
+def test_choice_fields_name_their_values(key: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=x"])
+    assert str(info.value) == f"{key} must be one of {allowed}, got 'x'"
+    for value in allowed.split("|"):
+        assert load_config(None, {key: value}).flat()[key] == value
+
+
+def test_every_bad_choice_at_once_and_a_number_is_no_choice() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.reader=spark", "model.arch=3", "train.epochs=abc"])
+    assert str(info.value).splitlines()[1:] == [
+        "  - data.reader must be one of torch|ray, got 'spark'",
+        "  - model.arch must be one of small_cnn|resnet18|resnet50, got 3",
+        "  - train.epochs must be an integer, got 'abc'",
+    ]
+
+
+def test_owners_lists_are_the_literals() -> None:
+    from typing import get_args
+
+    from service.config import Arch, ChampionMetric
+    from service.eval.image_text import CHAMPION_METRICS as IMAGE_TEXT_CHAMPIONS
+    from service.models import BACKBONES
+    from service.train.amp import AMP_MODES
+    from service.train.preflight import CHAMPION_METRICS
+    from service.tune.settings import SEARCHERS
+
+    assert tuple(BACKBONES) == get_args(Arch)  # every name builds, every backbone is allowed
+    assert tuple(CHAMPION_METRICS) == get_args(ChampionMetric)
+    assert set(IMAGE_TEXT_CHAMPIONS) <= set(CHAMPION_METRICS)
+    assert AMP_MODES == ("auto", "bf16", "fp16", "off") and SEARCHERS == ("random", "optuna")
+
+
+# --- Config.with_values: sampled values on the typed config ------------------------------------
+
+
+def test_with_values_coerces_checks_and_copies() -> None:
+    base = load_config(REPO_ROOT / "jobs/configs/smoke-cpu.yaml")
+    trial = base.with_values({"loss.temperature": "1e-1", "augment.mean": [0.5, 0.5, 0.5]})
+    assert trial.loss.temperature == 0.1 and isinstance(trial.loss.temperature, float)
+    assert trial.augment.mean == [0.5, 0.5, 0.5]
+    assert base.loss.temperature != 0.1 and base.augment.mean != [0.5, 0.5, 0.5]  # untouched
+    assert trial.is_checked("config")  # the base was checked, and the changes just now
+    assert trial == base.with_values({"loss.temperature": 0.1, "augment.mean": [0.5] * 3})
+    with pytest.raises(ConfigError, match="train.optimizer must be one of adamw|sgd|lars"):
+        base.with_values({"train.optimizer": "adam"})
+    with pytest.raises(ConfigError, match="does not divide by"):  # the run's shape, too
+        base.with_values({"train.global_batch_size": 7})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['loss.tau'\]"):
+        base.with_values({"loss.tau": 0.1})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['losses.temperature'\]"):
+        base.with_values({"losses.temperature": 0.1})
+
+
+def test_checked_marks_follow_the_content() -> None:
+    from service.config import Config
+
+    config = load_config(None)
+    assert config.is_checked("config") and not config.is_checked("rules")
+    config.mark_checked("rules", "data")
+    assert all(config.is_checked(s) for s in ("config", "rules", "data"))
+    config.train.epochs += 1
+    assert not any(config.is_checked(s) for s in ("config", "rules", "data"))
+    assert not Config().is_checked("config")  # built in code: nothing checked yet

@@ -34,7 +34,12 @@ from service.train import (
     training_state_dict,
 )
 from service.train.amp import amp_policy
-from service.train.gradcache import GradCacheError, cached_forward_backward, gradcache_problems
+from service.train.gradcache import (
+    GradCacheError,
+    cached_forward_backward,
+    gradcache_problems,
+    uses_gradcache,
+)
 from service.train.state import TrainState
 from tests._dist_utils import run_in_gloo_group
 
@@ -324,3 +329,20 @@ def test_train_step_dispatch_two_steps_checkpoint_resume_match_plain() -> None:
     with mock.patch("service.train.step.cached_forward_backward") as never:
         train_step(_eval_mode_state(8), _images(0))  # micro == local batch: the plain step
     never.assert_not_called()
+
+
+def test_micro_batch_is_resolved_once_when_the_state_is_built(monkeypatch) -> None:
+    import service.train.gradcache as gradcache
+
+    calls = []
+    real = gradcache.gradcache_problems
+    monkeypatch.setattr(gradcache, "gradcache_problems", lambda c: calls.append(1) or real(c))
+    state = _eval_mode_state(4)
+    assert state.micro_batch == 4 and calls == [1]
+    for seed in (1, 2):  # cached steps (4 < the local batch of 8): the rule is not run again
+        assert uses_gradcache(state, 8)
+        train_step(state, _images(seed))
+    assert calls == [1] and state.global_step == 2
+    assert not uses_gradcache(state, 4)  # a batch no larger than the micro-batch: plain step
+    with pytest.raises(GradCacheError, match="micro_batch_size must be a positive integer"):
+        _eval_mode_state(0)

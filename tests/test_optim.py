@@ -14,13 +14,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.config import Config, LossConfig, ModelConfig, TrainConfig
+from service.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 from service.losses import SymmetricInfoNCELoss
-from service.train import build_state, train_step
+from service.train import TrainClock, build_state, train_step
 from service.train.optim import (
     LR_SCALINGS,
     OPTIMIZERS,
+    SCHEDULES,
     build_optimizer,
+    lr_schedule,
     scaled_lr,
     train_config_problems,
 )
@@ -165,8 +174,6 @@ def test_lars_without_weight_decay_is_a_problem() -> None:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"optimizer": "adam"}, "train.optimizer must be one of adamw|sgd|lars, got 'adam'"),
-        ({"lr_scaling": "log"}, "train.lr_scaling must be one of linear|sqrt|none, got 'log'"),
         ({"lr": 0.0}, "train.lr must be a finite number > 0, got 0.0"),
         ({"lr": -1e-3}, "train.lr must be a finite number > 0, got -0.001"),
         ({"lr": math.nan}, "train.lr must be a finite number > 0, got nan"),
@@ -178,5 +185,56 @@ def test_train_config_problems(changes: dict, expected: str) -> None:
 
 
 def test_all_train_config_problems_are_reported_at_once() -> None:
-    cfg = TrainConfig(optimizer="lamb", lr_scaling="cubic", lr=-1.0)
+    cfg = TrainConfig(optimizer="lars", weight_decay=0.0, lr=-1.0, warmup_fraction=0.5)
     assert len(train_config_problems(cfg)) == 3
+
+
+def test_optimizer_and_lr_scaling_names_are_checked_with_the_config_types() -> None:
+    # choice fields (Literal) are the config's types: named when the config is loaded
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.optimizer=adam", "train.lr_scaling=log"])
+    assert str(info.value).splitlines()[1:] == [
+        "  - train.optimizer must be one of adamw|sgd|lars, got 'adam'",
+        "  - train.lr_scaling must be one of linear|sqrt|none, got 'log'",
+    ]
+    assert OPTIMIZERS == ("adamw", "sgd", "lars") and LR_SCALINGS == ("linear", "sqrt", "none")
+
+
+# --- the LR schedule ---------------------------------------------------------------------------
+
+
+def _reference_step_lr(step: int, total: int, warmup: int) -> float:
+    """Warmup + cosine per step, written out: linear to the peak over ``warmup`` steps (step k
+    trains at (k + 1) / warmup), then a half cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.parametrize(
+    ("epochs", "steps_per_epoch", "warmup_epochs"),
+    [(1, 4, 0.5), (3, 7, 0.0), (2, 10, 1.0), (1, 3, 5.0), (4, 1, 0.0)],
+)
+def test_step_schedule_is_warmup_then_cosine(
+    epochs: int, steps_per_epoch: int, warmup_epochs: float
+) -> None:
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup_epochs, lr=1.0, lr_scaling="none")
+    optimizer = build_optimizer([torch.nn.Linear(2, 2)], cfg)
+    scheduler = lr_schedule(optimizer, cfg, steps_per_epoch, TrainClock())
+    total = epochs * steps_per_epoch
+    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)  # at least one decay step
+    lrs = []
+    for _ in range(total + 2):  # two past the end: stays at 0
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    expected = [_reference_step_lr(step, total, warmup) for step in range(total + 2)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_the_schedules_are_one_registry_of_progress_functions() -> None:
+    assert set(SCHEDULES) == {"warmup_cosine"}
+    factor = SCHEDULES["warmup_cosine"]
+    assert [factor(p, 0.2, 0.0) for p in (0.0, 0.1, 0.2, 0.6, 1.0, 1.5)] == pytest.approx(
+        [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    )

@@ -37,16 +37,69 @@ def test_all_config_problems_are_reported_at_once_by_their_owners() -> None:
     config = load_config(SMOKE)
     config.loss.temperature = -1.0  # loss
     config.augment.strength = 3.0  # data (augmentation)
-    config.model.arch = "vit"  # models
-    config.train.optimizer = "adam"  # train.optim
-    config.train.amp = "fp8"  # train.amp
+    config.model.width = 0  # models
+    config.train.lr = -1.0  # train.optim
+    config.train.micro_batch_size = 0  # train.gradcache
     problems = config_problems(config)
     joined = "\n".join(problems)
-    for needle in ("loss.temperature", "augment.strength", "model.arch", "train.optimizer",
-                   "train.amp"):  # fmt: skip
+    for needle in ("loss.temperature", "augment.strength", "model.width", "train.lr",
+                   "train.micro_batch_size"):  # fmt: skip
         assert needle in joined, joined
     with pytest.raises(ConfigError, match="problems:"):
         preflight(config, data=False)
+
+
+def test_choice_fields_are_checked_with_the_types_all_at_once() -> None:
+    # A config changed in code after loading: its changes are checked again, the types (choice
+    # fields are Literal types) first, every one of them at once.
+    config = load_config(SMOKE)
+    config.model.arch = "vit"
+    config.train.optimizer = "adam"
+    config.train.amp = "fp8"
+    config.data.reader = "spark"
+    config.train.placement_strategy = "RANDOM"
+    config.mlflow.champion_metric = "accuracy"
+    assert config_problems(config) == [
+        "data.reader must be one of torch|ray, got 'spark'",
+        "model.arch must be one of small_cnn|resnet18|resnet50, got 'vit'",
+        "train.placement_strategy must be one of PACK|SPREAD|STRICT_SPREAD|STRICT_PACK, "
+        "got 'RANDOM'",
+        "train.optimizer must be one of adamw|sgd|lars, got 'adam'",
+        "train.amp must be one of auto|bf16|fp16|off, got 'fp8'",
+        "mlflow.champion_metric must be one of knn_top1|train_loss|val_zeroshot_top1|"
+        "val_i2t_recall_at_5|val_t2i_recall_at_5, got 'accuracy'",
+    ]
+    with pytest.raises(ConfigError, match="6 problems:"):
+        preflight(config, data=False)
+
+
+def test_each_check_runs_once_per_config(monkeypatch) -> None:
+    import service.train.preflight as pre
+
+    calls = {"rules": 0, "data": 0}
+    rules, data = pre.config_problems, pre.data_problems
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(pre, "config_problems", counting("rules", rules))
+    monkeypatch.setattr(pre, "data_problems", counting("data", data))
+    config = pre.load_checked_config(str(SMOKE))  # what every command starts from
+    assert config.is_checked("config") and config.is_checked("rules")
+    assert not config.is_checked("data")
+    preflight(config)  # the driver's / the sweep's: the data only
+    preflight(config)  # and then nothing
+    assert calls == {"rules": 1, "data": 1}
+    config.loss.temperature = 0.3  # a change voids the marks: checked again, all of it
+    preflight(config)
+    assert calls == {"rules": 2, "data": 2}
+    library = load_config(SMOKE)  # loaded (types checked), the owners' rules not yet
+    preflight(library, data=False)
+    assert calls == {"rules": 3, "data": 2}
 
 
 @pytest.mark.parametrize(

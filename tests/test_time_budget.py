@@ -204,3 +204,4 @@ def test_clock_without_budget_counts_but_never_stops() -> None:
     clock.pause()
     clock.sync()  # paused: evaluation time does not count
     assert clock.elapsed_s == 7.0 and not clock.exhausted and clock.remaining_s is None
+    assert not clock.budgeted and TrainClock(25).budgeted  # what the loop and schedule ask

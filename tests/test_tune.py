@@ -83,6 +83,14 @@ def test_optional_keys_and_choice_parse() -> None:
         # the endpoint itself is rejected by Config.validate: the sampler must never draw it
         ({"augment.min_scale": {"type": "uniform", "low": 0.1, "high": 1.5}}, "min_scale"),
         ({"loss.name": {"type": "choice", "values": ["ntxent", "infonce"]}}, "loss.name"),
+        (  # a choice field (Literal) through Config.with_values' type check
+            {"train.optimizer": {"type": "choice", "values": ["sgd", "adam"]}},
+            "can draw 'adam': train.optimizer must be one of adamw\\|sgd\\|lars, got 'adam'",
+        ),
+        (  # the run's shape: a batch the workers cannot split
+            {"train.global_batch_size": {"type": "choice", "values": [64, 63]}},
+            "can draw 63: train.global_batch_size=63 does not divide",
+        ),
     ],
 )
 def test_bad_space_is_rejected_with_the_key(entries: dict, message: str) -> None:
@@ -128,8 +136,6 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     [
         ({"tune.metric": "accuracy"}, "never reported"),
         ({"tune.metric": "train_loss"}, "use tune.mode=min"),  # mode max would pick the worst
-        ({"tune.mode": "maximize"}, "min\\|max"),
-        ({"tune.search": "bayes"}, "tune.search"),
         ({"tune.grace_period_epochs": 4}, "grace_period_epochs"),
         ({"tune.grace_period_epochs": 0}, "grace_period_epochs"),
         ({"tune.reduction_factor": 1}, "reduction_factor"),
@@ -140,6 +146,19 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
 def test_bad_settings_are_rejected(overrides: dict, message: str) -> None:
     with pytest.raises(SweepConfigError, match=message):
         resolve_settings(load_config(SMOKE, overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tune.mode": "maximize"}, "tune.mode must be one of min|max, got 'maximize'"),
+        ({"tune.search": "bayes"}, "tune.search must be one of random|optuna, got 'bayes'"),
+    ],
+)
+def test_bad_choices_are_rejected_when_the_config_loads(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:  # choice fields are the config's (Literal) types
+        load_config(SMOKE, overrides)
+    assert str(info.value) == message
 
 
 def test_without_labels_the_sweep_optimises_the_loss() -> None:

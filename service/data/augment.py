@@ -26,7 +26,6 @@ from service.data.errors import DataError
 # torchvision requires hue jitter <= 0.5, i.e. 0.2 * s <= 0.5 (jitter_strengths).
 MAX_STRENGTH = 2.5
 MIN_CROP_SIZE = 8  # the small CNN halves the map three times
-AUGMENT_BACKENDS = ("torchvision", "batched")
 
 
 def jitter_strengths(strength: float) -> tuple[float, float, float, float]:
@@ -84,10 +83,6 @@ def augment_config_problems(a: AugmentConfig) -> list[str]:
         if not 0 <= getattr(a, key) <= 1:
             problems.append(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
     problems.append(_mean_std_problem(a.mean, a.std))
-    if a.backend not in AUGMENT_BACKENDS:
-        problems.append(
-            f"augment.backend must be one of {'|'.join(AUGMENT_BACKENDS)}, got {a.backend!r}"
-        )
     return [problem for problem in problems if problem is not None]
 
 

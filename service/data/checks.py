@@ -25,8 +25,6 @@ from service.data.parquet import (
 )
 from service.data.sources import DataSource, inspect_source
 
-READERS = ("torch", "ray")
-AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
 EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on the driver
 
@@ -34,8 +32,6 @@ EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on t
 def data_config_problems(d: DataConfig) -> list[str]:
     """What is wrong with the ``data`` section (empty when nothing)."""
     problems = []
-    if d.reader not in READERS:
-        problems.append(f"data.reader must be one of {'|'.join(READERS)}, got {d.reader!r}")
     if d.image_size < 8:
         problems.append(f"data.image_size must be >= 8, got {d.image_size}")
     if d.loader_workers < 0:
@@ -44,11 +40,6 @@ def data_config_problems(d: DataConfig) -> list[str]:
         problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if not 0 <= d.max_bad_fraction <= 1:
         problems.append(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
-    if d.augment_device not in AUGMENT_DEVICES:
-        problems.append(
-            f"data.augment_device must be one of {'|'.join(AUGMENT_DEVICES)}, "
-            f"got {d.augment_device!r}"
-        )
     return problems
 
 

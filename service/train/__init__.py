@@ -17,10 +17,12 @@ from service.train.checkpoint import (
 )
 from service.train.epoch import KnnMonitor, Monitor, build_monitor
 from service.train.inputs import WorkerInputs, resolve_storage_path
+from service.train.optim import SCHEDULES, lr_schedule
 from service.train.state import TrainState, build_state
 from service.train.step import NonFiniteLossError, train_step
 
 __all__ = [
+    "SCHEDULES",
     "STATE_FILE",
     "Amp",
     "KnnMonitor",
@@ -35,6 +37,7 @@ __all__ = [
     "load_encoder_from_checkpoint",
     "load_training_model_from_checkpoint",
     "load_state",
+    "lr_schedule",
     "resolve_storage_path",
     "restore_training_state",
     "steps_per_epoch",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
+
+from service.config import AmpMode
 
 
 @dataclass
@@ -33,12 +36,4 @@ def amp_policy(mode: str, device: torch.device) -> Amp:
     return Amp(torch.float16, device.type, torch.amp.GradScaler(device.type))
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-
-
-def amp_problems(mode: str) -> list[str]:
-    return (
-        []
-        if mode in AMP_MODES
-        else [f"train.amp must be one of {'|'.join(AMP_MODES)}, got {mode!r}"]
-    )
+AMP_MODES = get_args(AmpMode)  # checked with the config's types (service.config)

@@ -3,8 +3,8 @@
 A :class:`TrainClock` counts the seconds the loop spends in its epochs (data + steps; the
 validation monitor and checkpointing run while it is paused), on rank 0's clock only. With
 ``train.time_budget_minutes`` the value is broadcast from rank 0 after every step, so every rank
-sees the same number: the LR schedule (``optim.time_warmup_cosine``, progress = training time /
-budget) stays identical across ranks and all ranks stop after the same step. The elapsed time is
+sees the same number: the LR schedule (``optim.lr_schedule``, progress = training time / budget)
+stays identical across ranks and all ranks stop after the same step. The elapsed time is
 checkpointed and restored on resume, so a resumed run trains for the rest of its budget.
 
     >>> ticks = iter([0.0, 30.0, 90.0])
@@ -48,6 +48,12 @@ class TrainClock:
         self.now = now
         self._base = 0.0  # training seconds before the running segment began
         self._since: float | None = None  # rank 0's clock when the running segment began
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether training is limited by time (``train.time_budget_minutes``): the loop, the
+        LR schedule and the progress lines ask this, not the config."""
+        return self.budget_s is not None
 
     @property
     def exhausted(self) -> bool:

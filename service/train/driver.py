@@ -165,7 +165,7 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
     one reopened — so an unreachable server fails before any training; it ends FAILED on any
     error after that, FINISHED once the encoder is evaluated and registered.
     """
-    preflight(config)  # every config and data problem at once, before MLflow or Ray
+    preflight(config)  # before MLflow or Ray; what load_checked_config checked is not re-run
     plan = plan_run(config)
     if plan.kind == "done":
         return _already_done(config, plan)

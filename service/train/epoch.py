@@ -143,13 +143,14 @@ def epoch_summary(metrics: dict[str, Any], epochs: int | None) -> str:
     return f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {shown}"
 
 
-def budget_note(elapsed_s: float, budget_minutes: float) -> str:
-    """Training time against the budget, for the end-of-epoch line.
+def budget_note(elapsed_s: float, budget_s: float) -> str:
+    """Training time against the budget (both in seconds, as the ``TrainClock`` has them), for
+    the end-of-epoch line.
 
-    >>> budget_note(95.4, 25)
+    >>> budget_note(95.4, 25 * 60)
     '[training 1:35 of 25:00]'
     """
-    return f"[training {_clock_text(elapsed_s)} of {_clock_text(60 * budget_minutes)}]"
+    return f"[training {_clock_text(elapsed_s)} of {_clock_text(budget_s)}]"
 
 
 class Monitor(Protocol):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,9 @@ from torch.nn.parallel import DistributedDataParallel
 from service.config import Config
 from service.losses import ContrastiveLoss
 from service.models import unwrap
-from service.train.state import TrainState
+
+if TYPE_CHECKING:  # the state resolves its micro-batch with this module
+    from service.train.state import TrainState
 
 
 class GradCacheError(ValueError):
@@ -76,6 +79,18 @@ def gradcache_problems(config: Config) -> list[str]:
     return []
 
 
+def resolve_micro_batch(config: Config) -> int | None:
+    """``train.micro_batch_size`` checked (once, when the training state is built), or None.
+
+    >>> resolve_micro_batch(Config()) is None
+    True
+    """
+    problems = gradcache_problems(config)
+    if problems:
+        raise GradCacheError("; ".join(problems))
+    return config.train.micro_batch_size
+
+
 def label_kwargs(criterion: ContrastiveLoss, labels: Tensor | None) -> dict[str, Tensor | None]:
     """``{"labels": labels}`` for a loss that ``needs_labels``, else ``{}`` (the other losses'
     ``forward_views`` may not take labels: MoCo's override, test doubles)."""
@@ -84,8 +99,7 @@ def label_kwargs(criterion: ContrastiveLoss, labels: Tensor | None) -> dict[str,
 
 def uses_gradcache(s: TrainState, local_batch: int) -> bool:
     """True when ``train.micro_batch_size`` is set and smaller than the local batch."""
-    m = s.config.train.micro_batch_size
-    return m is not None and m < local_batch
+    return s.micro_batch is not None and s.micro_batch < local_batch
 
 
 # --- RNG and BatchNorm helpers ---------------------------------------------------------------
@@ -179,8 +193,7 @@ class _EmbedInMicroBatches(nn.Module):
 
     def forward(self, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
         s = self._s
-        m = s.config.train.micro_batch_size
-        call = _Call(xs, micro_batch_rows(xs[0].shape[0], self._local_batch, m))
+        call = _Call(xs, micro_batch_rows(xs[0].shape[0], self._local_batch, s.micro_batch))
         model = _without_ddp(s.model)
         with torch.no_grad(), frozen_running_stats(model):
             outs = []
@@ -209,9 +222,6 @@ def cached_forward_backward(
     not per micro-batch: the loss runs once on the whole local batch). Call with zeroed
     gradients; the caller reduces the loss's own gradients and steps the optimizer.
     """
-    problems = gradcache_problems(s.config)
-    if problems:
-        raise GradCacheError("; ".join(problems))
     # Passes 1 + 2: the loss's own forward_views, the model replaced by the micro-batch embedder.
     embedder = _EmbedInMicroBatches(s, views[0].shape[0])
     with s.amp.autocast():

@@ -76,9 +76,9 @@ def setup(inputs: WorkerInputs) -> tuple[TrainState, TrainBatches]:
     s.num_nodes = len(set(node_ids))
     _say(s, f"{world} worker(s) on {s.num_nodes} Ray node(s): {node_ids}")
     t = config.train
-    if t.time_budget_minutes is not None:
+    if s.clock.budgeted:
         ignored = f"; train.warmup_epochs={t.warmup_epochs:g} not used" if t.warmup_epochs else ""
-        _say(s, f"time budget {t.time_budget_minutes:g} min of training, LR warmup over "
+        _say(s, f"time budget {s.clock.budget_s / 60:g} min of training, LR warmup over "
                 f"{t.warmup_fraction:g} of it then cosine{ignored}")  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -193,9 +193,9 @@ def end_of_epoch(
     s.history.append(metrics)
     report_epoch(s, metrics, final=final)
     _log_epoch(logger, metrics)
-    budget = s.config.train.time_budget_minutes
-    line = epoch_summary(metrics, None if budget is not None else s.config.train.epochs)
-    _say(s, line if budget is None else f"{line} {budget_note(s.clock.elapsed_s, budget)}")
+    budgeted = s.clock.budgeted
+    line = epoch_summary(metrics, None if budgeted else s.config.train.epochs)
+    _say(s, f"{line} {budget_note(s.clock.elapsed_s, s.clock.budget_s)}" if budgeted else line)
 
 
 def run_epoch(
@@ -237,8 +237,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     random_init_epoch(s, monitor, logger)
     progress = None
     if s.rank == 0:
-        budgeted = t.time_budget_minutes is not None
-        progress = StepProgress(t.epochs, batches.steps_per_epoch, budgeted=budgeted)
+        progress = StepProgress(t.epochs, batches.steps_per_epoch, budgeted=s.clock.budgeted)
     for epoch in range(s.epoch, t.epochs):
         if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
             break

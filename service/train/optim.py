@@ -1,5 +1,9 @@
 """Large-batch recipe: LR scaled with the global batch, warmup + cosine, LARS/AdamW/SGD.
 
+The LR schedule is one function of the run's progress in [0, 1] (``SCHEDULES``), behind one
+``LambdaLR`` (``lr_schedule``): progress is ``step / total_steps``, or under
+``train.time_budget_minutes`` the training clock's fraction of the budget.
+
 Parameter groups (``build_optimizer``):
 
 - weights (``ndim > 1``): ``train.weight_decay``, the batch-scaled LR, LARS adaptation;
@@ -17,14 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import get_args
 
 import torch
 from torch import nn
 
-from service.config import TrainConfig
+from service.config import ConfigError, LrScaling, Optimizer, TrainConfig, type_problem
+from service.train.budget import TrainClock
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
-LR_SCALINGS = ("linear", "sqrt", "none")
+OPTIMIZERS = get_args(Optimizer)  # the names are checked with the config's types
+LR_SCALINGS = get_args(LrScaling)
 
 
 def train_config_problems(cfg: TrainConfig) -> list[str]:
@@ -35,14 +41,6 @@ def train_config_problems(cfg: TrainConfig) -> list[str]:
     train.optimizer=lars with train.weight_decay=0 does no layer adaptation (timm's Lars ...
     """
     problems = []
-    if cfg.optimizer not in OPTIMIZERS:
-        problems.append(
-            f"train.optimizer must be one of {'|'.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
-        )
-    if cfg.lr_scaling not in LR_SCALINGS:
-        problems.append(
-            f"train.lr_scaling must be one of {'|'.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}"
-        )
     # a non-number is a type problem (config.py), not this rule
     if _is_number(cfg.lr) and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         problems.append(f"train.lr must be a finite number > 0, got {cfg.lr}")
@@ -122,57 +120,63 @@ def _param_groups(modules: Iterable[nn.Module], cfg: TrainConfig) -> list[dict]:
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Optimizer over every trainable parameter of ``modules`` (model and, e.g., a learnable τ)."""
+    # a TrainConfig built in code was never validated: refuse a name rather than fall to LARS
+    problem = type_problem("train.optimizer", Optimizer, cfg.optimizer)
+    if problem:
+        raise ConfigError(problem)
     groups = _param_groups(modules, cfg)
     lr = scaled_lr(cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
-    if cfg.optimizer != "lars":
-        raise ValueError(
-            f"train.optimizer must be one of {'|'.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
-        )
     from timm.optim import Lars  # maintained LARS (You et al. 2017), as used by SimCLR
 
     # timm adapts only groups with weight decay, so biases/BN (decay 0) skip LARS as in SimCLR.
     return Lars(groups, lr=lr, momentum=cfg.momentum, trust_clip=False)
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ~0 to the peak LR, then cosine decay to 0 at ``total_steps``."""
-    total_steps = max(1, total_steps)
-    warmup_steps = min(max(0, warmup_steps), total_steps - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def warmup_cosine_factor(progress: float, warmup_fraction: float) -> float:
-    """LR factor at ``progress`` in [0, 1] of the run: linear warmup from 0 over the first
-    ``warmup_fraction``, then cosine decay to 0 at 1.
+def warmup_cosine_factor(progress: float, warmup_fraction: float, lead: float = 0.0) -> float:
+    """LR factor at ``progress`` in [0, 1] of the run: linear warmup over the first
+    ``warmup_fraction``, then cosine decay to 0 at 1. ``lead``: how far ahead the warmup ramp
+    is read; a per-step schedule reads it at the end of the step (``1 / total_steps``), so its
+    first step does not train at LR 0.
 
     >>> [round(warmup_cosine_factor(p, 0.1), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     progress = min(1.0, max(0.0, progress))
     if progress < warmup_fraction:
-        return progress / warmup_fraction
+        return (progress + lead) / warmup_fraction
     decay = (progress - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, decay)))
 
 
-def time_warmup_cosine(
-    optimizer: torch.optim.Optimizer, progress: Callable[[], float], warmup_fraction: float
+# name -> factor(progress in [0, 1], warmup fraction, warmup lead): the LR multiplier
+SCHEDULES: dict[str, Callable[[float, float, float], float]] = {
+    "warmup_cosine": warmup_cosine_factor,
+}
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    clock: TrainClock,
+    name: str = "warmup_cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup + cosine laid over a time budget: each ``scheduler.step()`` sets the LR from
-    ``progress()`` (training time / budget, the same on every rank), not from the step count."""
+    """The run's LR schedule: ``SCHEDULES[name]`` over ``train.epochs * steps_per_epoch`` steps
+    (warmup ``train.warmup_epochs``), or, when the clock has a budget, over the training time
+    (warmup ``train.warmup_fraction``): each ``scheduler.step()`` then reads the clock's
+    fraction of the budget (the same on every rank), not the step count."""
+    factor = SCHEDULES[name]
+    if clock.budgeted:
+        warmup = cfg.warmup_fraction
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _step: factor(clock.progress, warmup, 0.0)
+        )
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup_steps = min(max(0, round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda _step: warmup_cosine_factor(progress(), warmup_fraction)
+        optimizer, lambda step: factor(step / total, warmup_steps / total, 1 / total)
     )

@@ -18,7 +18,8 @@ from service.losses import build_loss
 from service.models import build_training_model, maybe_convert_sync_batchnorm, unwrap
 from service.train.amp import Amp, amp_policy
 from service.train.budget import TrainClock
-from service.train.optim import build_optimizer, time_warmup_cosine, warmup_cosine
+from service.train.gradcache import resolve_micro_batch
+from service.train.optim import build_optimizer, lr_schedule
 
 
 @dataclass
@@ -42,6 +43,12 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Training seconds so far (rank 0's clock, shared when a time budget is set); checkpointed.
     clock: TrainClock = field(default_factory=TrainClock)
+    # train.micro_batch_size, checked once here (not per step): cached-gradient steps when set
+    # and smaller than the step's local batch (service.train.gradcache)
+    micro_batch: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.micro_batch = resolve_micro_batch(self.config)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -61,7 +68,8 @@ def build_state(
     run_dir: str = ".",
     gather_distributed: bool = True,
 ) -> TrainState:
-    """Model (→ ``wrap``, default: move to ``device``), loss, optimizer and warmup-cosine LR."""
+    """Model (→ ``wrap``, default: move to ``device``), loss, optimizer, the LR schedule (over
+    the steps, or over the time budget) and the micro-batch of cached-gradient steps."""
     model = maybe_convert_sync_batchnorm(build_training_model(config), config.model.sync_batchnorm)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -74,12 +82,7 @@ def build_state(
     optimizer = build_optimizer([model, criterion], config.train)
     t = config.train
     clock = TrainClock(t.time_budget_minutes, rank=rank, world=world, device=device)
-    if t.time_budget_minutes is not None:  # the schedule follows training time / budget
-        scheduler = time_warmup_cosine(optimizer, lambda: clock.progress, t.warmup_fraction)
-    else:
-        scheduler = warmup_cosine(
-            optimizer, t.epochs * steps_per_epoch, round(t.warmup_epochs * steps_per_epoch)
-        )
+    scheduler = lr_schedule(optimizer, t, steps_per_epoch, clock)
     return TrainState(
         config=config, device=device, model=model, criterion=criterion, optimizer=optimizer,
         scheduler=scheduler, amp=amp_policy(t.amp, device), rank=rank, world=world,

@@ -9,8 +9,8 @@
 
 Everything that can be checked without Ray is checked here, before any trial starts: the key
 exists in ``Config.flat()`` and is not a resource/bookkeeping key, the range is non-empty and not
-inverted, and every endpoint (or choice) yields a Config that passes ``validate`` — so a trial
-never dies on a value the sampler was allowed to draw.
+inverted, and every endpoint (or choice) yields a Config (``Config.with_values``) that passes
+every owner's rules — so a trial never dies on a value the sampler was allowed to draw.
 
     >>> from service.config import Config
     >>> specs = parse_space(Config())
@@ -22,13 +22,12 @@ never dies on a value the sampler was allowed to draw.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from service.config import Config, ConfigError, config_from_dict, set_dotted
+from service.config import Config, ConfigError
 
 KINDS = ("loguniform", "uniform", "choice")
 
@@ -162,14 +161,6 @@ def parse_param(key: str, spec: Any, known_keys: set[str]) -> ParamSpec:
     return ParamSpec(key, kind, low=low, high=high)
 
 
-def apply_values(base: dict[str, Any], values: dict[str, Any]) -> Config:
-    """``base`` (a ``Config.to_dict()``) with dotted ``values`` set, validated into a Config."""
-    tree = copy.deepcopy(base)
-    for key, value in values.items():
-        set_dotted(tree, key, value)
-    return config_from_dict(tree)
-
-
 def parse_space(config: Config) -> dict[str, ParamSpec]:
     """Validate ``config.tune.space`` against the Config and return its specs, by key.
 
@@ -184,11 +175,11 @@ def parse_space(config: Config) -> dict[str, ParamSpec]:
     specs = {key: parse_param(key, spec, known) for key, spec in space.items()}
     from service.train.preflight import config_problems  # the same rules as a single run
 
-    base, problems = config.to_dict(), []
+    problems = []
     for spec in specs.values():
         for value in spec.probe_values():
             try:
-                rejected = config_problems(apply_values(base, {spec.key: value}))
+                rejected = config_problems(config.with_values({spec.key: value}))
             except ConfigError as exc:
                 rejected = [str(exc)]
             problems += [f"tune.space[{spec.key!r}] can draw {value!r}: {p}" for p in rejected]

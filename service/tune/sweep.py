@@ -27,7 +27,7 @@ from service.tune.settings import (
     resolve_settings,
     trial_base_config,
 )
-from service.tune.space import apply_values, to_param_space
+from service.tune.space import to_param_space
 from service.tune.summary import (
     TrialRecord,
     count,
@@ -158,7 +158,7 @@ def _trainable(
 
     bound = tune.with_parameters(
         run_trial,
-        base=config.to_dict(),
+        base=config,
         parent_run_id=parent_run_id,
         storage_path=str(settings.experiment_path),
         sweep=settings.name,
@@ -304,7 +304,7 @@ def run_sweep(
     from service.train.driver import check_cluster_fits, connect_ray
     from service.train.preflight import preflight
 
-    preflight(config)  # the base config and its data; the search space in resolve_settings
+    preflight(config)  # its data (its rules: load_checked_config); the space: resolve_settings
     settings = resolve_settings(config, num_samples)  # bad input fails here, before Ray
     state: dict[str, Any] | None = None
     if resume:
@@ -441,7 +441,7 @@ def _register_best(
     if not best.run_id or not best.checkpoint or not config.mlflow.registered_model_name:
         return {}
     _progress(f"registering the best trial {best.trial_id} ({settings.metric}={best.metric})")
-    best_config = apply_values(config.to_dict(), best.params)
+    best_config = config.with_values(best.params)
     best_run = TrackedRun(tracking.uri, best.run_id)
     result = finalize_run(best_config, best_run, best.checkpoint, workdir)
     registered = {k: result.get(k) for k in ("model_uri", "version", "champion")}

@@ -25,7 +25,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from service.config import Config
 from service.tracking.run import mlflow_client
-from service.tune.space import apply_values
 from service.tune.summary import short_reason
 
 TRIAL_ID_TAG = "tune_trial_id"
@@ -121,20 +120,21 @@ def _attach_callbacks(trainer: Any, callbacks: list[Any]) -> None:
 def run_trial(
     sampled: dict[str, Any],
     *,
-    base: dict[str, Any],
+    base: Config,
     parent_run_id: str | None,
     storage_path: str,
     sweep: str,
     decoded_ref: Any = None,
 ) -> None:
-    """Tune function trainable: pretrain with ``base`` + the sampled dotted values
-    (``decoded_ref``: the sweep's shared decoded copy of the training rows, if any)."""
+    """Tune function trainable: pretrain with ``base.with_values(sampled)`` (the sampled dotted
+    values type-checked on the typed config; ``decoded_ref``: the sweep's shared decoded copy of
+    the training rows, if any)."""
     import ray.tune
 
     from service.train.driver import build_trainer, fit
 
     trial_id = ray.tune.get_context().get_trial_id()
-    config = apply_values(base, sampled)
+    config = base.with_values(sampled)
     print(f"[tune] trial {trial_id}: {sampled}", file=sys.stderr, flush=True)
     tracking = None
     if parent_run_id is not None:
