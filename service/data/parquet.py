@@ -10,7 +10,10 @@ optional ``label_name`` (string). Other columns are ignored.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -65,6 +68,15 @@ class ParquetSource:
 
     def nbytes(self) -> int:
         return sum(info.size or 0 for info in self.filesystem.get_file_info(self.files))
+
+    def fingerprint(self) -> str:
+        parts = []
+        for file in self.files:
+            with self.filesystem.open_input_file(file) as handle:
+                meta = pq.ParquetFile(handle).metadata
+                schema = str(meta.schema.to_arrow_schema())
+                parts.append([posixpath.basename(file), meta.num_rows, schema])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _split_filesystem(path: str) -> tuple[pafs.FileSystem, str]:

@@ -105,6 +105,14 @@ class ShardSource:
             total += place.filesystem.get_file_info(place.path).size or 0
         return total
 
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+        import posixpath
+
+        parts = [[posixpath.basename(s) for s in self.shards], self.num_rows, self.columns]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
     def stream_loader(
         self, prepared: Any, config: Any, rank: int, world: int, item: Any
     ) -> tuple[int, Any, Any, Any]:

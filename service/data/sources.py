@@ -58,6 +58,12 @@ class DataSource(Protocol):
         """Bytes of the files (what reading everything costs)."""
         ...
 
+    def fingerprint(self) -> str:
+        """What identifies the data wherever it is mounted or uploaded (``ray job submit``
+        copies the checkout per job): file names, row counts, columns; a resumed run compares
+        it. Cheap: footers or headers only."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceFormat:

@@ -103,21 +103,9 @@ def data_fingerprint(path: str) -> str:
     """What identifies the training data independently of where it is mounted or uploaded
     (``ray job submit`` copies the checkout to a new directory per job): each file's name and
     row count, and the schema. Footers only."""
-    import hashlib
+    from service.data.sources import inspect_source
 
-    import pyarrow.parquet as pq
-
-    from service.data.parquet import resolve_parquet_files
-
-    filesystem, files = resolve_parquet_files(path)
-    parts = []
-    for file in files:
-        with filesystem.open_input_file(file) as handle:
-            meta = pq.ParquetFile(handle).metadata
-            parts.append(
-                [posixpath.basename(file), meta.num_rows, str(meta.schema.to_arrow_schema())]
-            )
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return inspect_source(path).fingerprint()
 
 
 def changed_keys(record: dict[str, Any], config: Config) -> list[str]:
