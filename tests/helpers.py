@@ -18,3 +18,13 @@ def encode_image(image: Image.Image, fmt: str = "PNG", **save_kwargs: Any) -> by
 def solid_png(colour: tuple[int, int, int], size: tuple[int, int] = (10, 12)) -> bytes:
     """A one-colour RGB PNG."""
     return encode_image(Image.new("RGB", size, colour))
+
+
+def heavy_modules_after(code: str, names: tuple[str, ...] = ("torch", "ray", "mlflow")) -> list:
+    """Which of ``names`` a fresh interpreter has imported after running ``code``."""
+    import subprocess
+    import sys
+
+    probe = f"import sys\n{code}\nprint(sorted(n for n in {names!r} if n in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip())  # noqa: S307 - our own printed list of strings

@@ -293,11 +293,10 @@ def test_plot_embeddings_writes_png(tmp_path, method):
 def test_packages_export_their_public_names_and_stay_light():
     """`from service.tracking import TrackedRun` etc.; importing the library packages pulls in
     neither Ray nor MLflow (commands stay fast, workers import what they use)."""
-    import subprocess
-    import sys
+
+    from tests.helpers import heavy_modules_after
 
     code = (
-        "import sys\n"
         "from service.registry import load_encoder, pull, promote, register_encoder\n"
         "from service.eval import evaluate_encoder, extract_features, knn_top1\n"
         "from service.data import ParquetImageDataset, read_image_table\n"
@@ -307,7 +306,5 @@ def test_packages_export_their_public_names_and_stay_light():
         "import service.tracking, service.registry, service.eval\n"
         "for m in (service.tracking, service.registry, service.eval):\n"
         "    assert all(hasattr(m, n) for n in m.__all__), m\n"
-        "print(sorted(n for n in ('ray', 'mlflow') if n in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_modules_after(code, ("ray", "mlflow")) == []

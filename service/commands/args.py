@@ -7,9 +7,42 @@ Only argparse here: the parser is built for ``contrastive --help``, which must s
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 # The ``subparsers`` object that ``add_subparsers()`` returns, which each ``add_parser`` fills.
 Subparsers = argparse._SubParsersAction
+# Handler parameters whose argument has a shorter name on the command line.
+RENAMED = {"config_path": "config", "templates_path": "templates", "input_path": "input",
+           "output_path": "output"}  # fmt: skip
+
+
+def call(handler: Callable[..., Any], a: argparse.Namespace, **given: Any) -> Any:
+    """Call a typed handler with the parsed arguments its parameters name (``RENAMED`` where
+    the option is shorter), so an option is written twice only: in the parser and as the
+    handler's parameter. ``given`` supplies values the command line does not hold as such.
+
+    >>> def handler(config_path, overrides=None, resume=False): return config_path, resume
+    >>> call(handler, argparse.Namespace(config="a.yaml", overrides=[], resume=True, run=None))
+    ('a.yaml', True)
+    """
+    values = vars(a)
+    kwargs = {}
+    for name in inspect.signature(handler).parameters:
+        dest = RENAMED.get(name, name)
+        if name in given:
+            kwargs[name] = given[name]
+        elif dest in values:
+            kwargs[name] = values[dest]
+    return handler(**kwargs)
+
+
+def add_group(subparsers: Subparsers, name: str, help: str, run: Callable[..., Any]) -> Subparsers:
+    """A command with subcommands (``contrastive NAME SUB ...``, chosen as ``NAME_cmd``)."""
+    group = subparsers.add_parser(name, help=help)
+    group.set_defaults(run=run)
+    return group.add_subparsers(dest=f"{name}_cmd", required=True)
 
 
 def add_config(p: argparse.ArgumentParser, default: str | None = None) -> None:

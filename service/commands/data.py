@@ -16,9 +16,7 @@ from service.commands.config import load_checked_config
 
 def add_parser(subparsers: args.Subparsers) -> None:
     """Register ``contrastive data`` and its subcommands ``pack``, ``captions``, ``preview``."""
-    data = subparsers.add_parser("data", help="dataset tools")
-    data.set_defaults(run=run)
-    sub = data.add_subparsers(dest="data_cmd", required=True)
+    sub = args.add_group(subparsers, "data", "dataset tools", run)
     p = sub.add_parser("pack", help="pack a folder of class_name/*.jpg images into Parquet")
     p.add_argument("src")
     p.add_argument("out")
@@ -48,13 +46,8 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed ``data`` command line → its handler."""
-    if a.data_cmd == "pack":
-        return pack_command(
-            a.src, a.out, captions=a.captions, format=a.format, shard_rows=a.shard_rows
-        )
-    if a.data_cmd == "captions":
-        return captions_command(a.src, a.out, templates=a.templates, seed=a.seed)
-    return preview_command(a.data, a.out, a.config, a.overrides)
+    handlers = {"pack": pack_command, "captions": captions_command, "preview": preview_command}
+    return args.call(handlers[a.data_cmd], a)
 
 
 def pack_command(

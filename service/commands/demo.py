@@ -24,7 +24,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`demo_command`."""
-    return demo_command(a.config, a.overrides)
+    return args.call(demo_command, a)
 
 
 def demo_command(config_path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -35,16 +35,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`evaluate_command`."""
-    return evaluate_command(
-        a.train,
-        a.test,
-        checkpoint=a.checkpoint,
-        model=a.model,
-        random_baseline=a.baseline == "random",
-        log_to_run=a.log_to_run,
-        config_path=a.config,
-        overrides=a.overrides,
-    )
+    return args.call(evaluate_command, a, random_baseline=a.baseline == "random")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`pretrain_command`."""
-    return pretrain_command(a.config, a.overrides, address=a.address, resume=a.resume)
+    return args.call(pretrain_command, a)
 
 
 def pretrain_command(

@@ -17,9 +17,7 @@ from service.commands import args
 
 def add_parser(subparsers: args.Subparsers) -> None:
     """Register ``contrastive registry promote``/``list``, ``pull`` and ``embed``."""
-    group = subparsers.add_parser("registry", help="MLflow model registry")
-    group.set_defaults(run=run)
-    registry = group.add_subparsers(dest="registry_cmd", required=True)
+    registry = args.add_group(subparsers, "registry", "MLflow model registry", run)
     p = registry.add_parser("promote", help="point an alias (e.g. champion) at a model version")
     p.add_argument("name")
     p.add_argument("version")
@@ -56,21 +54,11 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed ``registry``/``pull``/``embed`` command line → its handler."""
-    if a.command == "pull":
-        return pull_command(a.spec, a.out, tracking_uri=a.tracking_uri)
-    if a.command == "embed":
-        return embed_command(
-            a.model,
-            a.input,
-            a.output,
-            batch_size=a.batch_size,
-            tracking_uri=a.tracking_uri,
-            text_column=a.text_column,
-            normalize=a.normalize,
-        )
-    if a.registry_cmd == "promote":
-        return promote_command(a.name, a.version, a.alias, tracking_uri=a.tracking_uri)
-    return list_command(a.name, tracking_uri=a.tracking_uri)
+    if a.command == "registry":
+        handler = promote_command if a.registry_cmd == "promote" else list_command
+    else:
+        handler = pull_command if a.command == "pull" else embed_command
+    return args.call(handler, a)
 
 
 def _store(tracking_uri: str | None) -> tuple[str, str]:

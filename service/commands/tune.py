@@ -27,7 +27,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`tune_command`."""
-    return tune_command(a.config, a.overrides, a.num_samples, a.address, resume=a.resume)
+    return args.call(tune_command, a)
 
 
 def tune_command(

@@ -43,7 +43,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`ui_command`."""
-    return ui_command(a.backend_store_uri, port=a.port)
+    return args.call(ui_command, a)
 
 
 class UiError(RuntimeError):

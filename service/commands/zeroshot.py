@@ -29,16 +29,7 @@ def add_parser(subparsers: args.Subparsers) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line → :func:`zero_shot_command`."""
-    return zero_shot_command(
-        a.model,
-        a.input,
-        a.output,
-        classes=a.classes,
-        classes_from_column=a.classes_from_column,
-        templates_path=a.templates,
-        batch_size=a.batch_size,
-        tracking_uri=a.tracking_uri,
-    )
+    return args.call(zero_shot_command, a)
 
 
 def zero_shot_command(
