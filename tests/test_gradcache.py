@@ -332,11 +332,11 @@ def test_train_step_dispatch_two_steps_checkpoint_resume_match_plain() -> None:
 
 
 def test_micro_batch_is_resolved_once_when_the_state_is_built(monkeypatch) -> None:
-    import service.train.gradcache as gradcache
+    import service.train.micro_batch as micro_batch
 
     calls = []
-    real = gradcache.gradcache_problems
-    monkeypatch.setattr(gradcache, "gradcache_problems", lambda c: calls.append(1) or real(c))
+    real = micro_batch.gradcache_problems
+    monkeypatch.setattr(micro_batch, "gradcache_problems", lambda c: calls.append(1) or real(c))
     state = _eval_mode_state(4)
     assert state.micro_batch == 4 and calls == [1]
     for seed in (1, 2):  # cached steps (4 < the local batch of 8): the rule is not run again

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from service.data.errors import DataError
-from service.data.sources import register_source
+from service.data.sources import SourceInfo, register_source
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -36,7 +36,7 @@ _GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
-class ParquetSource:
+class ParquetSource(SourceInfo):
     """A validated set of Parquet files: where they are and what they hold.
 
     >>> src = inspect_parquet("service/data/bundled/cifar10-test-subset.parquet")
@@ -44,18 +44,9 @@ class ParquetSource:
     (1000, True)
     """
 
-    path: str  # as the user gave it, for messages
     filesystem: pafs.FileSystem
     files: list[str]  # paths inside ``filesystem``
-    num_rows: int
-    columns: list[str]
-    has_label: bool
-
     format: str = "parquet"
-
-    @property
-    def has_label_name(self) -> bool:
-        return LABEL_NAME_COLUMN in self.columns
 
     def read(self, columns: list[str], indices: np.ndarray | None = None) -> pa.Table:
         return _read_rows(self, columns, indices)

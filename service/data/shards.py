@@ -28,9 +28,9 @@ from torch.utils.data import IterableDataset
 
 from service.data import webdataset as wds
 from service.data.errors import DataError
-from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN, LABEL_NAME_COLUMN
+from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN
 from service.data.plan import with_captions
-from service.data.sources import register_source
+from service.data.sources import SourceInfo, register_source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 STREAM_BUFFER_ROWS = 1024  # the streaming reader's shuffle buffer (rows), as the Ray reader's
@@ -46,20 +46,12 @@ def is_shard_pattern(path: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ShardSource:
+class ShardSource(SourceInfo):
     """An inspected set of WebDataset shards (the :class:`~service.data.sources.DataSource`
     surface)."""
 
-    path: str
     shards: list[str]
-    num_rows: int
-    columns: list[str]
-    has_label: bool
     format: str = "webdataset"
-
-    @property
-    def has_label_name(self) -> bool:
-        return LABEL_NAME_COLUMN in self.columns
 
     def _text_key(self, columns: list[str]) -> str | None:
         extra = [c for c in columns if c not in (IMAGE_COLUMN, LABEL_COLUMN)]
@@ -150,7 +142,7 @@ def inspect_shard_source(path: str) -> ShardSource:
         )
     others = [e for e in info.extensions if e not in (*wds.IMAGE_EXTENSIONS, wds.LABEL_EXTENSION)]
     columns = [IMAGE_COLUMN] + [LABEL_COLUMN] * info.has_label + others
-    return ShardSource(path, info.shards, info.rows, columns, info.has_label)
+    return ShardSource(path, info.rows, columns, info.has_label, shards=info.shards)
 
 
 class ShardStream(IterableDataset):

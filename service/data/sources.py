@@ -66,6 +66,20 @@ class DataSource(Protocol):
 
 
 @dataclass(frozen=True)
+class SourceInfo:
+    """What every source knows after inspection (the formats' dataclasses extend it)."""
+
+    path: str  # as the user gave it, for messages
+    num_rows: int
+    columns: list[str]
+    has_label: bool
+
+    @property
+    def has_label_name(self) -> bool:
+        return "label_name" in self.columns
+
+
+@dataclass(frozen=True)
 class SourceFormat:
     """A registered format: which paths it owns and how to inspect one."""
 

@@ -34,8 +34,8 @@ checkpoint is loaded into the criterion.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Self
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,9 @@ class ContrastiveLoss(nn.Module):
     paired: ClassVar[bool] = False
     uses_margin: ClassVar[bool] = False
     in_batch_negatives: ClassVar[bool] = True
+    # The loss's own hyperparameters beyond the temperature: (range check, ``loss.<key>``),
+    # checked by ``config_problems`` with the functions the constructor raises with.
+    checked_keys: ClassVar[tuple[tuple[Callable[..., Any], str], ...]] = ()
 
     def __init__(
         self,
@@ -116,6 +119,7 @@ class ContrastiveLoss(nn.Module):
         checks: list[tuple] = [(check_temperature, cfg.temperature, "loss.temperature")]
         if cls.supports_chunking:
             checks.append((check_chunk_size, cfg.chunk_size, "loss.chunk_size"))
+        checks += [(check, getattr(cfg, key), f"loss.{key}") for check, key in cls.checked_keys]
         return problems(*checks)
 
     @classmethod

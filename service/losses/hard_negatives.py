@@ -16,7 +16,7 @@ from torch import Tensor
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import MASKED
 from service.losses.errors import LossInputError
-from service.losses.inputs import Batch, local_anchors_and_keys, problems
+from service.losses.inputs import Batch, local_anchors_and_keys
 
 if TYPE_CHECKING:
     from service.config import LossConfig
@@ -65,16 +65,13 @@ class HardNegativeNTXentLoss(ContrastiveLoss):
     """
 
     name = "hard_negative"
+    checked_keys = ((check_top_k, "top_k"),)
 
     def __init__(
         self, temperature: float = 0.5, top_k: int = 64, gather_distributed: bool = True
     ) -> None:
         super().__init__(temperature, gather_distributed)
         self.top_k = check_top_k(top_k)
-
-    @classmethod
-    def config_problems(cls, cfg: LossConfig) -> list[str]:
-        return super().config_problems(cfg) + problems((check_top_k, cfg.top_k, "loss.top_k"))
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
@@ -123,6 +120,7 @@ class DebiasedNTXentLoss(ContrastiveLoss):
     """
 
     name = "debiased"
+    checked_keys = ((check_tau_plus, "tau_plus"),)
     exact_views = 2
 
     def __init__(
@@ -130,11 +128,6 @@ class DebiasedNTXentLoss(ContrastiveLoss):
     ) -> None:
         super().__init__(temperature, gather_distributed)
         self.tau_plus = check_tau_plus(tau_plus)
-
-    @classmethod
-    def config_problems(cls, cfg: LossConfig) -> list[str]:
-        tau_plus = (check_tau_plus, cfg.tau_plus, "loss.tau_plus")
-        return super().config_problems(cfg) + problems(tau_plus)
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:

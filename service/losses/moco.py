@@ -32,7 +32,7 @@ from service.losses.distributed import (
     is_distributed,
 )
 from service.losses.errors import LossInputError
-from service.losses.inputs import normalized, problems
+from service.losses.inputs import normalized
 from service.models import unwrap
 
 if TYPE_CHECKING:
@@ -226,6 +226,7 @@ class MoCoLoss(ContrastiveLoss):
     """
 
     name = "moco"
+    checked_keys = ((check_queue_size, "moco_queue_size"), (check_momentum, "moco_momentum"))
     supports_chunking = True
     exact_views = 2
     in_batch_negatives = False  # the negatives come from the queue
@@ -246,13 +247,6 @@ class MoCoLoss(ContrastiveLoss):
         self.key_encoder: MomentumEncoder | None = None  # set by attach()
         self.shuffle_seed = int(shuffle_seed)
         self.register_buffer("shuffle_step", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def config_problems(cls, cfg: LossConfig) -> list[str]:
-        return super().config_problems(cfg) + problems(
-            (check_queue_size, cfg.moco_queue_size, "loss.moco_queue_size"),
-            (check_momentum, cfg.moco_momentum, "loss.moco_momentum"),
-        )
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from service.losses.distributed import gather_with_grad
 from service.losses.errors import LossInputError
-from service.losses.inputs import normalized, problems
+from service.losses.inputs import normalized
 from service.losses.temperature import MAX_LOGIT_SCALE, LearnableTemperatureLoss
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class SigLIPLoss(LearnableTemperatureLoss):
     """
 
     name = "siglip"
+    checked_keys = ((check_bias_init, "siglip_bias_init"),)
     exact_views = 2
     paired = True
 
@@ -72,11 +73,6 @@ class SigLIPLoss(LearnableTemperatureLoss):
     ) -> None:
         super().__init__(temperature, learnable_temperature, max_logit_scale, gather_distributed)
         self.bias = nn.Parameter(torch.tensor(check_bias_init(bias_init)))
-
-    @classmethod
-    def config_problems(cls, cfg: LossConfig) -> list[str]:
-        bias = (check_bias_init, cfg.siglip_bias_init, "loss.siglip_bias_init")
-        return super().config_problems(cfg) + problems(bias)
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:

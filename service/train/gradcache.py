@@ -57,38 +57,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from service.config import Config
 from service.losses import ContrastiveLoss
 from service.models import unwrap
+from service.train.micro_batch import GradCacheError as GradCacheError
+from service.train.micro_batch import gradcache_problems as gradcache_problems
 
-if TYPE_CHECKING:  # the state resolves its micro-batch with this module
+if TYPE_CHECKING:  # annotations only (the state resolves its micro-batch in micro_batch.py)
     from service.train.state import TrainState
-
-
-class GradCacheError(ValueError):
-    """The configured loss or micro-batch size cannot run as an exact cached-gradient step."""
-
-
-def gradcache_problems(config: Config) -> list[str]:
-    """Why ``train.micro_batch_size`` cannot run with this config (empty: it can, or it is off)."""
-    m = config.train.micro_batch_size
-    if m is None:
-        return []
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        return [f"train.micro_batch_size must be a positive integer or null, got {m!r}"]
-    return []
-
-
-def resolve_micro_batch(config: Config) -> int | None:
-    """``train.micro_batch_size`` checked (once, when the training state is built), or None.
-
-    >>> resolve_micro_batch(Config()) is None
-    True
-    """
-    problems = gradcache_problems(config)
-    if problems:
-        raise GradCacheError("; ".join(problems))
-    return config.train.micro_batch_size
 
 
 def label_kwargs(criterion: ContrastiveLoss, labels: Tensor | None) -> dict[str, Tensor | None]:

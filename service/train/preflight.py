@@ -70,7 +70,7 @@ def config_problems(config: Config) -> list[str]:
     """Every rule of every section, from its owner (no file is read). A config that did not
     pass ``validate`` (built or changed in code) gets its type and shape problems instead: the
     owners' rules compare values of the right types."""
-    from service.train.gradcache import gradcache_problems
+    from service.train.micro_batch import gradcache_problems
 
     own = [] if config.is_checked("config") else validation_problems(config)
     if own:

@@ -18,7 +18,7 @@ from service.losses import build_loss
 from service.models import build_training_model, maybe_convert_sync_batchnorm, unwrap
 from service.train.amp import Amp, amp_policy
 from service.train.budget import TrainClock
-from service.train.gradcache import resolve_micro_batch
+from service.train.micro_batch import resolve_micro_batch
 from service.train.optim import build_optimizer, lr_schedule
 
 
