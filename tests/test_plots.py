@@ -71,7 +71,13 @@ def test_training_curves_size_and_panels(tmp_path):
 
 def test_loss_panel_has_the_indistinguishable_embeddings_reference(tmp_path):
     """NT-Xent, 2 views, global batch 256: the dashed line sits at log(2*256 - 1)."""
-    from service.train.finalize import chance_loss
+    from service.losses import build_loss
+    from service.train.finalize import chance_label
+
+    def chance_loss(config):  # what a worker saves with its checkpoint, and the legend
+        criterion = build_loss(config.loss, config.model.proj_out_dim, gather_distributed=False)
+        n_views, batch = config.augment.n_views, config.train.global_batch_size
+        return criterion.expected_initial_loss(n_views, batch), chance_label(config)
 
     config = load_config(None, ["train.global_batch_size=256", "augment.n_views=2"])
     value, label = chance_loss(config)

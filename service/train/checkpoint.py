@@ -69,6 +69,8 @@ def training_state_dict(s: TrainState) -> dict[str, Any]:
         "global_step": s.global_step,
         "history": s.history,
         "train_seconds": s.clock.elapsed_s,
+        # for the loss curve's reference line, so the driver never builds the loss again
+        "chance_loss": s.expected_initial_loss(),
         "config": s.config.to_dict(),
     }
 

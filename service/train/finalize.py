@@ -31,9 +31,10 @@ def finalize_run(
     from service.train.checkpoint import load_state, load_training_model_from_checkpoint
 
     logger = tracking.logger()
-    history = load_state(checkpoint_dir)["history"]
+    state = load_state(checkpoint_dir)
+    history = state["history"]
     model, _ = load_training_model_from_checkpoint(checkpoint_dir)
-    _log_plots(config, logger, model.backbone, history, workdir)
+    _log_plots(config, logger, model.backbone, history, workdir, state.get("chance_loss"))
     summary: dict[str, Any] = {"run_id": tracking.run_id, "tracking_uri": tracking.uri}
     if config.mlflow.registered_model_name:
         summary.update(_register(config, tracking, model, history, tokenizer_json))
@@ -45,7 +46,9 @@ def finalize_run(
     return summary
 
 
-def _log_plots(config: Config, logger: Any, backbone: Any, history: list, workdir: Path) -> None:
+def _log_plots(
+    config: Config, logger: Any, backbone: Any, history: list, workdir: Path, chance: float | None
+) -> None:
     """Training curves, the augmentation preview and the test split's embedding plot."""
     from service.data.augment import eval_transform
     from service.data.preview import save_augmentation_preview
@@ -53,10 +56,10 @@ def _log_plots(config: Config, logger: Any, backbone: Any, history: list, workdi
     from service.tracking.plots import plot_embeddings, plot_training_curves
 
     _progress("plotting training curves and augmentation preview")
-    chance, chance_label = chance_loss(config)
     curves = plot_training_curves(
-        history, workdir / "training_curves.png", chance_loss=chance, chance_label=chance_label
-    )
+        history, workdir / "training_curves.png", chance_loss=chance,
+        chance_label=chance_label(config),
+    )  # fmt: skip
     logger.log_artifact(curves, "plots")
     preview = save_augmentation_preview(
         config.data.train, workdir / "augmentation_preview.png", config.augment,
@@ -123,24 +126,19 @@ def champion_metric(config: Config, history: list[dict[str, Any]]) -> tuple[str,
     return name, float(value)
 
 
-def chance_loss(config: Config) -> tuple[float | None, str]:
-    """The loss of indistinguishable embeddings for this run's loss, views and global batch
-    (NT-Xent: log(nB−1), e.g. log(2B−1) for two views), and its legend label; None when the
-    loss has no simple formula.
+def chance_label(config: Config) -> str:
+    """The legend of the loss curve's reference line: the loss of indistinguishable embeddings
+    (NT-Xent: log(nB−1)), whose value the workers save with each checkpoint (``chance_loss``:
+    the driver does not build the loss again).
 
     >>> from service.config import Config
-    >>> value, label = chance_loss(Config())
-    >>> round(value, 4), label
-    (5.5413, 'indistinguishable embeddings (2 views, B=128)')
+    >>> chance_label(Config())
+    'indistinguishable embeddings (2 views, B=128)'
     """
-    from service.losses import build_loss
-
     n_views, batch = config.augment.n_views, config.train.global_batch_size
-    criterion = build_loss(config.loss, config.model.proj_out_dim, gather_distributed=False)
-    value = criterion.expected_initial_loss(n_views, batch)
     if config.text.column:  # image-text: one image and one caption per row, not augmented views
-        return value, f"indistinguishable embeddings (B={batch})"
-    return value, f"indistinguishable embeddings ({n_views} views, B={batch})"
+        return f"indistinguishable embeddings (B={batch})"
+    return f"indistinguishable embeddings ({n_views} views, B={batch})"
 
 
 def class_names(path: str, column: str) -> dict[int, str] | None:

@@ -133,8 +133,7 @@ def _show_progress(s: TrainState, progress: StepProgress | None, loss: float, im
 
 def _step0_check(s: TrainState, loss: float) -> None:
     """Seeds §7.4: the first loss of indistinguishable embeddings is ~log(candidates)."""
-    cfg = s.config
-    expected = s.criterion.expected_initial_loss(cfg.augment.n_views, cfg.train.global_batch_size)
+    expected = s.expected_initial_loss()
     if s.global_step == 1 and expected is not None:
         off = abs(loss - expected) / expected
         flag = "; CHECK THE SETUP" if off > 0.25 else ""

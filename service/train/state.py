@@ -50,6 +50,12 @@ class TrainState:
     def __post_init__(self) -> None:
         self.micro_batch = resolve_micro_batch(self.config)
 
+    def expected_initial_loss(self) -> float | None:
+        """The loss of indistinguishable embeddings for this run's loss, views and global batch
+        (seeds §7.4): the step-0 check and the reference line of the loss curve."""
+        c = self.config
+        return self.criterion.expected_initial_loss(c.augment.n_views, c.train.global_batch_size)
+
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.config.model.channels_last:
