@@ -25,7 +25,7 @@ from service.data.decoded import (
     IndexBatchDataset,
     decode_once_plan,
     decode_rows,
-    to_uint8_square,
+    fit_uint8,
 )
 from service.train.batches import TrainBatches, augment_device
 from service.train.inputs import WorkerInputs
@@ -57,7 +57,7 @@ def corrupt_parquet(tmp_path):
     """10 solid-grey images whose grey encodes the label (sizes vary), 3 corrupt rows between."""
     blobs, labels = [], []
     for label in range(10):
-        size = (32, 32) if label % 3 else (48, 20)  # other sizes: resized + centre-cropped
+        size = (32, 32) if label % 3 else (48, 20)  # other sizes: resized whole
         blobs.append(encode_image(Image.new("RGB", size, (_grey(label),) * 3)))
         labels.append(label)
     for at in (2, 6, 11):
@@ -74,18 +74,50 @@ def test_decode_skips_counts_and_keeps_labels(corrupt_parquet, caplog):
     assert decoded.stats.total == 13 and decoded.stats.bad == 3 and len(decoded) == 10
     assert "skipped 3 of 13 images" in caplog.text and "row 6 (" in caplog.text
     assert decoded.labels.tolist() == list(range(10))
-    greys = decoded.images.float().mean(dim=(1, 2, 3))
-    assert [round((g - 10) / 20) for g in greys.tolist()] == list(range(10))
+    # each image's grey over its own extent (48x20 ones are stored whole: 16x7 at the top left)
+    greys = [
+        float(im[:, :h, :w].float().mean())
+        for im, (h, w) in zip(decoded.images, decoded.sizes.tolist(), strict=True)
+    ]
+    assert [round((g - 10) / 20) for g in greys] == list(range(10))
+    assert decoded.sizes[0].tolist() == [7, 16] and decoded.sizes[1].tolist() == [16, 16]
     assert decoded.images.shape == (10, 3, 16, 16)
     with pytest.raises(TooManyBadImagesError, match=r"corrupt.parquet.*3 of 13"):
         decode_rows(str(corrupt_parquet), None, 16, max_bad_fraction=0.2)
 
 
-def test_to_uint8_square_centre_crops_other_sizes():
+def test_non_square_images_are_stored_whole_with_their_extent():
     image = Image.new("RGB", (60, 20), (0, 0, 0))
-    image.paste((255, 255, 255), (20, 0, 40, 20))  # white centre square, black sides
-    square = to_uint8_square(image, 10)
-    assert square.shape == (3, 10, 10) and int(square[:, :, 1:-1].min()) >= 250  # edges: filter
+    image.paste((255, 255, 255), (0, 0, 10, 20))  # white left edge: outside any centre square
+    slot, extent = fit_uint8(image, 12)
+    assert slot.shape == (3, 12, 12) and extent == (4, 12)  # 60x20 → 12x4, top left
+    assert int(slot[:, :4, 0].min()) >= 250 and int(slot[:, 4:].max()) == 0  # edge kept; padding
+    square = Image.new("RGB", (12, 12), (7, 8, 9))
+    slot, extent = fit_uint8(square, 12)  # already the size: pixel for pixel, fills the slot
+    assert extent == (12, 12) and torch.equal(
+        slot, torch.tensor([7, 8, 9]).view(3, 1, 1).expand(3, 12, 12).to(torch.uint8)
+    )
+
+
+def test_batched_crops_reach_every_part_of_a_non_square_image():
+    """Issue 27 item 5: on a 400x300 image at 32 px the views must see its left and right
+    edges (a centre-square decode never did: x < 50 and x > 350 were cut away)."""
+    from service.config import AugmentConfig
+    from service.data.batch_augment import BatchSimCLRAugment
+
+    image = Image.new("RGB", (400, 300), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 40, 300))  # red left edge
+    image.paste((0, 0, 255), (360, 0, 400, 300))  # blue right edge
+    slot, extent = fit_uint8(image, 32)
+    cfg = AugmentConfig(
+        strength=0.0, grayscale_p=0.0, min_scale=0.08, mean=[0.0] * 3, std=[1.0] * 3
+    )
+    augment = BatchSimCLRAugment(cfg, 32, n_views=1, seed=0)
+    (views,) = augment(slot.expand(256, -1, -1, -1).contiguous(), torch.tensor([extent] * 256))
+    red = (views[:, 0] > 0.8) & (views[:, 2] < 0.2)
+    blue = (views[:, 2] > 0.8) & (views[:, 0] < 0.2)
+    black = views.amax(dim=1) < 0.05  # the padding below the image is never cropped
+    assert red.any() and blue.any() and not black.any()
 
 
 class _WritingDataset(IndexBatchDataset):
@@ -104,7 +136,7 @@ def test_decoded_tensor_is_shared_with_loader_workers():
     sampler = BatchSampler(SequentialSampler(range(len(dataset))), 4, drop_last=True)
     loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=1)
     batches = list(loader)
-    assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 32, 32)] * 2
+    assert [tuple(pixels.images.shape) for pixels, _ in batches] == [(4, 3, 32, 32)] * 2
     assert decoded.images[[0, 4], 0, 0, 0].tolist() == [123, 123]  # the worker's writes
 
 

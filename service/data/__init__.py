@@ -31,7 +31,7 @@ from service.data.augment import (
     view_size,
 )
 from service.data.augmenters import AUGMENTERS, Augmenter, augment_seed
-from service.data.batch_augment import BatchSimCLRAugment, ViewParams
+from service.data.batch_augment import BatchSimCLRAugment, Pixels, ViewParams
 from service.data.captions import (
     CAPTION_TEMPLATES,
     TEXT_COLUMN,
@@ -53,9 +53,10 @@ from service.data.decoded import (
     decode_once_plan,
     decode_rows,
     decoded_key,
+    fit_item,
+    fit_uint8,
     load_shared,
     share_training_rows,
-    to_uint8_square,
     training_key,
 )
 from service.data.errors import CorruptImageError, DataError, TooManyBadImagesError
@@ -139,6 +140,7 @@ __all__ = [
     "ParquetImageDataset",
     "ParquetSource",
     "TooManyBadImagesError",
+    "Pixels",
     "ViewParams",
     "augment_ray_dataset",
     "build_eval_dataset",
@@ -170,7 +172,8 @@ __all__ = [
     "save_augmentation_preview",
     "simclr_transform",
     "to_rgb",
-    "to_uint8_square",
+    "fit_item",
+    "fit_uint8",
     "training_captions",
     "view_size",
 ]

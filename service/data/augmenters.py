@@ -54,9 +54,9 @@ class Augmenter:
 
 
 def _uint8_item(config: Config) -> Callable[[Any], Any]:
-    from service.data.decoded import to_uint8_square
+    from service.data.decoded import fit_item
 
-    return partial(to_uint8_square, size=config.data.image_size)
+    return partial(fit_item, size=config.data.image_size)  # (pixels, its (h, w) extent)
 
 
 def _views_item(config: Config) -> Callable[[Any], Any]:
@@ -74,7 +74,12 @@ def _batched_fn(config: Config, rank: int, device: torch.device) -> Callable[[An
         config.augment, config.data.image_size, seed=augment_seed(config, rank),
         n_views=n_views(config),
     )  # fmt: skip
-    return lambda images: augment(images.to(device, non_blocking=True))
+
+    def views(x: Any) -> Views:  # Pixels, or a collated [pixels, sizes], or bare pixels
+        images, sizes = x if isinstance(x, tuple | list) else (x, None)
+        return augment(images.to(device, non_blocking=True), sizes)
+
+    return views
 
 
 def _views_fn(config: Config, rank: int, device: torch.device) -> Callable[[Any], Views]:

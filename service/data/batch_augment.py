@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,15 @@ BLUR_SIGMA = (0.1, 2.0)
 LUMA = (0.2989, 0.587, 0.114)
 # Column order of ViewParams.factors and the op ids in ViewParams.order (torchvision's fn_idx).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+class Pixels(NamedTuple):
+    """Decoded uint8 images ``[B, 3, S, S]`` and each one's extent ``sizes`` ``[B, 2]`` (h, w):
+    a non-square image is stored whole, its longer side ``S``, at the top left (the rest is
+    padding no crop reaches); a square one fills the tensor."""
+
+    images: torch.Tensor
+    sizes: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -86,22 +96,26 @@ class ViewParams:
 
 def sample_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     generator: torch.Generator,
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> torch.Tensor:
     """``[n, 4]`` crop boxes ``(top, left, h, w)``: ``RandomResizedCrop.make_params`` for ``n``
-    draws at once (its 10 tries in parallel, the first valid one kept, else its centre crop)."""
-    area = height * width
+    draws at once (its 10 tries in parallel, the first valid one kept, else its centre crop).
+    ``height``/``width``: the images' size, or one per row (``[n]``: each image's own extent,
+    so crops cover the whole of a non-square image, as torchvision's do)."""
     f64 = dict(dtype=torch.float64)
+    height = torch.as_tensor(height, dtype=torch.long).expand(n)
+    width = torch.as_tensor(width, dtype=torch.long).expand(n)
+    area = (height * width).to(torch.float64)[:, None]
     target = torch.empty(n, CROP_TRIES, **f64).uniform_(*scale, generator=generator) * area
     log_ratio = torch.empty(n, CROP_TRIES, **f64)
     aspect = log_ratio.uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
     w = (target * aspect).sqrt().round().long()  # round half to even, as Python's round
     h = (target / aspect).sqrt().round().long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = ok.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
     offsets = torch.rand(n, 2, generator=generator, **f64)
@@ -109,21 +123,27 @@ def sample_crop_boxes(
     left = (offsets[:, 1] * (width - w + 1)).long()
     fh, fw = _centre_crop_size(height, width, ratio)
     boxes = torch.stack([top, left, h, w], dim=1)
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+    fallback = torch.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], dim=1)
     return torch.where(found[:, None], boxes, fallback)
 
 
-def _centre_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        return int(round(width / min(ratio))), width
-    if in_ratio > max(ratio):
-        return height, int(round(height * max(ratio)))
-    return height, width
+def _centre_crop_size(
+    height: torch.Tensor, width: torch.Tensor, ratio: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop's fallback (a centre crop within the ratio bounds), per row."""
+    in_ratio = width.double() / height.double()
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fh = torch.where(narrow, (width / min(ratio)).round().long(), height)
+    fw = torch.where(wide, (height * max(ratio)).round().long(), width)
+    return fh, fw
 
 
 def sample_view_params(
-    cfg: AugmentConfig, n: int, height: int, width: int, generator: torch.Generator
+    cfg: AugmentConfig,
+    n: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
+    generator: torch.Generator,
 ) -> ViewParams:
     """Draw the parameters of ``n`` independent views of ``height x width`` images.
 
@@ -375,8 +395,9 @@ class BatchSimCLRAugment:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, n: int, height: int, width: int) -> ViewParams:
-        """Parameters of ``n`` views of ``height x width`` images (advances the generator)."""
+    def sample(self, n: int, height: int | torch.Tensor, width: int | torch.Tensor) -> ViewParams:
+        """Parameters of ``n`` views of ``height x width`` images, or of images of their own
+        sizes (``[n]`` tensors; advances the generator)."""
         return sample_view_params(self.cfg, n, height, width, self.generator)
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
@@ -407,12 +428,21 @@ class BatchSimCLRAugment:
             x.index_copy_(0, blur_idx, blurred)
         return normalize(x, self.cfg.mean, self.cfg.std)
 
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor | Pixels, sizes: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """``n_views`` views of every image; ``sizes`` ``[B, 2]`` (or ``Pixels``): each image's
+        extent (h, w) at the top left of its slot, crops drawn within it."""
+        if isinstance(images, Pixels):
+            images, sizes = images
         if images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"expected a batch [B, 3, H, W], got shape {tuple(images.shape)}")
         if images.dtype != torch.uint8:
             raise DataError(f"expected uint8 images, got {images.dtype}")
         b, _, height, width = images.shape
+        if sizes is not None:  # row r of the views is a view of image r % b
+            extent = sizes.to("cpu", torch.long).repeat(self.n_views, 1)
+            height, width = extent[:, 0], extent[:, 1]
         views = self.apply(images, self.sample(self.n_views * b, height, width))
         return list(views.split(b))
 

@@ -7,14 +7,16 @@ uint8, 4x fewer bytes than float views) and augments it on the model's device
 (:class:`~service.data.batch_augment.BatchSimCLRAugment`). Per-image Python work happens once
 per row, not once per row, view and epoch.
 
-Image size: every row is stored at ``S x S`` with ``S = data.image_size``. Rows already that
+Image size: every row gets an ``S x S`` slot with ``S = data.image_size``. Rows already that
 size (CIFAR at 32 px) are stored pixel for pixel as :func:`~service.data.decode.decode_image`
-returns them; other rows are resized (shorter side to ``S``, PIL bilinear with antialiasing)
-and centre-cropped to a square, which lets images of different sizes share one tensor and bounds
-its bytes before anything is decoded. The price, against the per-image ``torchvision`` backend:
-random crops are taken from the central square at ``S`` px, not from the full-resolution image,
-so small crops of large images are upsampled from fewer pixels. For CIFAR-size data (the case
-this path is for) nothing changes.
+returns them; other rows are stored **whole**, resized (PIL bilinear with antialiasing) so that
+their longer side is ``S``, at the top left of the slot, and their extent ``(h, w)`` is kept in
+``sizes``: the batched augmentation draws each random-resized crop within its image's extent,
+so crops cover the whole image as the per-image ``torchvision`` backend's do (a 400x300 image
+at 224 px is stored as 224x168; nothing outside it is ever cropped). Images of any size share
+one tensor and its bytes are known before anything is decoded. The price, against the
+``torchvision`` backend: crops of large images are cut from ``S`` px, not from the full
+resolution. For CIFAR-size data (the case this path is for) nothing changes.
 
 Corrupt rows are skipped, counted in :class:`~service.data.decode.DecodeStats` and held to
 ``data.max_bad_fraction`` exactly as ``ParquetImageDataset`` does (a fraction of the whole split;
@@ -39,10 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from service.config import Config
+from service.data.batch_augment import Pixels
 from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError
@@ -59,16 +62,32 @@ from service.data.torch_dataset import NO_LABEL
 DECODE_MEMORY_FRACTION = 0.5
 
 
-def to_uint8_square(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB image → ``uint8 [3, size, size]``: unchanged when already ``size x size``, else the
-    shorter side resized to ``size`` and centre-cropped (see the module docstring).
+def fit_uint8(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB image → ``(uint8 [3, size, size], (h, w))``: unchanged when already ``size x size``,
+    else the whole image resized so its longer side is ``size`` (aspect kept), at the top left
+    of a zero slot; ``(h, w)`` is its extent there (see the module docstring).
 
-    >>> to_uint8_square(Image.new("RGB", (40, 30), (9, 8, 7)), 16)[:, 0, 0].tolist()
-    [9, 8, 7]
+    >>> pixels, extent = fit_uint8(Image.new("RGB", (40, 30), (9, 8, 7)), 16)
+    >>> extent, pixels[:, 11, 15].tolist(), pixels[:, 12, 0].tolist()  # 16 x 12, then padding
+    ((12, 16), [9, 8, 7], [0, 0, 0])
     """
     if image.size != (size, size):
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        w, h = image.size
+        scale = size / max(w, h)
+        extent = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = image.resize(extent, Image.Resampling.BILINEAR, reducing_gap=None)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    h, w = pixels.shape[1:]
+    slot = torch.zeros(3, size, size, dtype=torch.uint8)
+    slot[:, :h, :w] = pixels
+    return slot, (h, w)
+
+
+def fit_item(image: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fit_uint8` as a DataLoader item: ``(pixels, tensor([h, w]))`` (collated to
+    ``[pixels [b, 3, S, S], sizes [b, 2]]``)."""
+    pixels, extent = fit_uint8(image, size)
+    return pixels, torch.tensor(extent)
 
 
 def decoded_bytes(rows: int, size: int) -> int:
@@ -134,6 +153,11 @@ class DecodedImages:
     labels: torch.Tensor
     stats: DecodeStats
     texts: list[str] | None = None
+    sizes: torch.Tensor | None = None  # int64 [N, 2]: each image's (h, w) in its slot
+
+    def __post_init__(self) -> None:
+        if self.sizes is None:  # every image fills its slot
+            self.sizes = torch.tensor(self.images.shape[2:]).repeat(len(self.images), 1)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -161,6 +185,7 @@ def decode_rows(
     n = table.num_rows
     captions = table.column(text_column).to_pylist() if text_column else None
     images = torch.empty((n, 3, size, size), dtype=torch.uint8).share_memory_()
+    sizes = torch.empty((n, 2), dtype=torch.long)
     if source.has_label:
         all_labels = table.column(LABEL_COLUMN).to_numpy().astype(np.int64)
     else:
@@ -177,7 +202,7 @@ def decode_rows(
         except CorruptImageError as exc:
             stats.add_bad(f"row {int(file_rows[i])} ({exc})")
             continue
-        images[len(kept)] = to_uint8_square(image, size)
+        images[len(kept)], sizes[len(kept)] = fit_item(image, size)
         kept.append(i)
         stats.add_ok()
     where = f"{str(path)!r}"
@@ -186,14 +211,14 @@ def decode_rows(
     labels = torch.from_numpy(all_labels[np.asarray(kept, dtype=np.int64)])
     texts = [captions[i] for i in kept] if captions is not None else None
     # A view of the shared storage: the (few) skipped rows' slots stay unused at the end.
-    return DecodedImages(images[: len(kept)], labels, stats, texts)
+    return DecodedImages(images[: len(kept)], labels, stats, texts, sizes[: len(kept)])
 
 
 class IndexBatchDataset(Dataset):
-    """``dataset[list of row indices]`` → ``(uint8 [b, 3, S, S], int64 [b])`` (image–text mode:
-    ``(images, labels, list of b captions)``): one gather per batch. Use with
-    ``DataLoader(batch_size=None, sampler=BatchSampler(...))``; workers index the shared tensor,
-    nothing is copied to them."""
+    """``dataset[list of row indices]`` → ``(Pixels(uint8 [b, 3, S, S], sizes [b, 2]), int64
+    [b])`` (image–text mode: ``(pixels, labels, list of b captions)``): one gather per batch.
+    Use with ``DataLoader(batch_size=None, sampler=BatchSampler(...))``; workers index the shared
+    tensor, nothing is copied to them."""
 
     def __init__(self, decoded: DecodedImages) -> None:
         self.decoded = decoded
@@ -203,7 +228,9 @@ class IndexBatchDataset(Dataset):
 
     def __getitem__(self, rows: list[int]) -> tuple[Any, ...]:
         index = torch.as_tensor(rows, dtype=torch.long)
-        images, labels = self.decoded.images.index_select(0, index), self.decoded.labels[index]
+        sizes = self.decoded.sizes[index]  # type: ignore[index]
+        images = Pixels(self.decoded.images.index_select(0, index), sizes)
+        labels = self.decoded.labels[index]
         if self.decoded.texts is None:
             return images, labels
         return images, labels, [self.decoded.texts[r] for r in rows]
@@ -293,6 +320,7 @@ def share_decoded(decoded: DecodedImages, key: DecodedKey) -> SharedDecoded:
         "labels": decoded.labels.numpy(),
         "texts": decoded.texts,
         "stats": decoded.stats,
+        "sizes": decoded.sizes.numpy(),  # type: ignore[union-attr]
     }
     return SharedDecoded(key, ray.put(payload), int(decoded.images.numel()))
 
@@ -321,7 +349,8 @@ def load_shared(shared: SharedDecoded, expected: DecodedKey) -> DecodedImages:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         images = torch.from_numpy(payload["images"])
         labels = torch.from_numpy(payload["labels"])
-    return DecodedImages(images, labels, payload["stats"], payload["texts"])
+        sizes = torch.from_numpy(payload["sizes"])
+    return DecodedImages(images, labels, payload["stats"], payload["texts"], sizes)
 
 
 def object_store_bytes() -> int | None:

@@ -20,7 +20,7 @@ from service.config import AugmentConfig
 from service.data.augment import MultiViewTransform, denormalize, simclr_transform
 from service.data.batch_augment import BatchSimCLRAugment
 from service.data.decode import decode_image
-from service.data.decoded import to_uint8_square
+from service.data.decoded import fit_item
 from service.data.errors import CorruptImageError, DataError
 from service.data.parquet import LABEL_COLUMN, LABEL_NAME_COLUMN, read_image_table
 
@@ -42,9 +42,9 @@ def _views(
     if not images:
         return []
     if cfg.backend == "batched":
-        batch = torch.stack([to_uint8_square(image, image_size) for image in images])
+        slots, extents = zip(*(fit_item(image, image_size) for image in images), strict=True)
         augment = BatchSimCLRAugment(cfg, image_size, n_views=n_views, seed=seed)
-        per_view = augment(batch)
+        per_view = augment(torch.stack(slots), torch.stack(extents))
         return [[view[i] for view in per_view] for i in range(len(images))]
     views_of = MultiViewTransform(simclr_transform(cfg, image_size), n_views)
     with torch.random.fork_rng(devices=[]):  # seeded views without disturbing the caller's RNG

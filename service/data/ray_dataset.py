@@ -50,6 +50,7 @@ import torch
 
 from service.config import AugmentConfig, Config
 from service.data.augment import simclr_transform, split_at_to_image, view_size
+from service.data.batch_augment import Pixels
 from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
 from service.data.errors import CorruptImageError, TooManyBadImagesError
@@ -64,6 +65,7 @@ from service.data.torch_dataset import NO_LABEL
 MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, bounds memory
 SKIPPED_COLUMN = "n_skipped"
 PIXELS_COLUMN = "pixels"  # augment.backend=batched: decoded uint8 [3, S, S] per row
+SIZES_COLUMN = "sizes"  # ... and each image's (h, w) extent in it (service.data.decoded)
 SHUFFLE_BUFFER_ROWS = 1024  # rows in the local shuffle buffer: 4 blocks; 3 MiB of 32 px uint8
 
 
@@ -244,13 +246,15 @@ class DecodeBatchFn(_DecodingBatchFn):
         super().__init__(image_size, max_bad_fraction, map_batch_size, text_column)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from service.data.decoded import to_uint8_square
+        from service.data.decoded import fit_uint8
 
         images, columns = self._decode(batch)
         pixels = np.zeros((len(images), 3, self.image_size, self.image_size), np.uint8)
+        sizes = np.zeros((len(images), 2), np.int64)
         for i, image in enumerate(images):
-            pixels[i] = to_uint8_square(image, self.image_size).numpy()
-        return {PIXELS_COLUMN: pixels} | columns
+            slot, sizes[i] = fit_uint8(image, self.image_size)
+            pixels[i] = slot.numpy()
+        return {PIXELS_COLUMN: pixels, SIZES_COLUMN: sizes} | columns
 
 
 def make_multiview_batch_fn(
@@ -396,8 +400,8 @@ def iter_image_batches(
     for batch in _iter_batches(
         shard_or_dataset, batch_size, drop_last, stats, device, prefetch_batches, shuffle
     ):
-        _require(batch, [PIXELS_COLUMN], hint)
-        yield batch[PIXELS_COLUMN], batch[LABEL_COLUMN]
+        _require(batch, [PIXELS_COLUMN, SIZES_COLUMN], hint)
+        yield Pixels(batch[PIXELS_COLUMN], batch[SIZES_COLUMN]), batch[LABEL_COLUMN]
 
 
 def iter_captioned_batches(
@@ -431,7 +435,9 @@ def iter_captioned_batches(
             stats.add_ok(len(batch[LABEL_COLUMN]))
             if skipped:
                 stats.add_bad(n=skipped)
-        images = _tensor(batch[image_column]).to(device)
+        images: Any = _tensor(batch[image_column]).to(device)
+        if SIZES_COLUMN in batch:  # decoded only: the trainer augments within each extent
+            images = Pixels(images, _tensor(np.asarray(batch[SIZES_COLUMN], dtype=np.int64)))
         labels = _tensor(np.asarray(batch[LABEL_COLUMN], dtype=np.int64)).to(device)
         yield images, labels, [str(t) for t in batch[text_column]]
 
