@@ -66,6 +66,7 @@ MAP_BATCH_SIZE = 256  # rows per map_batches call: amortises task overhead, boun
 SKIPPED_COLUMN = "n_skipped"
 PIXELS_COLUMN = "pixels"  # augment.backend=batched: decoded uint8 [3, S, S] per row
 SIZES_COLUMN = "sizes"  # ... and each image's (h, w) extent in it (service.data.decoded)
+SHUFFLE_BLOCK_ROWS = 32  # rows per block whose order is shuffled every epoch
 SHUFFLE_BUFFER_ROWS = 1024  # rows in the local shuffle buffer: 4 blocks; 3 MiB of 32 px uint8
 
 
@@ -296,9 +297,13 @@ def augment_ray_dataset(
         fn = MultiViewBatchFn(
             cfg, image_size, n_views, max_bad_fraction, map_batch_size, text_column
         )
-    ds = ds.repartition(target_num_rows_per_block=map_batch_size)
-    if shuffle:
-        ds = ds.randomize_block_order()  # no seed: a new order every execution (epoch)
+    if shuffle:  # small blocks in a new order every execution (epoch); a map batch joins
+        # MAP_BATCH_SIZE // SHUFFLE_BLOCK_ROWS of them from all over the data, so even a
+        # class-sorted file gives mixed batches (256-row blocks left 2-3 classes per block).
+        ds = ds.repartition(target_num_rows_per_block=min(SHUFFLE_BLOCK_ROWS, map_batch_size))
+        ds = ds.randomize_block_order()
+    else:
+        ds = ds.repartition(target_num_rows_per_block=map_batch_size)
     return ds.map_batches(fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus)
 
 
