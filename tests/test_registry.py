@@ -47,6 +47,7 @@ from service.registry import (
 )
 from service.registry.aliases import metric_tag
 from service.registry.spec import WEIGHTS_FILE
+from service.registry.validation import ValidationData
 from service.tracking.runs import start_pretrain_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,7 +181,8 @@ class FakeRegistryClient:
 
     def add_version(self, metric_name: str, value: float | None) -> str:
         version = str(len(self.version_tags) + 1)
-        self.version_tags[version] = {} if value is None else {metric_tag(metric_name): repr(value)}
+        tags = {} if value is None else {metric_tag(metric_name): repr(value)}
+        self.version_tags[version] = {**tags, **VALIDATION.tags()}
         return version
 
     def get_model_version_by_alias(self, name, alias):
@@ -203,6 +205,10 @@ class FakeRegistryClient:
         self.records[run_id] = json.loads(text)
 
 
+# every version of these fake-client tests measured on the same, large enough validation set
+VALIDATION = ValidationData("f" * 16, rows=500, classes=10, description="500 rows of v.parquet")
+
+
 def _register(client: FakeRegistryClient, value: float | None, metric="knn_top1", **kwargs):
     version = client.add_version(metric, value)
     decision = apply_alias_policy(
@@ -212,6 +218,7 @@ def _register(client: FakeRegistryClient, value: float | None, metric="knn_top1"
         run_id=f"run{version}",
         metric_name=metric,
         metric_value=math.nan if value is None else value,
+        validation=VALIDATION,
         **kwargs,
     )
     return version, decision
@@ -254,7 +261,7 @@ def test_alias_policy_keeps_a_champion_without_the_metric():
     assert decision.champion is False and decision.previous_champion == "1"
     assert decision.previous_value is None and "has no 'linear_top1'" in decision.reason
     assert client.aliases == {LATEST_ALIAS: version, CHAMPION_ALIAS: "1"}
-    assert judge("x", 0.1, None).champion is True
+    assert judge("x", 0.1, None, validation=VALIDATION).champion is True
 
 
 def test_promote_moves_an_alias_by_hand(registry):

@@ -49,6 +49,7 @@ from service.registry.text import (
     load_image_text_model,
     load_text_encoder,
 )
+from service.registry.validation import ValidationData, validation_data
 from service.registry.zeroshot import read_templates, zero_shot_parquet
 
 __all__ = [
@@ -97,4 +98,6 @@ __all__ = [
     "model_directory",
     "read_templates",
     "zero_shot_parquet",
+    "ValidationData",
+    "validation_data",
 ]

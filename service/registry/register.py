@@ -48,6 +48,7 @@ from service.registry.lookup import ModelRef
 from service.registry.spec import EncoderSpec, backbone_from_spec, save_weights
 from service.registry.tags import version_tags
 from service.registry.text import write_text_files
+from service.registry.validation import ValidationData, validation_data
 from service.tracking.uri import use_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,14 @@ def register_encoder(
     """Log ``backbone`` (not the projection head) into run ``run_id``, register it, set
     ``latest-trained`` and maybe ``champion``; returns ``model_uri``, ``version``, ``champion``
     (bool), ``previous_champion`` (version or None), ``decision`` (text), ``metric_name``,
-    ``metric_value``.
+    ``metric_value``, ``validation`` (what the metric was measured on, or None).
 
     ``name`` defaults to ``config.mlflow.registered_model_name``; ``input_example`` (float32
     ``[b, 3, H, W]``, already normalised) to zeros of the config's image size. The version is
-    tagged with ``version_tags(config, knn, backbone)``, the champion metric and ``tags`` (extra
-    tags, which win over the computed ones).
+    tagged with ``version_tags(config, knn, backbone)``, the champion metric, the data it was
+    measured on (``validation.*``: fingerprint, rows, classes, description; read from
+    ``config.data``, see ``service.registry.validation``) and ``tags`` (extra tags, which win
+    over the computed ones).
 
     Image–text runs (``config.text.column`` set) also pass ``image_text``, the trained
     ``ImageTextModel`` (``backbone`` is its ``.backbone``): its heads and text tower are logged
@@ -104,10 +107,12 @@ def register_encoder(
         )
     metric_value = float(metric_value)
     text = _text_parts(config, image_text, tokenizer)
+    validation = _validation(config, metric_name)
     all_tags = {
         **version_tags(config, knn, unwrap(backbone)),
         "champion_metric": metric_name,
         metric_tag(metric_name): repr(metric_value),
+        **({} if validation is None else validation.tags()),
         **{key: str(value) for key, value in (tags or {}).items()},
     }
     logged = log_encoder(
@@ -133,6 +138,7 @@ def register_encoder(
         metric_name=metric_name,
         metric_value=metric_value,
         higher_is_better=higher_is_better,
+        validation=validation,
     )
     log.info("registered %s (%s)", logged.model_uri, decision.reason)
     return {
@@ -143,7 +149,18 @@ def register_encoder(
         "decision": decision.reason,
         "metric_name": metric_name,
         "metric_value": metric_value,
+        "validation": None if validation is None else validation.to_dict(),
     }
+
+
+def _validation(config: Config, metric_name: str) -> ValidationData | None:
+    """What the champion metric was measured on; None (never champion automatically, and the
+    decision says so) when the data cannot be read now: registration still goes ahead."""
+    try:
+        return validation_data(config, metric_name)
+    except (OSError, ValueError) as exc:  # DataError is a ValueError
+        log.warning("validation data of %s unknown: %s", metric_name, str(exc)[:200])
+        return None
 
 
 def log_encoder(

@@ -97,7 +97,10 @@ def _register(
         higher_is_better=not metric_name.endswith("loss"),
         **_text_tower(config, model, tokenizer_json),
     )
-    return {k: registered[k] for k in ("model_uri", "version", "champion")}
+    verdict = "champion" if registered["champion"] else "not champion"
+    _progress(f"{registered['model_uri']}: {verdict}: {registered['decision']}")
+    summary = {k: registered[k] for k in ("model_uri", "version", "champion")}
+    return {**summary, "champion_decision": registered["decision"]}
 
 
 def _text_tower(config: Config, model: Any, tokenizer_json: str | None) -> dict[str, Any]:
