@@ -564,3 +564,49 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     # Starting the same sweep again without --resume is refused before Ray is touched.
     with pytest.raises(ConfigError, match="already exists"):
         tune_command(SMOKE, overrides, num_samples=3)
+
+
+@pytest.mark.slow
+def test_image_text_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
+    """Issue 27 item 6, the user's command: `contrastive tune --config clip-smoke-cpu.yaml
+    --num-samples 2 --set train.epochs=1` (here through `ray job submit`, scaled down: 256 rows,
+    one worker per trial, both trials at once, 100 validation rows, nothing registered) completes
+    and optimises the image–text monitor's val_zeroshot_top1, which every trial reports."""
+    from mlflow import MlflowClient
+
+    from tests.cluster import last_json_line
+
+    overrides = [
+        f"mlflow.tracking_uri={mlflow_server.url}",
+        "mlflow.experiment=tune-clip-test",
+        "mlflow.registered_model_name=null",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "train.run_name=clip",
+        "train.epochs=1",
+        "data.limit=256",
+        "train.global_batch_size=64",
+        "train.num_workers=1",
+        "eval.knn_max_train=100",
+        "tune.max_concurrent_trials=2",
+    ]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    args = ["--config", str(CLIP_SMOKE.relative_to(REPO_ROOT)), "--num-samples", "2", *sets]
+    ray_cluster.submit(["python", "jobs/tune.py", *args], "tune-clip-sweep")
+    status, logs = ray_cluster.wait("tune-clip-sweep", timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "TuneError" not in logs and "did not include the specified metric" not in logs
+    summary = last_json_line(logs)
+    assert (summary["metric"], summary["mode"]) == ("val_zeroshot_top1", "max")
+    assert (summary["num_trials"], summary["num_completed"]) == (2, 2), summary["trials"]
+    scores = [t["val_zeroshot_top1"] for t in summary["trials"]]
+    assert all(0.0 <= x <= 1.0 for x in scores) and summary["best_metric"] == max(scores)
+
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.params["sweep.metric"] == "val_zeroshot_top1"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    assert all("val_zeroshot_top1" in c.data.metrics for c in children)
