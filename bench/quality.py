@@ -31,7 +31,7 @@ from service.config import Config, load_config
 from service.data.augment import eval_transform, view_size
 from service.eval.offline import evaluate_encoder
 from service.models import build_backbone, build_model
-from service.train.optim import warmup_cosine_factor
+from service.train.optim import CLOCK_WARMUP_LEAD, warmup_cosine_factor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -119,7 +119,8 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     while trained < budget:
         for views, _ in loader:
             for group in optimizer.param_groups:  # warmup + cosine over the budget, like ours
-                group["lr"] = lr * warmup_cosine_factor(min(trained / budget, 1.0), warmup)
+                progress, lead = min(trained / budget, 1.0), CLOCK_WARMUP_LEAD * warmup
+                group["lr"] = lr * warmup_cosine_factor(progress, warmup, lead)
             z0, z1 = (head(backbone(v)) for v in views)
             loss = criterion(z0, z1)
             optimizer.zero_grad()

@@ -185,8 +185,10 @@ class MlflowConfig:
 class TuneConfig:
     num_samples: int = 4
     search: Searcher = "random"
-    metric: str = "knn_top1"
-    mode: Mode = "max"
+    # None: the headline metric of the run's validation monitor (knn_top1, or val_zeroshot_top1 in
+    # image–text mode; train_loss without a validation split) and its direction
+    metric: str | None = None
+    mode: Mode | None = None
     max_concurrent_trials: int = 1
     grace_period_epochs: int = 1
     # Under train.time_budget_minutes ASHA's rungs are training minutes, not epochs (trials reach

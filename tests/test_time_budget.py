@@ -46,10 +46,11 @@ def _config(**train) -> Config:
 
 
 def _reference_lr(peak: float, elapsed_s: float) -> float:
-    """Warmup over the first 25% of the budget, then cosine to 0 at the budget (written out)."""
+    """Warmup over the first 25% of the budget, from 1% of the peak (its ramp read 1% of the
+    warmup ahead), then cosine to 0 at the budget (written out)."""
     p = min(1.0, elapsed_s / (60 * BUDGET_MIN))
     if p < WARMUP:
-        return peak * p / WARMUP
+        return peak * min(1.0, p / WARMUP + 0.01)
     return peak * 0.5 * (1 + math.cos(math.pi * (p - WARMUP) / (1 - WARMUP)))
 
 
@@ -82,6 +83,29 @@ def test_lr_follows_training_time_not_steps() -> None:
     assert s.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine reached 0
 
 
+def test_each_step_trains_at_the_lr_of_the_clock_at_its_start() -> None:
+    """Issue 27 (minor): with warmup, the first two steps trained at LR 0 and every step at the
+    LR of the step before's clock. Now the LR a step's optimizer uses is the schedule at the
+    clock's value when that step starts (irregular steps, a controlled clock), the first one
+    above 0."""
+    s = build_state(_config(), torch.device("cpu"), steps_per_epoch=100, gather_distributed=False)
+    peak = scaled_lr(s.config.train)
+    now = [0.0]
+    s.clock.now = lambda: now[0]
+    used: list[float] = []  # the LR in the optimizer when it steps
+    s.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    starts = [0.0, 3.0, 11.0, 14.0, 19.0, 40.0]  # step k runs from starts[k] for 2 s
+    s.clock.resume()
+    for k, start in enumerate(starts):
+        now[0] = start  # its batch has arrived: step k starts
+        g = torch.Generator().manual_seed(k)
+        train_step(s, [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)])
+        now[0] = start + 2.0
+        s.clock.sync()  # the loop's stop check after the step
+    assert used[0] > 0.0
+    assert used == pytest.approx([_reference_lr(peak, t) for t in starts], abs=1e-12)
+
+
 def test_without_a_budget_the_schedule_counts_steps() -> None:
     s = build_state(
         _config(time_budget_minutes=None, warmup_fraction=0.0, epochs=1, warmup_epochs=0.5),
@@ -101,7 +125,8 @@ def test_without_a_budget_the_schedule_counts_steps() -> None:
 
 def _budgeted_ranks(rank: int, world: int) -> dict:
     """Real DDP steps on gloo; rank 0's clock says 10 s per step, rank 1's 25 s (alone it would
-    stop after 3 steps)."""
+    stop after 3 steps). A budgeted step reads the clock twice: at its start (its LR) and after
+    it (the stop), so each read advances half a step."""
     torch.manual_seed(rank)
     s = build_state(
         _config(global_batch_size=8, num_workers=world),
@@ -111,7 +136,7 @@ def _budgeted_ranks(rank: int, world: int) -> dict:
         world=world,
         wrap=DistributedDataParallel,
     )
-    s.clock.now = FakeClock(10.0 if rank == 0 else 25.0)
+    s.clock.now = FakeClock(5.0 if rank == 0 else 12.5)
     s.clock.resume()
     lrs, elapsed = [], []
     for step in range(50):

@@ -26,6 +26,7 @@ from service.tune.summary import (
 )
 
 SMOKE = REPO_ROOT / "jobs" / "configs" / "tune-smoke.yaml"
+CLIP_SMOKE = REPO_ROOT / "jobs" / "configs" / "clip-smoke-cpu.yaml"
 # A diverged trial stops either at the loss's input check or at the loop's NaN-loss check.
 NAN_REASON = re.compile(r"NonFiniteLossError|non-finite|NaN", re.IGNORECASE)
 
@@ -135,7 +136,8 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"tune.metric": "accuracy"}, "never reported"),
-        ({"tune.metric": "train_loss"}, "use tune.mode=min"),  # mode max would pick the worst
+        # mode max would pick the worst
+        ({"tune.metric": "train_loss", "tune.mode": "max"}, "use tune.mode=min"),
         ({"tune.grace_period_epochs": 4}, "grace_period_epochs"),
         ({"tune.grace_period_epochs": 0}, "grace_period_epochs"),
         ({"tune.reduction_factor": 1}, "reduction_factor"),
@@ -172,6 +174,68 @@ def test_without_labels_the_sweep_optimises_the_loss() -> None:
 
 def test_trial_config_reports_knn_every_epoch() -> None:
     config = load_config(SMOKE, {"eval.knn_every_epochs": 2})
+    assert trial_base_config(config, resolve_settings(config)).eval.knn_every_epochs == 1
+
+
+def test_the_sweep_metric_follows_the_runs_monitor() -> None:
+    """Issue 27 item 6: an image–text run reports val_* metrics, never knn_top1; by default the
+    sweep optimises what the run's monitor reports (its headline metric)."""
+    settings = resolve_settings(load_config(CLIP_SMOKE))
+    assert (settings.metric, settings.mode) == ("val_zeroshot_top1", "max")
+    recall = resolve_settings(load_config(CLIP_SMOKE, {"tune.metric": "val_t2i_recall_at_5"}))
+    assert (recall.metric, recall.mode) == ("val_t2i_recall_at_5", "max")
+    image_only = resolve_settings(load_config(SMOKE, {"tune.metric": None, "tune.mode": None}))
+    assert (image_only.metric, image_only.mode) == ("knn_top1", "max")
+
+
+def test_without_class_names_the_image_text_sweep_optimises_recall(tmp_path: Path) -> None:
+    """Zero-shot needs labelled validation rows with class names; recall needs captions only."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(load_config(CLIP_SMOKE).data.train).slice(0, 300)
+    pq.write_table(table.drop_columns(["label", "label_name"]), tmp_path / "captions.parquet")
+    config = load_config(CLIP_SMOKE, {"data.train": str(tmp_path / "captions.parquet")})
+    assert resolve_settings(config).metric == "val_i2t_recall_at_5"
+
+
+@pytest.mark.parametrize(
+    ("path", "overrides", "reported"),
+    [
+        (CLIP_SMOKE, {"tune.metric": "knn_top1"}, "val_zeroshot_top1"),
+        (
+            SMOKE,
+            {"data.val_fraction": 0, "mlflow.champion_metric": "train_loss"},
+            "['images_per_s', 'train_loss']",
+        ),
+    ],
+)
+def test_a_metric_the_monitor_does_not_report_is_refused(path, overrides, reported) -> None:
+    with pytest.raises(SweepConfigError) as info:
+        resolve_settings(load_config(path, {"tune.metric": "knn_top1", **overrides}))
+    message = str(info.value)
+    assert "tune.metric='knn_top1' is never reported by this run" in message, message
+    assert reported in message, message
+
+
+def test_the_image_text_sweep_refuses_knn_top1_with_exit_2_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from service import cli
+
+    before = ray.is_initialized()
+    args = ["tune", "--config", str(CLIP_SMOKE), "--num-samples", "2"]
+    sets = [f"train.storage_path={tmp_path}", "train.epochs=1", "tune.metric=knn_top1"]
+    assert cli.main([*args, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "tune.metric='knn_top1' is never reported by this run" in err
+    assert "val_zeroshot_top1" in err and "Traceback" not in err
+    assert ray.is_initialized() == before
+
+
+def test_trial_config_reports_the_image_text_monitor_every_epoch() -> None:
+    config = load_config(CLIP_SMOKE, {"eval.knn_every_epochs": 3})
     assert trial_base_config(config, resolve_settings(config)).eval.knn_every_epochs == 1
 
 
@@ -500,3 +564,49 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     # Starting the same sweep again without --resume is refused before Ray is touched.
     with pytest.raises(ConfigError, match="already exists"):
         tune_command(SMOKE, overrides, num_samples=3)
+
+
+@pytest.mark.slow
+def test_image_text_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
+    """Issue 27 item 6, the user's command: `contrastive tune --config clip-smoke-cpu.yaml
+    --num-samples 2 --set train.epochs=1` (here through `ray job submit`, scaled down: 256 rows,
+    one worker per trial, both trials at once, 100 validation rows, nothing registered) completes
+    and optimises the image–text monitor's val_zeroshot_top1, which every trial reports."""
+    from mlflow import MlflowClient
+
+    from tests.cluster import last_json_line
+
+    overrides = [
+        f"mlflow.tracking_uri={mlflow_server.url}",
+        "mlflow.experiment=tune-clip-test",
+        "mlflow.registered_model_name=null",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "train.run_name=clip",
+        "train.epochs=1",
+        "data.limit=256",
+        "train.global_batch_size=64",
+        "train.num_workers=1",
+        "eval.knn_max_train=100",
+        "tune.max_concurrent_trials=2",
+    ]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    args = ["--config", str(CLIP_SMOKE.relative_to(REPO_ROOT)), "--num-samples", "2", *sets]
+    ray_cluster.submit(["python", "jobs/tune.py", *args], "tune-clip-sweep")
+    status, logs = ray_cluster.wait("tune-clip-sweep", timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "TuneError" not in logs and "did not include the specified metric" not in logs
+    summary = last_json_line(logs)
+    assert (summary["metric"], summary["mode"]) == ("val_zeroshot_top1", "max")
+    assert (summary["num_trials"], summary["num_completed"]) == (2, 2), summary["trials"]
+    scores = [t["val_zeroshot_top1"] for t in summary["trials"]]
+    assert all(0.0 <= x <= 1.0 for x in scores) and summary["best_metric"] == max(scores)
+
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.params["sweep.metric"] == "val_zeroshot_top1"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    assert all("val_zeroshot_top1" in c.data.metrics for c in children)

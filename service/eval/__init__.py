@@ -10,6 +10,7 @@ from service.eval.image_text import (
     image_text_metrics,
     image_text_problems,
     load_captioned_images,
+    monitor_metric_names,
 )
 from service.eval.knn import knn_predict, knn_top1
 from service.eval.linear import linear_probe_top1
@@ -37,6 +38,7 @@ __all__ = [
     "knn_top1",
     "linear_probe_top1",
     "load_captioned_images",
+    "monitor_metric_names",
     "retrieval_recall",
     "same_dataset",
     "zeroshot_classifier",

@@ -32,6 +32,7 @@ MONITOR_MAX_ROWS = 2000  # per-epoch validation cost bound (rows of the validati
 FINAL_MAX_ROWS = 10000  # final test evaluation bound
 # Validation metrics the `champion` alias may compare in image–text mode (preflight registers them)
 CHAMPION_METRICS = ("val_zeroshot_top1", "val_i2t_recall_at_5", "val_t2i_recall_at_5")
+RECALL_METRICS = tuple(f"val_{d}_recall_at_{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,29 @@ class ImageTextMonitor:
             self.tokenizer = run_tokenizer(self.config)
         metrics = image_text_metrics(model, self.tokenizer, self.data(), self.config, device)
         return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def monitor_metric_names(config: Config) -> list[str]:
+    """What :class:`ImageTextMonitor` reports for ``config`` (higher is better), in the order of
+    :data:`CHAMPION_METRICS` first: zero-shot top-1 only when the validation rows are labelled and
+    name their classes (``text.class_name_column``), recall@1/5/10 both ways always (text mode
+    needs the caption column). Reads the validation source's schema, not its rows.
+
+        >>> from service.config import load_config
+        >>> monitor_metric_names(load_config("jobs/configs/clip-smoke-cpu.yaml"))[:3]
+        ['val_zeroshot_top1', 'val_i2t_recall_at_5', 'val_t2i_recall_at_5']
+    """
+    from service.data.errors import DataError
+    from service.data.sources import inspect_source
+
+    d = config.data
+    try:
+        source = inspect_source(d.val or d.train)
+        named = source.has_label and config.text.class_name_column in source.columns
+    except (DataError, OSError):
+        named = True  # unreadable: pre-flight's data check names the file; assume the usual
+    reported = (["val_zeroshot_top1"] if named else []) + list(RECALL_METRICS)
+    return sorted(reported, key=lambda m: (m not in CHAMPION_METRICS, reported.index(m)))
 
 
 def evaluate_beside_random_init(

@@ -15,13 +15,14 @@ from service.train.checkpoint import (
     restore_training_state,
     training_state_dict,
 )
-from service.train.epoch import KnnMonitor, Monitor, build_monitor
+from service.train.epoch import EPOCH_METRICS, KnnMonitor, Monitor, build_monitor, monitor_metrics
 from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.optim import SCHEDULES, lr_schedule
 from service.train.state import TrainState, build_state
 from service.train.step import NonFiniteLossError, train_step
 
 __all__ = [
+    "EPOCH_METRICS",
     "SCHEDULES",
     "STATE_FILE",
     "Amp",
@@ -38,6 +39,7 @@ __all__ = [
     "load_training_model_from_checkpoint",
     "load_state",
     "lr_schedule",
+    "monitor_metrics",
     "resolve_storage_path",
     "restore_training_state",
     "steps_per_epoch",

@@ -2,9 +2,10 @@
 
 A :class:`TrainClock` counts the seconds the loop spends in its epochs (data + steps; the
 validation monitor and checkpointing run while it is paused), on rank 0's clock only. With
-``train.time_budget_minutes`` the value is broadcast from rank 0 after every step, so every rank
-sees the same number: the LR schedule (``optim.lr_schedule``, progress = training time / budget)
-stays identical across ranks and all ranks stop after the same step. The elapsed time is
+``train.time_budget_minutes`` the value is broadcast from rank 0 at every step's start (the
+step's LR) and after it (the stop), so every rank sees the same number: the LR schedule
+(``optim.lr_schedule``, progress = training time / budget) stays identical across ranks and all
+ranks stop after the same step. The elapsed time is
 checkpointed and restored on resume, so a resumed run trains for the rest of its budget.
 
     >>> ticks = iter([0.0, 30.0, 90.0])
@@ -29,8 +30,8 @@ class TrainClock:
     """Seconds of training so far (rank 0's clock, shared) and the optional budget.
 
     ``now`` (seconds, monotonic) is injectable: tests drive a fake clock. Call :meth:`resume`
-    when training (re)starts, :meth:`sync` after every step, :meth:`pause` before evaluation and
-    checkpointing.
+    when training (re)starts, :meth:`sync` at every step's start (``train_step``) and after it,
+    :meth:`pause` before evaluation and checkpointing.
     """
 
     def __init__(

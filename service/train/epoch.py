@@ -183,6 +183,27 @@ def build_monitor(config: Config, tokenizer_json: str | None = None) -> Monitor 
     return KnnMonitor(config)
 
 
+# What every epoch's report has whatever the monitor (EpochMeter), and the better direction.
+EPOCH_METRICS = {"train_loss": "min", "images_per_s": "max"}
+
+
+def monitor_metrics(config: Config) -> dict[str, str]:
+    """The metrics ``build_monitor(config)``'s monitor reports, each with its better direction
+    (``max``/``min``), its headline metric first; empty without a validation split. What Tune
+    may optimise, with :data:`EPOCH_METRICS`.
+
+        >>> monitor_metrics(Config())
+        {'knn_top1': 'max'}
+    """
+    if not config.data.has_val:
+        return {}
+    if config.text.column:
+        from service.eval.image_text import monitor_metric_names
+
+        return dict.fromkeys(monitor_metric_names(config), "max")
+    return {"knn_top1": "max"}
+
+
 class KnnMonitor:
     """Online kNN top-1 on the validation split (rank 0); memory bank = training rows.
 

@@ -1,8 +1,8 @@
 """Large-batch recipe: LR scaled with the global batch, warmup + cosine, LARS/AdamW/SGD.
 
-The LR schedule is one function of the run's progress in [0, 1] (``SCHEDULES``), behind one
-``LambdaLR`` (``lr_schedule``): progress is ``step / total_steps``, or under
-``train.time_budget_minutes`` the training clock's fraction of the budget.
+The LR schedule is one function of the run's progress in [0, 1] (``SCHEDULES``) (``lr_schedule``):
+progress is ``step / total_steps`` (a ``LambdaLR``), or under ``train.time_budget_minutes`` the
+training clock's fraction of the budget (``ClockLR``: each step's LR from the clock at its start).
 
 Parameter groups (``build_optimizer``):
 
@@ -147,7 +147,7 @@ def warmup_cosine_factor(progress: float, warmup_fraction: float, lead: float = 
     """
     progress = min(1.0, max(0.0, progress))
     if progress < warmup_fraction:
-        return (progress + lead) / warmup_fraction
+        return min(1.0, (progress + lead) / warmup_fraction)
     decay = (progress - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, decay)))
 
@@ -158,23 +158,62 @@ SCHEDULES: dict[str, Callable[[float, float, float], float]] = {
 }
 
 
+# A time-based warmup reads its ramp this fraction of the warmup ahead, so it starts at 1% of the
+# peak LR: a per-step ramp leads by one step (its first step trains at 1 / warmup steps), but how
+# many steps a warmup of minutes holds is not known when it starts.
+CLOCK_WARMUP_LEAD = 0.01
+
+
+class ClockLR(torch.optim.lr_scheduler.LRScheduler):
+    """LR = base LR x ``factor(clock.progress, warmup_fraction, lead)``, the training clock's
+    fraction of the budget (the same on every rank).
+
+    ``train_step`` calls :meth:`follow_clock` at each step's start, after the clock's sync, so a
+    step trains at the schedule of the time it starts; ``step()`` after the optimizer step reads
+    the same shared clock and changes nothing until then. The clock is not part of the state
+    (the checkpoint has the training seconds).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clock: TrainClock,
+        factor: Callable[[float, float, float], float],
+        warmup_fraction: float,
+    ) -> None:
+        self.clock, self.factor, self.warmup_fraction = clock, factor, warmup_fraction
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:  # noqa: D102 (LRScheduler's)
+        lead = CLOCK_WARMUP_LEAD * self.warmup_fraction
+        f = self.factor(self.clock.progress, self.warmup_fraction, lead)
+        return [base * f for base in self.base_lrs]
+
+    def follow_clock(self) -> None:
+        """Set every group's LR from the clock's current (shared) value."""
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+    def state_dict(self) -> dict:  # noqa: D102 (LRScheduler's, without the clock and factor)
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "clock", "factor")}
+
+
 def lr_schedule(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     steps_per_epoch: int,
     clock: TrainClock,
     name: str = "warmup_cosine",
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The run's LR schedule: ``SCHEDULES[name]`` over ``train.epochs * steps_per_epoch`` steps
     (warmup ``train.warmup_epochs``), or, when the clock has a budget, over the training time
-    (warmup ``train.warmup_fraction``): each ``scheduler.step()`` then reads the clock's
-    fraction of the budget (the same on every rank), not the step count."""
+    (warmup ``train.warmup_fraction``, :class:`ClockLR`): each step's LR then comes from the
+    clock's fraction of the budget when the step starts, not from the step count."""
     factor = SCHEDULES[name]
     if clock.budgeted:
-        warmup = cfg.warmup_fraction
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda _step: factor(clock.progress, warmup, 0.0)
-        )
+        return ClockLR(optimizer, clock, factor, cfg.warmup_fraction)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup_steps = min(max(0, round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     return torch.optim.lr_scheduler.LambdaLR(

@@ -76,6 +76,9 @@ def train_step(
     views = [s.to_device(v) if v.dim() == 4 else v.to(s.device, non_blocking=True) for v in views]
     if labels is not None and getattr(s.criterion, "needs_labels", False):
         labels = labels.to(s.device, non_blocking=True)
+    if s.clock.budgeted:  # this step's LR: the schedule at rank 0's training clock now
+        s.clock.sync()
+        s.scheduler.follow_clock()
     cached = uses_gradcache(s, views[0].shape[0])  # train.micro_batch_size < local batch
     if cached:
         s.optimizer.zero_grad(set_to_none=True)  # the cached passes accumulate into .grad

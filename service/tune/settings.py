@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import get_args
 
 from service.config import Config, ConfigError, Searcher
+from service.train.epoch import EPOCH_METRICS, monitor_metrics
 from service.train.inputs import resolve_storage_path
 from service.tune.space import ParamSpec, parse_space
 
-# Metrics the training loop reports every epoch (knn_top1: when data.val is set) and the
-# direction that is better for each. Other reported values (lr, temperature, global_step) are
-# bookkeeping, not objectives.
-OBJECTIVES = {"knn_top1": "max", "train_loss": "min", "images_per_s": "max"}
 SEARCHERS = get_args(Searcher)  # tune.search (and tune.mode) are checked with the config's types
 
 # The Tune trial only drives a Ray Train run (its workers request their own CPUs/GPUs), so it
@@ -104,26 +101,32 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _objective(config: Config) -> tuple[str, str]:
-    metric, mode = config.tune.metric, config.tune.mode
-    if metric == "knn_top1" and not config.data.has_val:
-        # No labelled split → no kNN monitor; the loss is the only signal left (documented).
-        print(
-            "[tune] no validation split (data.val null, data.val_fraction 0), so knn_top1 is "
-            "never reported; optimising train_loss (min)",
-            file=sys.stderr,
-        )
-        return "train_loss", "min"
+    """``tune.metric`` / ``tune.mode``; unset, the monitor's headline metric and its direction.
+    A metric the run never reports is refused here, before Ray: Tune would otherwise fail the
+    sweep on the first trial's first report. The candidates: what the validation monitor
+    reports (``train.epoch.monitor_metrics``), then the loss and throughput (``EPOCH_METRICS``);
+    other reported values (lr, temperature, global_step) are bookkeeping, not objectives."""
+    monitored = monitor_metrics(config)
+    reported = {**monitored, **EPOCH_METRICS}
+    headline = next(iter(reported))
+    metric, mode = config.tune.metric or headline, config.tune.mode
+    if not monitored:
+        what = "no validation split (data.val null, data.val_fraction 0)"
+        if config.tune.metric is None:  # the loss is the only signal left (documented)
+            print(f"[tune] {what}: optimising train_loss (min)", file=sys.stderr)
+    else:
+        what = "its " + ("image–text validation" if config.text.column else "kNN") + " monitor"
     _require(
-        metric in OBJECTIVES,
-        f"tune.metric={metric!r} is never reported by the training loop; "
-        f"choose one of {sorted(OBJECTIVES)}",
+        metric in reported,
+        f"tune.metric={metric!r} is never reported by this run ({what}); choose one of "
+        f"{sorted(reported)}, or leave tune.metric unset for {headline}",
     )
     _require(
-        mode == OBJECTIVES[metric],
+        mode in (None, reported[metric]),
         f"tune.mode={mode!r} with tune.metric={metric!r} would pick the worst trial; "
-        f"use tune.mode={OBJECTIVES[metric]}",
+        f"use tune.mode={reported[metric]}",
     )
-    return metric, mode
+    return metric, reported[metric]
 
 
 def _asha_axis(config: Config) -> tuple[str, float, float]:
@@ -202,12 +205,12 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
 
 
 def trial_base_config(config: Config, settings: SweepSettings) -> Config:
-    """The Config every trial starts from: the metric must be reported every epoch, because
-    ASHA compares trials at epoch milestones and Tune rejects results without the metric."""
-    if settings.metric == "knn_top1" and config.eval.knn_every_epochs != 1:
+    """The Config every trial starts from: a monitor metric must be reported every epoch,
+    because ASHA compares trials at epoch milestones and Tune rejects results without it."""
+    if settings.metric in monitor_metrics(config) and config.eval.knn_every_epochs != 1:
         print(
             f"[tune] eval.knn_every_epochs={config.eval.knn_every_epochs} -> 1 for the sweep "
-            "(ASHA needs knn_top1 at every epoch)",
+            f"(ASHA needs {settings.metric} at every epoch)",
             file=sys.stderr,
         )
         config.eval.knn_every_epochs = 1
