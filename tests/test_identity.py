@@ -28,8 +28,21 @@ def test_new_run_then_same_name_is_refused_without_resume(tmp_path: Path) -> Non
     config = _config(tmp_path)
     assert plan_run(config).kind == "new"
     write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "config": config.to_dict()})
+    _finished_epoch(tmp_path, config, epoch=0)  # it trained: its name is taken
     with pytest.raises(ConfigError, match="already exists.*--resume"):
         plan_run(config)
+
+
+def test_a_run_that_never_reached_a_checkpoint_does_not_block_its_name(tmp_path: Path) -> None:
+    """run.json is written before Ray starts: an attempt that failed before its first checkpoint
+    (no GPU on the cluster, a worker that crashed in epoch 1) trained nothing to continue."""
+    config = _config(tmp_path, "train.use_gpu=true")
+    write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "config": config.to_dict()})
+    (tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000001").mkdir()  # cut off mid-write
+    again = plan_run(_config(tmp_path))  # another recipe is fine: nothing was trained
+    assert again.kind == "new" and again.mlflow_run_id is None
+    assert "never reached its first checkpoint" in again.note and "abc" in again.note
+    assert plan_run(_config(tmp_path, "train.resume=true")).kind == "resume"  # as before
 
 
 def test_resume_needs_an_existing_run(tmp_path: Path) -> None:
@@ -101,3 +114,19 @@ def test_training_data_is_compared_by_content_not_path(tmp_path: Path) -> None:
                     "train.global_batch_size=64")  # fmt: skip
     with pytest.raises(ConfigError, match="data.train"):
         plan_run(other)
+
+
+def test_starting_over_drops_what_the_failed_attempt_would_hand_on(tmp_path: Path, capsys) -> None:
+    """The attempt's tokenizer was fitted on its captions: a new attempt (maybe on other data)
+    fits its own; the attempt's MLflow run is left as it ended (FAILED), a new one is opened."""
+    from service.train.driver import TOKENIZER_FILE, start_over
+
+    config = _config(tmp_path)
+    write_record(str(tmp_path / "r"), {"mlflow_run_id": "abc", "config": config.to_dict()})
+    (tmp_path / "r" / TOKENIZER_FILE).write_text("{}")
+    plan = plan_run(config)
+    start_over(plan)
+    assert not (tmp_path / "r" / TOKENIZER_FILE).exists()
+    assert "never reached its first checkpoint" in capsys.readouterr().err
+    start_over(plan_run(_config(tmp_path, "train.run_name=fresh")))  # a new name: nothing to say
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from service.config import REPO_ROOT, ConfigError, load_config
+from service.config import BUNDLED_DATA_DIR, REPO_ROOT, ConfigError, load_config
 from service.losses import LOSS_CLASSES, LOSS_NAMES, ContrastiveLoss
 from service.train.preflight import config_problems, loss_problems, preflight
 
@@ -237,3 +239,142 @@ def test_per_worker_batch_of_one_needs_negatives_from_elsewhere() -> None:
     assert loss_problems(load_config(SMOKE, [*keys, "loss.name=moco"])) == []
     problems = loss_problems(load_config(SMOKE, keys))
     assert problems == ["per-worker batch 1 is too small for in-batch negatives"]
+
+
+# --- which splits go together: the test split's classes, validation apart from training --------
+
+BUNDLED_TEST = BUNDLED_DATA_DIR / "cifar10-test-subset.parquet"
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _named(path: Path, names: list[str], rows: int = 300) -> str:
+    """A labelled Parquet file whose label i is called names[i]."""
+    labels = [i % len(names) for i in range(rows)]
+    pq.write_table(
+        pa.table({
+            "image": pa.array([_jpeg((i % 250, 0, 0)) for i in range(rows)], pa.binary()),
+            "label": pa.array(labels, pa.int64()),
+            "label_name": pa.array([names[k] for k in labels], pa.string()),
+        }),
+        path,
+    )  # fmt: skip
+    return str(path)
+
+
+def test_the_bundled_test_split_is_refused_beside_other_training_data(tmp_path: Path) -> None:
+    mine = _named(tmp_path / "mine.parquet", ["cat", "dog"])
+    with pytest.raises(ConfigError) as info:
+        preflight(load_config(SMOKE, [f"data.train={mine}"]))
+    message = str(info.value)
+    assert "1 problem" in message or "problems" not in message, message
+    assert mine in message and str(BUNDLED_TEST) in message, message
+    assert "--set data.test=" in message and "data.test=null" in message, message
+    # CIFAR-10's class names under other label ids are other classes for kNN and the probe.
+    relabelled = _named(tmp_path / "relabelled.parquet", CIFAR10[::-1])
+    with pytest.raises(ConfigError, match="data.test"):
+        preflight(load_config(SMOKE, [f"data.train={relabelled}"]))
+    # Said explicitly, either way, it is the user's choice.
+    preflight(load_config(SMOKE, [f"data.train={mine}", "data.test=null"]))
+    own_test = _named(tmp_path / "mine-test.parquet", ["cat", "dog"], rows=40)
+    preflight(load_config(SMOKE, [f"data.train={mine}", f"data.test={own_test}"]))
+
+
+def test_the_bundled_test_split_stays_beside_cifar10_training_data(tmp_path: Path) -> None:
+    from service.data.checks import data_problems
+
+    trains = [
+        BUNDLED_DATA_DIR / "cifar10-train-subset.parquet",  # the default
+        BUNDLED_DATA_DIR / "cifar10-train-captions.parquet",
+        _named(tmp_path / "copy.parquet", CIFAR10),  # a CIFAR-10 of one's own, same classes
+    ]
+    full = REPO_ROOT.parent / "shared" / "data" / "cifar10-train.parquet"
+    trains += [full] if full.exists() else []
+    for train in trains:
+        config = load_config(SMOKE, [f"data.train={train}"])
+        assert config.data.test == str(BUNDLED_TEST)
+        assert data_problems(config) == [], train
+
+
+def test_validation_data_must_not_be_training_data(tmp_path: Path) -> None:
+    train = str(BUNDLED_DATA_DIR / "cifar10-train-subset.parquet")
+    with pytest.raises(ConfigError) as info:
+        preflight(load_config(SMOKE, [f"data.val={train}"]))
+    message = str(info.value)
+    assert "data.val" in message and "data.train" in message and "own neighbour" in message
+    # The same file through another name, or inside a training directory, is the same file.
+    link = tmp_path / "link.parquet"
+    link.symlink_to(train)
+    with pytest.raises(ConfigError, match="own neighbour"):
+        preflight(load_config(SMOKE, [f"data.val={link}"]))
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    a = _named(folder / "a.parquet", CIFAR10)
+    _named(folder / "b.parquet", CIFAR10)
+    keys = [f"data.train={folder}", "data.test=null"]
+    with pytest.raises(ConfigError, match=r"a\.parquet"):
+        preflight(load_config(SMOKE, [*keys, f"data.val={a}"]))
+    other = _named(tmp_path / "held-out.parquet", CIFAR10, rows=40)
+    preflight(load_config(SMOKE, [*keys, f"data.val={other}"]))
+
+
+# --- what an embedded Ray can hold, known before it starts ------------------------------------
+
+
+def test_an_embedded_ray_is_sized_to_this_machine_and_checked_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.train.driver import check_local_fits, local_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = local_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    keys = ["train.num_workers=1", f"train.cpus_per_worker={cpus}", "train.global_batch_size=32"]
+    check_local_fits(load_config(SMOKE, keys), address=None)  # the whole machine, one trial
+    with pytest.raises(ConfigError, match=rf"2 trial\(s\) x 1 workers x {cpus:g} CPUs = "):
+        check_local_fits(load_config(SMOKE, keys), address=None, trials=2)
+    ray_reader = load_config(SMOKE, [*keys, "data.reader=ray"])  # its map tasks need a CPU
+    with pytest.raises(ConfigError, match="data.reader=ray needs at least one CPU"):
+        check_local_fits(ray_reader, address=None)
+    check_local_fits(ray_reader, address="127.0.0.1:6379")  # a cluster: checked once connected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpus_this_machine_lacks_are_refused_before_an_embedded_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.train.driver import check_local_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"train.use_gpu=true.*set train.use_gpu=false"):
+        check_local_fits(load_config(SMOKE, ["train.use_gpu=true"]), address=None)
+    check_local_fits(load_config(SMOKE, ["train.use_gpu=true"]), address="10.0.0.1:6379")
+
+
+TOO_MANY = 128  # workers: divides the smoke batch of 256, more CPUs than a CI machine has
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "needle"),
+    [
+        ("pretrain", f"train.num_workers={TOO_MANY}", f"{TOO_MANY} CPUs needed"),
+        ("pretrain", "train.use_gpu=true", "train.use_gpu=true"),
+        ("tune", f"train.num_workers={TOO_MANY}", f"{TOO_MANY} CPUs needed"),
+    ],
+)
+def test_what_this_machine_cannot_run_exits_2_in_one_line_and_leaves_nothing(
+    tmp_path: Path, command: str, override: str, needle: str
+) -> None:
+    if (os.cpu_count() or 1) >= TOO_MANY or ("gpu" in override and torch.cuda.is_available()):
+        pytest.skip("this machine could run it")
+    config = SMOKE if command == "pretrain" else REPO_ROOT / "jobs" / "configs" / "tune-smoke.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", command, "--config", str(config), "--set", override,
+         "--set", f"train.storage_path={tmp_path / 'runs'}",
+         "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert needle in proc.stderr and "starting a local Ray" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be left behind"

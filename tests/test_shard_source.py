@@ -118,7 +118,11 @@ def test_streamed_shards_split_ranks_and_reshuffle_epochs(same_data):
 
 def test_preflight_checks_shards(same_data, tmp_path):
     _, shards = same_data
-    assert data_problems(_config(shards)) == []
+    assert data_problems(_config(shards, **{"data.test": None})) == []
+    # Shards carry labels but no class names: nothing says they are CIFAR-10, so the bundled
+    # test split (data.test's default) is not used beside them unless named.
+    (problem,) = data_problems(_config(shards))
+    assert "bundled CIFAR-10 test subset" in problem and "no class names" in problem
     missing = _config(str(tmp_path / "none-{000000..000003}.tar"))
     assert any("matches no file" in p for p in data_problems(missing))
     text = _config(shards, **{"text.column": "txt", "loss.name": "symmetric"})

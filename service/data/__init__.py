@@ -86,6 +86,7 @@ from service.data.sources import (
     SOURCE_FORMATS,
     DataSource,
     inspect_source,
+    local_location,
     register_source,
     source_format,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "inspect_shard_source",
     "inspect_source",
     "is_shard_pattern",
+    "local_location",
     "open_batches",
     "pack_shards",
     "prepare",

@@ -10,6 +10,8 @@ missing column or undecodable images cost seconds and leave nothing behind:
 
 from __future__ import annotations
 
+import posixpath
+
 import numpy as np
 
 from service.config import Config, DataConfig, TextConfig
@@ -22,8 +24,9 @@ from service.data.errors import DataError
 from service.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
+    LABEL_NAME_COLUMN,
 )
-from service.data.sources import DataSource, inspect_source
+from service.data.sources import DataSource, inspect_source, local_location
 
 SAMPLE_ROWS = 32  # rows decoded per split: enough to catch a wrong encoding, cheap on S3
 EAGER_SELECTION_MAX_BYTES = 4 * 2**30  # the Ray reader reads selected rows on the driver
@@ -168,17 +171,19 @@ def _missing_label(key: str, path: str, config: Config, loss_needs: bool) -> str
 def data_problems(config: Config, *, train_needs_labels: bool = False) -> list[str]:
     """Paths exist, Parquet columns and types, a sample of rows decodes, and labels are there
     where kNN (``data.val``, with the training split as the memory bank), ``data.test`` and a
-    loss that trains on labels (``train_needs_labels``: SupCon, triplet, pairwise) need them.
-    Reads file footers and a few rows only."""
+    loss that trains on labels (``train_needs_labels``: SupCon, triplet, pairwise) need them;
+    no validation file is a training file, and the bundled test split is not used beside
+    training data of other classes. Reads file footers and a few rows only (and, beside the
+    bundled test split, the training labels)."""
     d = config.data
     train_label = d.has_val or train_needs_labels
     needs_label = {"data.train": train_label, "data.val": True, "data.test": True}
-    problems = []
+    problems, sources = [], {}
     for key, path in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test)):
         if not path:
             continue
         try:
-            source = inspect_source(path)
+            source = sources[key] = inspect_source(path)
             problem = _sample_problem(source, key, d.max_bad_fraction)
         except (DataError, OSError) as exc:
             problems.append(f"{key}: {exc}")
@@ -191,4 +196,72 @@ def data_problems(config: Config, *, train_needs_labels: bool = False) -> list[s
             problems += _split_problems(config)
         if needs_label[key] and not source.has_label:
             problems.append(_missing_label(key, path, config, train_needs_labels))
+    return problems + _pairing_problems(config, sources)
+
+
+def _pairing_problems(config: Config, sources: dict[str, DataSource]) -> list[str]:
+    """What is wrong between the splits: validation files that are training files, and the
+    bundled test split beside training data of other classes (docs/training.md)."""
+    train, val, test = (sources.get(f"data.{k}") for k in ("train", "val", "test"))
+    if train is None:  # its own problem is reported
+        return []
+    problems = []
+    shared = sorted(set(val.locations()) & set(train.locations())) if val else []
+    if shared:
+        problems.append(
+            f"data.val={config.data.val!r} is training data: {len(shared)} of its files "
+            f"({_few([posixpath.basename(f) for f in shared])}) are in data.train="
+            f"{config.data.train!r}, so the kNN monitor would count each validation image as "
+            f"its own neighbour; hold rows out instead (--set data.val=null with "
+            f"data.val_fraction > 0) or name files that are not in data.train"
+        )
+    if test is not None and is_bundled_test(config.data.test):
+        problem = _bundled_test_problem(config, train, test)
+        problems += [problem] if problem else []
     return problems
+
+
+def is_bundled_test(path: str | None) -> bool:
+    """Whether ``path`` is the bundled CIFAR-10 test subset (``data.test``'s default).
+
+    >>> is_bundled_test(DataConfig().test), is_bundled_test("s3://bucket/test/")
+    (True, False)
+    """
+    default = DataConfig().test
+    return bool(path and default and "://" not in path) and (
+        local_location(path) == local_location(default)  # type: ignore[arg-type]
+    )
+
+
+def _bundled_test_problem(config: Config, train: DataSource, test: DataSource) -> str | None:
+    """The bundled test split goes with training data of CIFAR-10's classes under CIFAR-10's
+    label ids (the bundled subset, the full CIFAR-10, a copy); beside other data its kNN, probe
+    and embedding plot would be numbers about unrelated images, so it is never used silently."""
+    classes = _class_map(train)
+    if classes is not None and classes == _class_map(test):
+        return None
+    why = (
+        "has no class names (a 'label_name' column), so nothing says it is CIFAR-10"
+        if classes is None
+        else f"has other classes ({_few([f'{k}={v}' for k, v in sorted(classes)])})"
+    )
+    return (
+        f"data.test={config.data.test!r} is the bundled CIFAR-10 test subset, and data.train="
+        f"{config.data.train!r} {why}: its test numbers would be about unrelated images; name "
+        f"your test split (--set data.test=<your test split>) or train without one "
+        f"(--set data.test=null)"
+    )
+
+
+def _class_map(source: DataSource) -> frozenset[tuple[int, str]] | None:
+    """The (label, label_name) pairs of every row; None without both columns."""
+    if not (source.has_label and source.has_label_name):
+        return None
+    table = source.read([LABEL_COLUMN, LABEL_NAME_COLUMN])
+    pairs = table.group_by([LABEL_COLUMN, LABEL_NAME_COLUMN]).aggregate([])
+    return frozenset(zip(*(pairs.column(c).to_pylist() for c in pairs.column_names), strict=True))
+
+
+def _few(items: list[str], shown: int = 3) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from service.data.errors import DataError
-from service.data.sources import SourceInfo, register_source
+from service.data.sources import SourceInfo, local_location, register_source
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -59,6 +59,11 @@ class ParquetSource(SourceInfo):
 
     def nbytes(self) -> int:
         return sum(info.size or 0 for info in self.filesystem.get_file_info(self.files))
+
+    def locations(self) -> list[str]:
+        if isinstance(self.filesystem, pafs.LocalFileSystem):
+            return [local_location(file) for file in self.files]
+        return [f"{self.filesystem.type_name}://{file}" for file in self.files]
 
     def fingerprint(self) -> str:
         parts = []

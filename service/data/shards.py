@@ -30,7 +30,7 @@ from service.data import webdataset as wds
 from service.data.errors import DataError
 from service.data.parquet import IMAGE_COLUMN, LABEL_COLUMN
 from service.data.plan import with_captions
-from service.data.sources import SourceInfo, register_source
+from service.data.sources import SourceInfo, local_location, register_source
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 STREAM_BUFFER_ROWS = 1024  # the streaming reader's shuffle buffer (rows), as the Ray reader's
@@ -96,6 +96,9 @@ class ShardSource(SourceInfo):
             place = _place(shard)
             total += place.filesystem.get_file_info(place.path).size or 0
         return total
+
+    def locations(self) -> list[str]:
+        return [s if "://" in s else local_location(s) for s in self.shards]
 
     def fingerprint(self) -> str:
         import hashlib

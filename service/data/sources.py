@@ -22,6 +22,7 @@ import of a ``service.data`` module imports the package first).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,6 +65,12 @@ class DataSource(Protocol):
         it. Cheap: footers or headers only."""
         ...
 
+    def locations(self) -> list[str]:
+        """Where each file is, one string per file that is the same for the same file however
+        it was named: a local path with links resolved, or the file's URI (pre-flight compares
+        the splits' files with it)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceInfo:
@@ -104,6 +111,11 @@ def source_format(path: str) -> str:
         if name != "parquet" and fmt.matches(str(path)):
             return name
     return "parquet"
+
+
+def local_location(path: str) -> str:
+    """A local file's one name: absolute, links resolved (``locations`` of local sources)."""
+    return os.path.realpath(os.path.expanduser(path))
 
 
 def inspect_source(path: str) -> DataSource:

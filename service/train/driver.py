@@ -19,7 +19,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from service.config import Config
+from service.config import Config, ConfigError
 from service.console import EMBEDDED_QUIET_ACTORS, filter_ray_worker_output, say
 from service.data.pipeline import prepare
 from service.tracking.run import TrackedRun, ending_on_error
@@ -44,9 +44,23 @@ class PretrainingFailedError(RuntimeError):
     """Training failed on the workers; the message carries their error."""
 
 
-def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
+def embedded(address: str | None = None) -> bool:
+    """Whether ``connect_ray(address)`` would start a local Ray (no address, no ``$RAY_ADDRESS``,
+    no Ray already up in this process)."""
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
+def local_cpus() -> int:
+    """CPUs an embedded Ray gets: the ones this process may run on (a CPU set, e.g. a
+    container's, not the host's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def connect_ray(address: str | None = None) -> None:
     """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (``ray job submit`` sets it), else
-    start an embedded local Ray with at least ``min_cpus`` logical CPUs."""
+    start an embedded local Ray sized to this machine (``check_local_fits`` refused a run that
+    does not fit it before anything started)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -57,7 +71,7 @@ def connect_ray(address: str | None = None, min_cpus: float = 1.0) -> None:
     # stdout redirection for a third-party wrapper), so every worker print reached the console
     # twice. The workers of an embedded Ray inherit this process's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    cpus = max(os.cpu_count() or 1, int(min_cpus) + 1)
+    cpus = local_cpus()
     say("ray", f"starting a local Ray ({cpus} CPUs)...")
     started = time.monotonic()
     ray.init(num_cpus=cpus, include_dashboard=False)
@@ -72,27 +86,65 @@ def train_log_level() -> str:
     return os.environ.get("CONTRASTIVE_RAY_TRAIN_LOG_LEVEL", "WARNING").upper()
 
 
-def check_cluster_fits(config: Config, trials: int = 1) -> None:
-    """Fail before training when trials × workers × resources exceed the cluster's totals."""
-    t = config.train
-    total = ray.cluster_resources()
+def fit_problems(
+    config: Config, cpus: float, gpus: float, *, trials: int = 1, where: str = "the Ray cluster"
+) -> list[str]:
+    """Why trials x workers x resources do not fit ``cpus`` / ``gpus`` (empty when they do).
+
+    >>> from service.config import Config
+    >>> fit_problems(Config(), cpus=2, gpus=0)
+    []
+    >>> fit_problems(Config(), cpus=2, gpus=0, trials=2)  # doctest: +ELLIPSIS
+    ['2 trial(s) x 2 workers x 1 CPUs = 4 CPUs needed, the Ray cluster has 2; lower ...']
+    """
+    t, problems = config.train, []
     need_cpu = trials * t.num_workers * t.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise ClusterTooSmallError(
-            f"{trials} trial(s) x {t.num_workers} workers x {t.cpus_per_worker} CPUs = {need_cpu} "
-            f"CPUs needed, the Ray cluster has {total.get('CPU', 0)}; lower train.num_workers / "
-            f"train.cpus_per_worker (or tune.max_concurrent_trials), or add nodes"
+    runs, lower = (
+        (f"{trials} trial(s) x ", " / tune.max_concurrent_trials") if trials > 1 else ("", "")
+    )
+    if cpus < need_cpu:
+        problems.append(
+            f"{runs}{t.num_workers} workers x {t.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs "
+            f"needed, {where} has {cpus:g}; lower train.num_workers / train.cpus_per_worker{lower}"
         )
     # Ray Data's decode/augment tasks need a CPU of their own beside the Train workers.
-    if config.data.reader == "ray" and total.get("CPU", 0) < need_cpu + trials:
-        raise ClusterTooSmallError(
-            f"data.reader=ray needs at least one CPU per run for decoding/augmentation beside the "
-            f"{need_cpu} CPUs of the Train workers; the cluster has {total.get('CPU', 0)}"
+    elif config.data.reader == "ray" and cpus < need_cpu + trials:
+        problems.append(
+            f"data.reader=ray needs at least one CPU per run for decoding/augmentation beside "
+            f"the {need_cpu:g} CPUs of the Train workers; {where} has {cpus:g}"
         )
-    if t.use_gpu and total.get("GPU", 0) < trials * t.num_workers:
-        raise ClusterTooSmallError(
-            f"{trials * t.num_workers} GPUs needed (train.use_gpu=true), the cluster has "
-            f"{total.get('GPU', 0)}; set train.use_gpu=false or add GPU nodes"
+    if t.use_gpu and gpus < trials * t.num_workers:
+        problems.append(
+            f"{runs}{t.num_workers} workers x 1 GPU = {trials * t.num_workers} GPUs needed "
+            f"(train.use_gpu=true), {where} has {gpus:g}; set train.use_gpu=false or lower "
+            f"train.num_workers{lower}"
+        )
+    return problems
+
+
+def check_cluster_fits(config: Config, trials: int = 1) -> None:
+    """Fail before training when trials x workers x resources exceed the cluster's totals."""
+    total = ray.cluster_resources()
+    problems = fit_problems(config, total.get("CPU", 0), total.get("GPU", 0), trials=trials)
+    if problems:
+        raise ClusterTooSmallError("; ".join(problems) + "; or add nodes")
+
+
+def check_local_fits(config: Config, address: str | None = None, trials: int = 1) -> None:
+    """Before an embedded Ray starts (and before any MLflow run or run folder): refuse what this
+    machine cannot run, as bad input. A cluster (``address``, ``$RAY_ADDRESS``) is checked once
+    connected (``check_cluster_fits``)."""
+    if not embedded(address):
+        return
+    import torch
+
+    where = "this machine (a local Ray is sized to it)"
+    problems = fit_problems(
+        config, local_cpus(), torch.cuda.device_count(), trials=trials, where=where
+    )
+    if problems:
+        raise ConfigError(
+            "; ".join(problems) + "; or pass --address of a Ray cluster that has them"
         )
 
 
@@ -169,10 +221,12 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
     plan = plan_run(config)
     if plan.kind == "done":
         return _already_done(config, plan)
+    check_local_fits(config, address)  # an embedded Ray: what this machine has, known now
+    start_over(plan)
     with ending_on_error(_open_or_reopen(config, plan)) as run:
         write_record(plan.run_dir, _record(config, run))
         tokenizer_json = run_tokenizer_json(config, plan.run_dir)  # image–text mode only
-        connect_ray(address, min_cpus=config.train.num_workers * config.train.cpus_per_worker)
+        connect_ray(address)
         check_cluster_fits(config)
         result = fit(build_trainer(config, run=run, tokenizer_json=tokenizer_json))
         summary = _summary(config, result)
@@ -187,6 +241,21 @@ def run_pretraining(config: Config, address: str | None = None) -> dict[str, Any
 
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def start_over(plan: RunPlan) -> None:
+    """A run whose earlier attempt never reached its first checkpoint starts again as new: say
+    so, and drop what the attempt left that this one would reuse (its tokenizer, fitted on its
+    captions). The attempt's MLflow run stays as it ended (FAILED); a new one is opened."""
+    if plan.kind != "new" or not plan.note:
+        return
+    from pyarrow import fs
+
+    print(f"[pretrain] {plan.note}", file=sys.stderr)
+    filesystem, folder = fs.FileSystem.from_uri(resolve_storage_path(plan.run_dir))
+    tokenizer = f"{folder.rstrip('/')}/{TOKENIZER_FILE}"
+    if filesystem.get_file_info(tokenizer).type == fs.FileType.File:
+        filesystem.delete_file(tokenizer)
 
 
 def run_tokenizer_json(config: Config, run_dir: str) -> str | None:

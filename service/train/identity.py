@@ -3,7 +3,9 @@ one MLflow run, whose id is kept beside the checkpoints in ``run.json``.
 
 A new pretraining never reuses a finished run's checkpoints by accident: an existing run is
 continued only with ``train.resume=true`` (``--resume``), and then only if nothing that changes
-what is trained differs from the recorded config. Decided on the driver, before MLflow or Ray:
+what is trained differs from the recorded config. A run that never reached its first checkpoint
+(its ``run.json`` is written before Ray starts) trained nothing: it does not block its name, and
+a new pretraining under that name starts over. Decided on the driver, before MLflow or Ray:
 
     >>> from service.config import Config
     >>> plan_run(Config()).kind in {"new", "resume", "done"}  # doctest: +SKIP
@@ -42,6 +44,7 @@ class RunPlan:
     run_dir: str
     record: dict[str, Any] | None = None  # run.json of an existing run
     last_epoch: int | None = None  # epoch of the latest checkpoint (0-based)
+    note: str | None = None  # a line for the user: a "new" run replaces an attempt that failed
 
     @property
     def mlflow_run_id(self) -> str | None:
@@ -139,6 +142,16 @@ def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any], float]:
     return int(saved["epoch"]), saved["config"], float(saved.get("train_seconds", 0.0))
 
 
+def _attempt_note(name: str, record: dict[str, Any] | None) -> str | None:
+    """What to say when a new run replaces an attempt that never reached a checkpoint."""
+    if record is None:
+        return None
+    return (
+        f"run {name!r} never reached its first checkpoint (its MLflow run "
+        f"{record.get('mlflow_run_id')} stays as it ended); starting it again as a new run"
+    )
+
+
 def plan_run(config: Config) -> RunPlan:
     """Decide new / resume / done for ``config``, or refuse with a message that says why."""
     directory = run_dir(config)
@@ -146,8 +159,8 @@ def plan_run(config: Config) -> RunPlan:
     checkpoint = latest_checkpoint(directory)
     name = config.train.run_name
     if not config.train.resume:
-        if record is None and checkpoint is None:
-            return RunPlan("new", directory)
+        if checkpoint is None:  # nothing trained: an earlier attempt (run.json) does not count
+            return RunPlan("new", directory, note=_attempt_note(name, record))
         raise ConfigError(
             f"run {name!r} already exists in {directory}; pass --resume (train.resume=true) to "
             f"continue it, or choose a new train.run_name for a new pretraining"

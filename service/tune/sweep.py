@@ -2,8 +2,9 @@
 register the best trial's encoder.
 
 Order matters for cost: everything that can be wrong in the config fails before Ray starts, an
-unreachable MLflow fails before any trial, and a sweep that cannot fit the cluster fails before
-the first worker group is requested (``check_cluster_fits`` with the concurrent trial count).
+unreachable MLflow fails before any trial, and a sweep that cannot fit fails before the first
+worker group is requested (the concurrent trial count: ``check_local_fits`` before an embedded
+Ray starts, ``check_cluster_fits`` once connected to a cluster).
 
 The sweep lives in ``<storage>/<name>/``: Tune's experiment state, one Ray Train run per trial
 (``train-<trial id>``) and ``sweep.json`` (parent run id, resolved config, what was registered),
@@ -301,7 +302,7 @@ def run_sweep(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep described by ``config.tune``; returns the JSON summary."""
-    from service.train.driver import check_cluster_fits, connect_ray
+    from service.train.driver import check_cluster_fits, check_local_fits, connect_ray
     from service.train.preflight import preflight
 
     preflight(config)  # its data (its rules: load_checked_config); the space: resolve_settings
@@ -315,6 +316,8 @@ def run_sweep(
     else:
         _refuse_existing(settings)
     config = trial_base_config(config, settings)
+    # An embedded Ray is sized to this machine: what cannot fit it is refused before anything.
+    check_local_fits(config, address, trials=settings.resources.concurrent_trials)
     if config.mlflow.enabled:
         from service.tracking.uri import check_tracking_server, resolve_tracking_uri
 
@@ -324,7 +327,7 @@ def run_sweep(
         check_tracking_server(config.mlflow.tracking_uri)
 
     _preload_modules()
-    connect_ray(address, min_cpus=settings.resources.cpus_needed)
+    connect_ray(address)
     check_cluster_fits(config, trials=settings.resources.concurrent_trials)
     tracking = _open_parent(config, settings, state)
     with ending_on_error(tracking):  # FAILED on any error, incl. "every trial failed"
