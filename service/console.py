@@ -12,21 +12,29 @@ A leaf module: it imports nothing from ``service`` so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from types import TracebackType
 from typing import IO, Any
 
 __all__ = [
     "EMBEDDED_QUIET_ACTORS",
+    "MLFLOW_PICKLE_WARNING",
+    "PlainText",
     "Progress",
     "RayNoiseFilter",
+    "dropping_log_messages",
     "filter_ray_worker_output",
     "is_ray_noise",
+    "plain_output",
+    "quiet_embedded_ray",
     "say",
+    "strip_ansi",
 ]
 
 
@@ -240,3 +248,145 @@ def filter_ray_worker_output(quiet_actors: tuple[str, ...] = ()) -> bool:
         return True
     except (ImportError, AttributeError, TypeError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour codes only on a terminal
+
+# CSI (colours, cursor moves: ESC [ ... final byte), OSC (ESC ] ... BEL / ESC \) and two-byte
+# escapes: what Ray (colorama), tqdm and rich write.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences.
+
+    >>> strip_ansi("\\x1b[36m(TrainController pid=7)\\x1b[0m ready")
+    '(TrainController pid=7) ready'
+    """
+    return _ANSI.sub("", text)
+
+
+class PlainText:
+    """A text stream that drops ANSI escape sequences from what is written to ``stream``;
+    everything else (``isatty``, ``fileno``, ``buffer``, ``flush``, ...) is the stream's own."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(strip_ansi(text) if "\x1b" in text else text)
+        return len(text)  # what the caller handed over, as print() expects
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+
+@contextlib.contextmanager
+def plain_output() -> Iterator[None]:
+    """Within the block, ``sys.stdout`` / ``sys.stderr`` — and the logging handlers already
+    writing to them (Ray's, set up when ``ray`` is imported) — drop ANSI colour codes when they
+    are not a terminal (a log file, a pipe, ``ray job logs``): Ray colours the ``(pid=…)``
+    prefix of forwarded worker lines and parts of its exception texts whatever the output is.
+    On a terminal nothing changes; everything is restored on exit."""
+    saved = sys.stdout, sys.stderr
+    plain = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not _is_terminal(stream) and not isinstance(stream, PlainText):
+            plain[id(stream)] = PlainText(stream)
+            setattr(sys, name, plain[id(stream)])
+    moved = [(h, h.stream) for h in _stream_handlers() if id(h.stream) in plain]
+    for handler, stream in moved:
+        handler.stream = plain[id(stream)]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        for handler, stream in moved:
+            handler.stream = stream
+
+
+# ---------------------------------------------------------------------------------------------
+# Known warnings, silenced where they come from
+
+# MLflow warns on every pickled pytorch model; the pickled flavour is a documented choice
+# (service/registry/register.py: why not pt2, and the weights-only copy that loading prefers).
+MLFLOW_PICKLE_WARNING = "Saving pytorch model by Pickle or CloudPickle format"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge: let it through
+            return True
+        return not any(p in text for p in self.patterns)
+
+
+@contextlib.contextmanager
+def dropping_log_messages(logger: str, *patterns: str) -> Iterator[None]:
+    """Within the block, records of ``logger`` containing one of ``patterns`` are dropped; every
+    other record of it passes.
+
+    >>> with dropping_log_messages("demo.lib", "known"):
+    ...     logging.getLogger("demo.lib").warning("a known warning")  # not printed
+    """
+    target = logging.getLogger(logger)
+    dropper = _DropMessages(patterns)
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
+# Ray >= 2.59 turns token authentication on for every new local cluster when RAY_AUTH_MODE is
+# unset (a token in ~/.ray/auth_token, generated if missing) and says so in a WARNING, each run.
+# Secure and expected; nothing for the user to do. Logged under this logger, once per ray.init().
+RAY_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+def quiet_embedded_ray(environ: MutableMapping[str, str] | None = None) -> None:
+    """Before this process starts a Ray of its own (its workers inherit the environment):
+
+    * Ray's notice that it enabled token authentication for the new local cluster is dropped
+      (only that message: "Token authentication is enabled but no token was found" and every
+      other warning pass). Ray's behaviour is unchanged; ``RAY_AUTH_MODE`` is not touched.
+    * ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` unless set: Ray Train patches print() in its workers to
+      print AND log each line (it mistakes Ray's own stdout redirection for a third-party
+      wrapper), so every worker print reached the console twice.
+
+    >>> env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "1"}
+    >>> quiet_embedded_ray(env)
+    >>> env
+    {'RAY_TRAIN_ENABLE_PRINT_PATCH': '1'}
+    """
+    environ = os.environ if environ is None else environ
+    environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    target = logging.getLogger(RAY_TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in target.filters):  # once per process
+        target.addFilter(_DropMessages((RAY_TOKEN_AUTH_NOTICE,)))

@@ -438,6 +438,60 @@ def test_readme_references_existing_repository_paths() -> None:
     assert missing == [], f"deploy docs reference missing files: {missing}"
 
 
+def _shell_blocks(path: Path) -> list[list[str]]:
+    """The lines of each fenced bash/sh block of a Markdown file, comments removed."""
+    blocks = re.findall(r"^\s*```(?:bash|sh)\n(.*?)^\s*```", path.read_text(), re.M | re.S)
+    return [[ln.split(" #", 1)[0] for ln in b.splitlines() if not ln.strip().startswith("#")]
+            for b in blocks]  # fmt: skip
+
+
+def _command_docs() -> list[Path]:
+    return [
+        REPO / "README.md",
+        *sorted(DEPLOY.rglob("*.md")),
+        *sorted((REPO / "docs").glob("*.md")),
+    ]
+
+
+def test_every_documented_ray_job_command_runs_in_token_mode() -> None:
+    """Ray 2.60's `ray job` client sends the token only with RAY_AUTH_MODE=token: a token file
+    alone (the mode unset) gets 401s. Every `ray job` line of the docs' shell blocks has the mode
+    exported earlier in its block or set on the line."""
+    missing = []
+    for path in _command_docs():
+        for block in _shell_blocks(path):
+            exported = False
+            for line in block:
+                exported |= bool(re.search(r"\bexport\b.*\bRAY_AUTH_MODE=token\b", line))
+                if re.search(r"\bray job\b", line) and not (
+                    exported or "RAY_AUTH_MODE=token" in line
+                ):
+                    missing.append(f"{path.relative_to(REPO)}: {line.strip()}")
+    assert missing == [], f"`ray job` without RAY_AUTH_MODE=token: {missing}"
+
+
+def test_the_readme_says_a_token_file_alone_is_not_enough() -> None:
+    text = (REPO / "README.md").read_text()
+    bullet = text[text.index("**The auth token.**") :].split("\n- ", 1)[0]
+    assert "turns token mode on" not in bullet  # true of `ray start`, not of `ray job`
+    assert re.search(r"`ray job[^`]*`[^.]*RAY_AUTH_MODE=token", " ".join(bullet.split())), bullet
+
+
+def test_cluster_examples_take_the_mlflow_port_from_a_variable() -> None:
+    """A shared host may already serve port 5000: no command in the cluster examples hard-codes
+    it (comments may name the default); the port is MLFLOW_PORT, set in one place."""
+    readme = REPO / "README.md"
+    section = readme.read_text().split("## On a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for b in _shell_blocks(readme) for ln in b if ln.strip() and ln in section]
+    lines += [ln for p in (DEPLOY / "README.md",) for b in _shell_blocks(p) for ln in b]
+    assert lines and [ln for ln in lines if ":5000" in ln] == []
+    config = _docs(DEPLOY / "cluster-launcher.yaml")[0]
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert [c for c in commands if "5000" in c] == []
+    assert all("$MLFLOW_PORT" in c for c in commands if "MLFLOW_TRACKING_URI=" in c)
+    assert [c for c in config["setup_commands"] if "MLFLOW_PORT=" in c], "set in one place"
+
+
 # ----------------------------------------------------------------------------- MLflow server
 
 

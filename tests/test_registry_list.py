@@ -57,7 +57,7 @@ def test_registry_list_unknown_model_lists_what_exists(sqlite_registry, capsys):
 
     with pytest.raises(RegistryLookupError, match=sqlite_registry.name):
         list_versions(MlflowClient(sqlite_registry.uri), "no-such-model")
-    assert main(["registry", "list", "nope", "--tracking-uri", sqlite_registry.uri]) == 1
+    assert main(["registry", "list", "nope", "--tracking-uri", sqlite_registry.uri]) == 2
     assert "no registered model named 'nope'" in capsys.readouterr().err
 
 

@@ -225,5 +225,5 @@ def test_zero_shot_cli_with_classes_from_a_column_and_a_templates_file(clip, tmp
     assert f"top-1 accuracy {expected:.4f} on 24 labelled rows" in captured.err
     bad = tmp_path / "bad.txt"
     bad.write_text("no placeholder\n")
-    assert main([*argv[:-1], str(bad), "--tracking-uri", clip.uri]) == 1
+    assert main([*argv[:-1], str(bad), "--tracking-uri", clip.uri]) == 2  # bad input
     assert "needs '{}'" in capsys.readouterr().err

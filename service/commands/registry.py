@@ -3,13 +3,16 @@ MLflow model registry from the command line.
 
 Without ``--tracking-uri`` every command uses the store pretraining used: the one
 ``service.tracking.uri.resolve_tracking_uri`` picks ($MLFLOW_TRACKING_URI, else ``mlruns.db`` in
-the current directory), never MLflow's own default. Each result names the store it used.
+the current directory), never MLflow's own default. Each result names the store it used. A store
+the command needs is checked first (one HTTP request): an unreachable server fails in seconds
+with exit code 2, not after MLflow's minutes of retries.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from service.commands import args
@@ -61,12 +64,22 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return args.call(handler, a)
 
 
-def _store(tracking_uri: str | None) -> tuple[str, str]:
-    """(the resolved tracking URI, the same without credentials for the printed result)."""
-    from service.tracking.uri import redact_uri, resolve_tracking_uri
+def resolve_store(tracking_uri: str | None, *, model: str | None = None) -> tuple[str, str]:
+    """(the resolved tracking URI, the same without credentials for the printed result), the
+    store checked reachable unless ``model`` is a local (pulled) folder that needs none."""
+    from service.tracking.uri import check_tracking_server, redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(explicit=tracking_uri)
+    if model is None or uses_registry(model):
+        check_tracking_server(uri)
     return uri, redact_uri(uri)
+
+
+def uses_registry(model: str) -> bool:
+    """Whether ``--model`` names a registered version (``models:/…``, ``NAME@ALIAS``, …) rather
+    than a local folder (a ``contrastive pull`` output), as ``model_directory`` decides."""
+    local = Path(model[len("file://") :] if model.startswith("file://") else model)
+    return model.startswith("models:/") or not local.is_dir()
 
 
 def promote_command(
@@ -75,7 +88,7 @@ def promote_command(
     """Point ``alias`` (e.g. ``champion``) at version ``version`` of registered model ``name``."""
     from service.registry import promote
 
-    uri, shown = _store(tracking_uri)
+    uri, shown = resolve_store(tracking_uri)
     result = promote(name, version, alias, tracking_uri=uri)
     previous = result["previous"]
     was = "was not set before" if previous is None else f"previously v{previous}"
@@ -96,7 +109,7 @@ def list_command(name: str | None = None, tracking_uri: str | None = None) -> di
 
     from service.registry.listing import format_table, list_versions
 
-    uri, shown = _store(tracking_uri)
+    uri, shown = resolve_store(tracking_uri)
     rows = list_versions(MlflowClient(uri), name)
     print(format_table(rows) if rows else f"no registered models in {shown}", flush=True)
     return {"versions": [r.to_dict() for r in rows], "tracking_uri": shown}
@@ -106,7 +119,7 @@ def pull_command(spec: str, out: str, tracking_uri: str | None = None) -> dict[s
     """Download the encoder ``spec`` (``NAME@ALIAS`` or ``NAME/VERSION``) into ``out``."""
     from service.registry.load import pull
 
-    uri, shown = _store(tracking_uri)
+    uri, shown = resolve_store(tracking_uri)
     path = pull(spec, out, tracking_uri=uri)
     return {"spec": spec, "out": str(path), "tracking_uri": shown}
 
@@ -125,7 +138,7 @@ def embed_command(
     with an image–text model), written to ``output_path`` with its input ``row_id``."""
     from service.registry.embed import embed_parquet
 
-    uri, shown = _store(tracking_uri)
+    uri, shown = resolve_store(tracking_uri, model=model)
     summary = embed_parquet(
         model,
         input_path,

@@ -5,7 +5,10 @@ The store is resolved like every other command's (:func:`service.tracking.uri.re
 tracking *server* (an http(s) URI) already has a UI: its URL is printed and nothing is started.
 Otherwise an ``mlflow server`` child process is started on 127.0.0.1 (it has no authentication,
 so it is never bound to other interfaces here), the command waits until it answers, prints the
-URL and stays in the foreground; Ctrl-C (or SIGTERM) stops that child and nothing else.
+URL and stays in the foreground; Ctrl-C (SIGINT) or SIGTERM stops that child and nothing else.
+Started from a script in the background, a process inherits SIGINT *ignored* (what a
+non-interactive shell does for ``cmd &``, and Python then keeps it so): Ctrl-C cannot reach it,
+so the ready line says to stop it with ``kill <pid>`` (SIGTERM) instead.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def ui_command(
         try:
             say("ui", f"starting the MLflow UI for {uri}")
             server.wait_until_ready(url, start_timeout_s)
-            say("ui", f"MLflow UI: {url}  (Ctrl-C to stop)")
+            say("ui", f"MLflow UI: {url}  ({_how_to_stop()})")
             server.wait()
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM, also during start-up: a normal stop
             say("ui", "stopping the MLflow UI")
@@ -122,6 +125,17 @@ class _UiServer:
         return cmd + ["--host", HOST, "--port", str(self.port), "--workers", "1"]
 
     def __enter__(self) -> _UiServer:
+        # Before the child exists: a SIGTERM from now on reaches __exit__, which stops it.
+        if _in_main_thread():  # SIGTERM (e.g. `timeout`, a supervisor, kill) stops us like Ctrl-C
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self._start()
+        except BaseException:  # incl. a SIGTERM right now: the child must not outlive us
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _start(self) -> None:
         env = dict(os.environ)
         # MLflow's GenAI job runner (~8 processes) is unused by a browsing session.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -134,9 +148,6 @@ class _UiServer:
                 env=env,
                 start_new_session=True,
             )
-        if _in_main_thread():  # SIGTERM (e.g. `timeout`, a supervisor) stops us like Ctrl-C
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
-        return self
 
     def wait_until_ready(self, url: str, timeout_s: float) -> None:
         import requests
@@ -200,6 +211,13 @@ def _stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _how_to_stop() -> str:
+    """'Ctrl-C to stop', or — SIGINT ignored, as in a background job of a script — the kill."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return f"Ctrl-C cannot reach it; stop it with: kill {os.getpid()}"
+    return "Ctrl-C to stop"
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -46,10 +46,10 @@ def zero_shot_command(
     """``classes``: comma-separated names (``cat,dog``); or ``classes_from_column``: the distinct
     values of that input column. ``templates_path``: one prompt template per line (default: the
     run's ``text.templates``). Writes predictions + per-class scores to ``output_path``."""
+    from service.commands.registry import resolve_store
     from service.registry import read_templates, zero_shot_parquet
-    from service.tracking.uri import redact_uri, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(explicit=tracking_uri)
+    uri, shown = resolve_store(tracking_uri, model=model)
     names = None if classes is None else [c.strip() for c in classes.split(",")]
     templates = read_templates(templates_path) if templates_path else None
     summary = zero_shot_parquet(
@@ -62,4 +62,4 @@ def zero_shot_command(
         batch_size=batch_size,
         tracking_uri=uri,
     )
-    return {**summary, "tracking_uri": redact_uri(uri)}
+    return {**summary, "tracking_uri": shown}

@@ -15,7 +15,12 @@ from service.registry.aliases import (
     promote,
 )
 from service.registry.embed import embed_parquet
-from service.registry.errors import EncoderSpecError, RegistryError, RegistryLookupError
+from service.registry.errors import (
+    EncoderSpecError,
+    RegistryError,
+    RegistryInputError,
+    RegistryLookupError,
+)
 from service.registry.listing import VersionRow, format_table, list_versions
 from service.registry.load import (
     LoadedEncoder,
@@ -63,6 +68,7 @@ __all__ = [
     "LoggedEncoder",
     "ModelRef",
     "RegistryError",
+    "RegistryInputError",
     "RegistryLookupError",
     "apply_alias_policy",
     "backbone_from_spec",

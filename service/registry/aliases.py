@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from service.registry.errors import RegistryError
+from service.registry.errors import RegistryInputError
 from service.registry.lookup import ModelRef, resolve_version
 from service.registry.validation import ValidationData
 from service.tracking.uri import resolve_tracking_uri
@@ -198,7 +198,7 @@ def promote(name: str, version: str | int, alias: str, tracking_uri: str | None 
     client = MlflowClient(resolve_tracking_uri(explicit=tracking_uri))
     target = resolve_version(client, ModelRef(name, version=str(version)))
     if not alias or alias == "latest" or (alias[0] in "vV" and alias[1:].isdigit()):
-        raise RegistryError(f"alias {alias!r} is reserved by MLflow (latest, v<N>) or empty")
+        raise RegistryInputError(f"alias {alias!r} is reserved by MLflow (latest, v<N>) or empty")
     registered = client.get_registered_model(name)
     previous = registered.aliases.get(alias)  # an int from a SQLite store, a str over HTTP
     client.set_registered_model_alias(name, alias, target.version)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from service.registry.errors import EncoderSpecError, RegistryError
+from service.registry.errors import EncoderSpecError, RegistryError, RegistryInputError
 from service.registry.lookup import (
     download_version,
     model_directory,
@@ -207,7 +207,9 @@ def pull(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise RegistryError(f"{out} is not empty; choose another directory or overwrite=True")
+            raise RegistryInputError(
+                f"{out} is not empty; choose another directory or overwrite=True"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = download_version(uri, ref.name, number, out / PULLED_MODEL_DIR)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from service.config import Config
+from service.console import MLFLOW_PICKLE_WARNING, dropping_log_messages
 from service.models import unwrap
 from service.registry.aliases import apply_alias_policy, metric_tag
 
@@ -209,7 +210,11 @@ def log_encoder(
             files = write_text_files(text_model, encoder, tokenizer, config, Path(tmp))
             extra += [str(f) for f in files]
         model_id = _logged_model_of_run(tracking_uri, run_id, all_tags)
-        with use_tracking_uri(tracking_uri):
+        # MLflow warns on every pickled model; pickling is the choice explained above.
+        with (
+            use_tracking_uri(tracking_uri),
+            dropping_log_messages("mlflow.pytorch", MLFLOW_PICKLE_WARNING),
+        ):
             info = mlflow.pytorch.log_model(
                 encoder,
                 name=MODEL_ARTIFACT_NAME,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.config import Config, ModelConfig, TextConfig
-from service.registry.errors import EncoderSpecError, RegistryError
+from service.registry.errors import EncoderSpecError, RegistryError, RegistryInputError
 from service.registry.lookup import model_directory
 
 IMAGE_TEXT_SPEC_FILE = "image_text.json"
@@ -189,15 +189,17 @@ def _rebuild(
     return model.eval()
 
 
-def find_text_files(model_dir: str | Path) -> Path:
-    """The folder holding ``image_text.json`` in a downloaded model dir or a pulled dir."""
+def find_text_files(model_dir: str | Path, model_uri: str | None = None) -> Path:
+    """The folder holding ``image_text.json`` in a downloaded model dir or a pulled dir; the
+    error names ``model_uri`` (what the user asked for) rather than a temporary download."""
     model_dir = Path(model_dir)
     for base in (model_dir, model_dir / "extra_files"):
         if (base / IMAGE_TEXT_SPEC_FILE).exists():
             return base
-    raise RegistryError(
-        f"{model_dir} holds no {IMAGE_TEXT_SPEC_FILE}: an image-only encoder (registered without "
-        "config.text.column), so it has no text tower"
+    raise RegistryInputError(
+        f"{model_uri or model_dir} is an image-only encoder (registered without "
+        f"config.text.column; no {IMAGE_TEXT_SPEC_FILE}), so it has no text tower: zero-shot and "
+        "text embeddings need a model trained in image-text mode"
     )
 
 
@@ -216,13 +218,13 @@ class LoadedImageText:
         return eval_transform(self.spec.image_size, self.spec.mean, self.spec.std)
 
 
-def _load_directory(directory: Path) -> LoadedImageText:
+def _load_directory(directory: Path, model_uri: str) -> LoadedImageText:
     from safetensors.torch import load_file
 
     from service.registry.spec import find_weights_copy
     from service.text import Tokenizer
 
-    base = find_text_files(directory)
+    base = find_text_files(directory, model_uri)
     spec = ImageTextSpec.load(base / IMAGE_TEXT_SPEC_FILE)
     _, backbone_weights = find_weights_copy(directory)
     model = _rebuild(spec, base / TOWERS_FILE, load_file(backbone_weights))
@@ -232,7 +234,7 @@ def _load_directory(directory: Path) -> LoadedImageText:
 def load_image_text(model_uri: str, tracking_uri: str | None = None) -> LoadedImageText:
     """:func:`load_image_text_model`, plus the spec (input size, normalisation, templates)."""
     with model_directory(model_uri, tracking_uri) as directory:
-        return _load_directory(directory)
+        return _load_directory(directory, model_uri)
 
 
 def load_image_text_model(model_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, Any]:

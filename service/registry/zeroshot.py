@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from service.registry.embed import rows_with_ids, vectors_array
-from service.registry.errors import RegistryError
+from service.registry.errors import RegistryInputError
 
 PREDICTED_COLUMN = "predicted"
 
@@ -44,7 +44,7 @@ def read_templates(path: str | Path) -> list[str]:
     templates = [line for line in lines if line and not line.startswith("#")]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise RegistryError(
+        raise RegistryInputError(
             f"{path}: every template line needs '{{}}' for the class name "
             f"(e.g. 'a photo of a {{}}.'); {'none found' if not templates else f'bad: {bad}'}"
         )
@@ -54,19 +54,24 @@ def read_templates(path: str | Path) -> list[str]:
 def _class_names(source: Any, classes: Sequence[str] | None, column: str | None) -> list[str]:
     """The given names, or the distinct non-null values of ``column`` (sorted)."""
     if (classes is None) == (column is None):
-        raise RegistryError("give exactly one of classes (names) and classes_from_column")
+        raise RegistryInputError("give exactly one of classes (names) and classes_from_column")
     if classes is not None:
         names = [c.strip() for c in classes if c and c.strip()]
         if len(set(names)) != len(names) or len(names) < 2:
-            raise RegistryError(f"zero-shot needs >= 2 distinct class names, got {list(classes)}")
+            raise RegistryInputError(
+                f"zero-shot needs >= 2 distinct, non-empty class names (e.g. --classes cat,dog), "
+                f"got {list(classes)}"
+            )
         return names
     if column not in source.columns:
-        raise RegistryError(f"no column {column!r} to take class names from ({source.columns})")
+        raise RegistryInputError(
+            f"no column {column!r} to take class names from ({source.columns})"
+        )
     dataset = pds.dataset(source.files, filesystem=source.filesystem, format="parquet")
     values = pc.unique(dataset.to_table(columns=[column]).column(column)).to_pylist()
     names = sorted(str(v) for v in values if v is not None and str(v).strip())
     if len(names) < 2:
-        raise RegistryError(f"column {column!r} holds fewer than 2 class names: {names}")
+        raise RegistryInputError(f"column {column!r} holds fewer than 2 class names: {names}")
     return names
 
 

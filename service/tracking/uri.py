@@ -40,7 +40,13 @@ _HOW_TO_FIX = (
 
 
 class TrackingUnavailableError(ConnectionError, ValueError):
-    """The configured MLflow tracking server cannot be reached; the message names the URI."""
+    """The configured MLflow tracking server cannot be reached; the message names the URI.
+
+    Raised by the reachability check every command runs before any work, so nothing was done:
+    the URI the user configured (flag, config or ``$MLFLOW_TRACKING_URI``) is the input to fix
+    or start the server for; ``service.cli`` exits 2 (``bad_input``)."""
+
+    bad_input = True
 
 
 def resolve_tracking_uri(cfg: MlflowConfig | None = None, *, explicit: str | None = None) -> str:

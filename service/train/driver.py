@@ -20,7 +20,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.config import Config, ConfigError
-from service.console import EMBEDDED_QUIET_ACTORS, filter_ray_worker_output, say
+from service.console import (
+    EMBEDDED_QUIET_ACTORS,
+    filter_ray_worker_output,
+    quiet_embedded_ray,
+    say,
+)
 from service.data.pipeline import prepare
 from service.tracking.run import TrackedRun, ending_on_error
 from service.train.finalize import finalize_run
@@ -67,10 +72,9 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         filter_ray_worker_output()
         return
-    # Ray Train patches print() in its workers to print AND log each line (it mistakes Ray's own
-    # stdout redirection for a third-party wrapper), so every worker print reached the console
-    # twice. The workers of an embedded Ray inherit this process's environment.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # No notice that Ray enabled its token auth, no worker line twice (Train's print patch):
+    # the workers of an embedded Ray inherit this process's environment.
+    quiet_embedded_ray()
     cpus = local_cpus()
     say("ray", f"starting a local Ray ({cpus} CPUs)...")
     started = time.monotonic()

@@ -102,6 +102,7 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     from service.tune.cleanup import PlacementGroupJanitor, TrialExitBarrier
+    from service.tune.progress import TrialLines, tune_verbosity
 
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -143,9 +144,14 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             # stop the sweep; it is not retried either, a NaN would only NaN again.
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             # The janitor frees the workers of ASHA-stopped trials; the barrier makes fit()
-            # return only once no trial process can still write to its MLflow run.
-            callbacks=[PlacementGroupJanitor(), TrialExitBarrier()],
-            verbose=1,
+            # return only once no trial process can still write to its MLflow run. One line per
+            # trial report/end instead of Tune's tables (service/tune/progress.py).
+            callbacks=[
+                PlacementGroupJanitor(),
+                TrialExitBarrier(),
+                TrialLines(settings.metric, settings.max_epochs, settings.budget_minutes),
+            ],
+            verbose=tune_verbosity(),
         ),
     )
 
@@ -368,7 +374,10 @@ def _run_and_summarise(
         f"{settings.resources.workers_per_trial} workers; {settings.search} search, ASHA on "
         f"{settings.metric} ({settings.mode}) from {settings.grace_period:g} {settings.rung_unit}"
     )
-    grid = tuner.fit()
+    from service.tune.progress import quiet_tune_output
+
+    with quiet_tune_output():
+        grid = tuner.fit()
 
     records = [
         record_from_result(
