@@ -74,7 +74,7 @@ def trial(config):
 
 
 with plain_output():
-    connect_ray(min_cpus=1)
+    connect_ray()
     tuner = tune.Tuner(
         trial,
         param_space={{"x": tune.grid_search([1.0, 2.0])}},
