@@ -28,6 +28,7 @@ from service.losses.factory import (
     loss_names,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
+from service.losses.initial import FirstBatch, InitialLossReport, judge_initial_loss
 from service.losses.margin import MarginLoss
 from service.losses.moco import (
     MoCoLoss,
@@ -45,6 +46,9 @@ from service.losses.temperature import LearnableTemperatureLoss
 from service.losses.triplet import TripletLoss
 
 __all__ = [
+    "FirstBatch",
+    "InitialLossReport",
+    "judge_initial_loss",
     "MarginLoss",
     "LearnableTemperatureLoss",
     "LOSS_CLASSES",

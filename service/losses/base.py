@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from service.losses import distributed
 from service.losses.errors import LossInputError
+from service.losses.initial import FirstBatch, InitialLossReport, judge_initial_loss
 from service.losses.inputs import (
     Batch,
     as_views,
@@ -106,6 +107,8 @@ class ContrastiveLoss(nn.Module):
         if chunk_size is not None and not self.supports_chunking:
             raise LossInputError(f"{type(self).__name__} does not support chunk_size")
         self.chunk_size = check_chunk_size(chunk_size)
+        # The similarities of the first batch this loss sees, for the step-0 check (once).
+        self.first_batch: FirstBatch | None = None
 
     @classmethod
     def config_problems(cls, cfg: LossConfig) -> list[str]:
@@ -142,6 +145,8 @@ class ContrastiveLoss(nn.Module):
         the others ignore them, so the loop can always pass what the data has.
         """
         views = as_views(views)
+        if self.first_batch is None:
+            self.first_batch = FirstBatch.of(views, paired=self.paired)
         with full_precision(views):
             if self.needs_labels:
                 if labels is None:
@@ -248,10 +253,28 @@ class ContrastiveLoss(nn.Module):
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step with the (possibly DDP-wrapped) model."""
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        """The step-0 loss when all embeddings are indistinguishable (None: no simple formula).
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        """The step-0 loss when all embeddings are indistinguishable (None: no simple formula):
+        log(candidates) for the softmax losses, the loss curve's reference line.
 
-        A first loss far from it (say more than 25% off) points at a broken setup: wrong
-        temperature, collapsed or non-normalised embeddings, labels not offset per rank.
+        With ``first`` (the first batch's similarities), the loss of a positive that scores
+        like an average negative among embeddings spread like these: the reference plus the
+        batch's spread term (``service.losses.initial``). A healthy random-init start is at
+        or below it.
         """
         return None
+
+    def initial_loss_report(
+        self, loss: float, n_views: int, global_batch: int
+    ) -> InitialLossReport | None:
+        """The step-0 check of the first ``loss`` against the first batch this loss saw (None:
+        the loss has no expected value): flags only what a healthy start cannot show."""
+        reference = self.expected_initial_loss(n_views, global_batch)
+        if reference is None:
+            return None
+        first = self.first_batch
+        expected = self.expected_initial_loss(n_views, global_batch, first) if first else None
+        temperature = None if self.uses_margin else self.temperature
+        return judge_initial_loss(loss, reference, expected or reference, first, temperature)
