@@ -26,6 +26,7 @@ from service.losses.factory import (
     loss_class,
     loss_config_problems,
     loss_names,
+    resolved_loss_config,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
 from service.losses.initial import FirstBatch, InitialLossReport, judge_initial_loss
@@ -49,6 +50,7 @@ __all__ = [
     "FirstBatch",
     "InitialLossReport",
     "judge_initial_loss",
+    "resolved_loss_config",
     "MarginLoss",
     "LearnableTemperatureLoss",
     "LOSS_CLASSES",

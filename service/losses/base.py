@@ -34,6 +34,7 @@ checkpoint is loaded into the criterion.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -94,6 +95,10 @@ class ContrastiveLoss(nn.Module):
     # The loss's own hyperparameters beyond the temperature: (range check, ``loss.<key>``),
     # checked by ``config_problems`` with the functions the constructor raises with.
     checked_keys: ClassVar[tuple[tuple[Callable[..., Any], str], ...]] = ()
+    # What ``loss.temperature`` / ``loss.learnable_temperature`` left unset (null) mean for
+    # this loss (``with_defaults``).
+    default_temperature: ClassVar[float] = 0.5
+    default_learnable_temperature: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -111,6 +116,22 @@ class ContrastiveLoss(nn.Module):
         self.first_batch: FirstBatch | None = None
 
     @classmethod
+    def with_defaults(cls, cfg: LossConfig) -> LossConfig:
+        """``cfg`` with this loss's defaults for the keys left unset (null): the temperature
+        and whether it is learned. ``config_problems`` and ``from_config`` read this.
+
+        >>> from service.config import LossConfig
+        >>> ContrastiveLoss.with_defaults(LossConfig()).temperature
+        0.5
+        """
+        values = {
+            "temperature": cls.default_temperature,
+            "learnable_temperature": cls.default_learnable_temperature,
+        }
+        unset = {key: value for key, value in values.items() if getattr(cfg, key) is None}
+        return dataclasses.replace(cfg, **unset) if unset else cfg
+
+    @classmethod
     def config_problems(cls, cfg: LossConfig) -> list[str]:
         """The ranges of this loss's hyperparameters in ``cfg``, as problems naming the config
         keys; nothing is built. The constructor checks its arguments with the same functions.
@@ -119,6 +140,7 @@ class ContrastiveLoss(nn.Module):
         >>> ContrastiveLoss.config_problems(LossConfig(temperature=-1.0))
         ['loss.temperature must be > 0 and finite, got -1.0']
         """
+        cfg = cls.with_defaults(cfg)
         checks: list[tuple] = [(check_temperature, cfg.temperature, "loss.temperature")]
         if cls.supports_chunking:
             checks.append((check_chunk_size, cfg.chunk_size, "loss.chunk_size"))
@@ -130,6 +152,7 @@ class ContrastiveLoss(nn.Module):
         """The loss ``cfg`` describes (``embed_dim``: the projection output size). The default
         passes the temperature (and ``chunk_size`` to a chunking loss); losses with more
         hyperparameters override it."""
+        cfg = cls.with_defaults(cfg)
         chunking = {"chunk_size": cfg.chunk_size} if cls.supports_chunking else {}
         return cls(cfg.temperature, gather_distributed=gather_distributed, **chunking)
 
@@ -145,16 +168,18 @@ class ContrastiveLoss(nn.Module):
         the others ignore them, so the loop can always pass what the data has.
         """
         views = as_views(views)
-        if self.first_batch is None:
-            self.first_batch = FirstBatch.of(views, paired=self.paired)
         with full_precision(views):
-            if self.needs_labels:
-                if labels is None:
-                    raise LossInputError(
-                        f"{type(self).__name__} needs class labels: call it with labels=[b] ints"
-                    )
-                return self.compute(views, labels=labels)
-            return self.compute(views)
+            if not self.needs_labels:
+                loss = self.compute(views)
+            elif labels is None:
+                raise LossInputError(
+                    f"{type(self).__name__} needs class labels: call it with labels=[b] ints"
+                )
+            else:
+                loss = self.compute(views, labels=labels)
+            if self.first_batch is None:  # once, and only of views the loss has accepted
+                self.first_batch = FirstBatch.of(views, paired=self.paired)
+        return loss
 
     def compute(self, views: tuple[Tensor, ...], **kwargs: Tensor) -> Tensor:
         """The loss maths: ``views`` as given (autocast is off); return a scalar.

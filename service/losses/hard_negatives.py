@@ -76,6 +76,7 @@ class HardNegativeNTXentLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(cfg.temperature, cfg.top_k, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
@@ -138,6 +139,7 @@ class DebiasedNTXentLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(cfg.temperature, cfg.tau_plus, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:

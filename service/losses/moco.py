@@ -251,6 +251,7 @@ class MoCoLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(
             cfg.temperature,
             queue_size=cfg.moco_queue_size,
