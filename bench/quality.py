@@ -93,6 +93,7 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     from lightly.transforms import SimCLRTransform
 
     from service.data import ParquetImageDataset, make_dataloader
+    from service.losses import resolved_loss_config
 
     config = load_config(args.config)
     m, a, t = config.model, config.augment, config.train
@@ -107,7 +108,7 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     data = ParquetImageDataset(args.train, transform)
     loader = make_dataloader(data, batch_size=t.global_batch_size, shuffle=True, drop_last=True,
                              num_workers=1)  # fmt: skip
-    criterion = NTXentLoss(temperature=config.loss.temperature)
+    criterion = NTXentLoss(temperature=resolved_loss_config(config.loss).temperature)
     params = list(backbone.parameters()) + list(head.parameters())
     lr = t.lr * t.global_batch_size / 256
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)

@@ -107,8 +107,10 @@ class ModelConfig:
 class LossConfig:
     # ntxent | symmetric | moco | hard_negative | debiased | supcon | triplet | pairwise | siglip
     name: str = "ntxent"
-    temperature: float = 0.5
-    learnable_temperature: bool = False
+    # null: the named loss's own default (siglip: 0.1 learnable, i.e. t = 10 as in the paper;
+    # every other loss: 0.5 fixed), resolved by the loss class (service/losses)
+    temperature: float | None = None
+    learnable_temperature: bool | None = None
     chunk_size: int | None = None  # memory-bounded mode: never builds the full B x B logits
     top_k: int = 64  # hard_negative: keep only the k most similar negatives
     tau_plus: float = 0.1  # debiased: class prior of false negatives (Chuang et al. 2020)

@@ -11,8 +11,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.config import Config, LossConfig, TrainConfig
-from service.losses import LossInputError, SigLIPLoss, build_loss, check_loss_config
+from service.config import Config, LossConfig, TrainConfig, load_config
+from service.losses import (
+    LossInputError,
+    SigLIPLoss,
+    SymmetricInfoNCELoss,
+    build_loss,
+    check_loss_config,
+    loss_config_problems,
+)
 from service.train.amp import amp_policy
 from service.train.gradcache import cached_forward_backward
 from service.train.state import TrainState
@@ -142,7 +149,12 @@ def test_parameters_init_clamp_and_config() -> None:
         crit.logit_scale.fill_(10.0)
     crit.after_step(nn.Identity())
     assert crit.logit_scale.item() == pytest.approx(math.log(100.0))
-    fixed = build_loss(LossConfig(name="siglip", temperature=0.2, siglip_bias_init=-3.0), 8)
+    fixed = build_loss(  # a fixed t is asked for explicitly (SigLIP's own default learns it)
+        LossConfig(
+            name="siglip", temperature=0.2, learnable_temperature=False, siglip_bias_init=-3.0
+        ),
+        8,
+    )
     assert fixed.temperature_parameters() == [fixed.bias] and fixed.temperature == 0.2
     with pytest.raises(LossInputError, match="takes exactly 2 views"):
         check_loss_config(LossConfig(name="siglip"), n_views=3)
@@ -163,3 +175,42 @@ def test_paired_cached_step_equals_the_plain_step() -> None:
     want = _grads(plain_model, plain_crit)
     for name, got in _grads(model, crit).items():
         torch.testing.assert_close(got, want[name], msg=name)
+
+
+def test_siglip_gets_the_papers_defaults_when_its_keys_are_not_set() -> None:
+    """Issue 27 item 4: ``--set loss.name=siglip`` on the default loss section is SigLIP as the
+    paper starts it: t = 10 (log t = log 10) and b = -10, both learned."""
+    for cfg in (LossConfig(name="siglip"), load_config(None, ["loss.name=siglip"]).loss):
+        assert loss_config_problems(cfg) == []
+        crit = build_loss(cfg, embed_dim=8)
+        assert crit.logit_scale is not None, "t must be learnable by default"
+        assert crit.logit_scale.item() == pytest.approx(math.log(10.0))
+        assert crit.bias.item() == -10.0
+        assert crit.temperature_parameters() == [crit.logit_scale, crit.bias]
+    # what the user sets is kept
+    own = build_loss(LossConfig(name="siglip", temperature=0.2, learnable_temperature=False), 8)
+    assert own.logit_scale is None and own.temperature == pytest.approx(0.2)
+    # SigLIP's learnable default also brings its start check: t must start within the clamp
+    assert (
+        "loss.temperature=0.001 is below"
+        in loss_config_problems(LossConfig(name="siglip", temperature=0.001))[0]
+    )
+    # the other losses keep theirs: temperature 0.5, fixed
+    ntxent = build_loss(LossConfig(), 8)
+    assert ntxent.temperature == 0.5
+    clip = build_loss(LossConfig(name="symmetric"), 8)
+    assert clip.temperature == 0.5 and clip.temperature_parameters() == []
+    from service.losses import resolved_loss_config
+
+    assert resolved_loss_config(LossConfig(name="siglip")).temperature == 0.1
+
+
+def test_learnable_logit_scale_is_clamped_to_zero_from_below() -> None:
+    """open_clip clamps log(1/T) to [0, log 100]: T never rises above 1."""
+    for crit in (SymmetricInfoNCELoss(0.5, learnable_temperature=True), SigLIPLoss()):
+        with torch.no_grad():
+            crit.logit_scale.fill_(-2.0)  # an optimizer step pushed T to e^2
+        crit.after_step(nn.Identity())
+        assert crit.logit_scale.item() == 0.0 and crit.temperature == 1.0
+    with pytest.raises(LossInputError, match="above 1"):
+        SymmetricInfoNCELoss(2.0, learnable_temperature=True)  # would start clamped

@@ -1,4 +1,10 @@
-"""Weighted kNN classifier on frozen features (InstDisc / solo-learn protocol: cosine, k=200)."""
+"""Weighted kNN classifier on frozen features: cosine similarity, k=200 nearest neighbours,
+each voting with weight ``exp(cos / T)`` with T = 0.1 by default (``eval.knn_temperature``).
+
+This is the weighting scheme of InstDisc (Wu et al. 2018) and solo-learn's kNN monitor, but not
+their temperature: both use T = 0.07. The numbers here (and every recorded kNN result of this
+service) are with T = 0.1; pass ``temperature=0.07`` for their exact protocol.
+"""
 
 from __future__ import annotations
 

@@ -26,8 +26,10 @@ from service.losses.factory import (
     loss_class,
     loss_config_problems,
     loss_names,
+    resolved_loss_config,
 )
 from service.losses.hard_negatives import DebiasedNTXentLoss, HardNegativeNTXentLoss
+from service.losses.initial import FirstBatch, InitialLossReport, judge_initial_loss
 from service.losses.margin import MarginLoss
 from service.losses.moco import (
     MoCoLoss,
@@ -45,6 +47,10 @@ from service.losses.temperature import LearnableTemperatureLoss
 from service.losses.triplet import TripletLoss
 
 __all__ = [
+    "FirstBatch",
+    "InitialLossReport",
+    "judge_initial_loss",
+    "resolved_loss_config",
     "MarginLoss",
     "LearnableTemperatureLoss",
     "LOSS_CLASSES",

@@ -34,6 +34,7 @@ checkpoint is loaded into the criterion.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from service.losses import distributed
 from service.losses.errors import LossInputError
+from service.losses.initial import FirstBatch, InitialLossReport, judge_initial_loss
 from service.losses.inputs import (
     Batch,
     as_views,
@@ -93,6 +95,10 @@ class ContrastiveLoss(nn.Module):
     # The loss's own hyperparameters beyond the temperature: (range check, ``loss.<key>``),
     # checked by ``config_problems`` with the functions the constructor raises with.
     checked_keys: ClassVar[tuple[tuple[Callable[..., Any], str], ...]] = ()
+    # What ``loss.temperature`` / ``loss.learnable_temperature`` left unset (null) mean for
+    # this loss (``with_defaults``).
+    default_temperature: ClassVar[float] = 0.5
+    default_learnable_temperature: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -106,6 +112,24 @@ class ContrastiveLoss(nn.Module):
         if chunk_size is not None and not self.supports_chunking:
             raise LossInputError(f"{type(self).__name__} does not support chunk_size")
         self.chunk_size = check_chunk_size(chunk_size)
+        # The similarities of the first batch this loss sees, for the step-0 check (once).
+        self.first_batch: FirstBatch | None = None
+
+    @classmethod
+    def with_defaults(cls, cfg: LossConfig) -> LossConfig:
+        """``cfg`` with this loss's defaults for the keys left unset (null): the temperature
+        and whether it is learned. ``config_problems`` and ``from_config`` read this.
+
+        >>> from service.config import LossConfig
+        >>> ContrastiveLoss.with_defaults(LossConfig()).temperature
+        0.5
+        """
+        values = {
+            "temperature": cls.default_temperature,
+            "learnable_temperature": cls.default_learnable_temperature,
+        }
+        unset = {key: value for key, value in values.items() if getattr(cfg, key) is None}
+        return dataclasses.replace(cfg, **unset) if unset else cfg
 
     @classmethod
     def config_problems(cls, cfg: LossConfig) -> list[str]:
@@ -116,6 +140,7 @@ class ContrastiveLoss(nn.Module):
         >>> ContrastiveLoss.config_problems(LossConfig(temperature=-1.0))
         ['loss.temperature must be > 0 and finite, got -1.0']
         """
+        cfg = cls.with_defaults(cfg)
         checks: list[tuple] = [(check_temperature, cfg.temperature, "loss.temperature")]
         if cls.supports_chunking:
             checks.append((check_chunk_size, cfg.chunk_size, "loss.chunk_size"))
@@ -127,6 +152,7 @@ class ContrastiveLoss(nn.Module):
         """The loss ``cfg`` describes (``embed_dim``: the projection output size). The default
         passes the temperature (and ``chunk_size`` to a chunking loss); losses with more
         hyperparameters override it."""
+        cfg = cls.with_defaults(cfg)
         chunking = {"chunk_size": cfg.chunk_size} if cls.supports_chunking else {}
         return cls(cfg.temperature, gather_distributed=gather_distributed, **chunking)
 
@@ -143,13 +169,17 @@ class ContrastiveLoss(nn.Module):
         """
         views = as_views(views)
         with full_precision(views):
-            if self.needs_labels:
-                if labels is None:
-                    raise LossInputError(
-                        f"{type(self).__name__} needs class labels: call it with labels=[b] ints"
-                    )
-                return self.compute(views, labels=labels)
-            return self.compute(views)
+            if not self.needs_labels:
+                loss = self.compute(views)
+            elif labels is None:
+                raise LossInputError(
+                    f"{type(self).__name__} needs class labels: call it with labels=[b] ints"
+                )
+            else:
+                loss = self.compute(views, labels=labels)
+            if self.first_batch is None:  # once, and only of views the loss has accepted
+                self.first_batch = FirstBatch.of(views, paired=self.paired)
+        return loss
 
     def compute(self, views: tuple[Tensor, ...], **kwargs: Tensor) -> Tensor:
         """The loss maths: ``views`` as given (autocast is off); return a scalar.
@@ -248,10 +278,28 @@ class ContrastiveLoss(nn.Module):
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step with the (possibly DDP-wrapped) model."""
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        """The step-0 loss when all embeddings are indistinguishable (None: no simple formula).
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        """The step-0 loss when all embeddings are indistinguishable (None: no simple formula):
+        log(candidates) for the softmax losses, the loss curve's reference line.
 
-        A first loss far from it (say more than 25% off) points at a broken setup: wrong
-        temperature, collapsed or non-normalised embeddings, labels not offset per rank.
+        With ``first`` (the first batch's similarities), the loss of a positive that scores
+        like an average negative among embeddings spread like these: the reference plus the
+        batch's spread term (``service.losses.initial``). A healthy random-init start is at
+        or below it.
         """
         return None
+
+    def initial_loss_report(
+        self, loss: float, n_views: int, global_batch: int
+    ) -> InitialLossReport | None:
+        """The step-0 check of the first ``loss`` against the first batch this loss saw (None:
+        the loss has no expected value): flags only what a healthy start cannot show."""
+        reference = self.expected_initial_loss(n_views, global_batch)
+        if reference is None:
+            return None
+        first = self.first_batch
+        expected = self.expected_initial_loss(n_views, global_batch, first) if first else None
+        temperature = None if self.uses_margin else self.temperature
+        return judge_initial_loss(loss, reference, expected or reference, first, temperature)

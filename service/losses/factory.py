@@ -146,6 +146,17 @@ def loss_config_problems(
     return _combination_problems(cfg, n_views, text_mode) + cls.config_problems(cfg)
 
 
+def resolved_loss_config(cfg: LossConfig) -> LossConfig:
+    """``cfg`` with the named loss's defaults for the keys left unset (``with_defaults``): what
+    the loss is built with, e.g. for tags that record it. An unknown name returns ``cfg``.
+
+    >>> resolved_loss_config(LossConfig(name="siglip")).learnable_temperature
+    True
+    """
+    cls = LOSS_CLASSES.get(cfg.name)
+    return cfg if cls is None else cls.with_defaults(cfg)
+
+
 def build_loss(cfg: LossConfig, embed_dim: int, gather_distributed: bool = True) -> ContrastiveLoss:
     """The loss named by ``cfg.name``; ``embed_dim`` is the projection output size (MoCo queue).
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import MASKED
 from service.losses.errors import LossInputError
+from service.losses.initial import FirstBatch
 from service.losses.inputs import Batch, local_anchors_and_keys
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class HardNegativeNTXentLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(cfg.temperature, cfg.top_k, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:
@@ -99,9 +101,15 @@ class HardNegativeNTXentLoss(ContrastiveLoss):
     def repr_fields(self) -> dict[str, object]:
         return {"top_k": self.top_k}
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        # The positive among min(top_k, negatives) equally scored hard negatives.
-        return math.log(min(self.top_k, n_views * global_batch - 2) + 1)
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        # The positive among min(top_k, negatives) equally scored hard negatives; with a batch,
+        # the spread of its top_k / negatives most similar negatives around the mean.
+        negatives = n_views * global_batch - 2
+        k = min(self.top_k, negatives)
+        spread = first.spread(self.temperature, k / negatives) if first is not None else 0.0
+        return math.log(k + 1) + spread
 
 
 class DebiasedNTXentLoss(ContrastiveLoss):
@@ -131,6 +139,7 @@ class DebiasedNTXentLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(cfg.temperature, cfg.tau_plus, gather_distributed)
 
     def compute(self, views: tuple[Tensor, ...]) -> Tensor:

@@ -32,6 +32,7 @@ from service.losses.distributed import (
     is_distributed,
 )
 from service.losses.errors import LossInputError
+from service.losses.initial import FirstBatch
 from service.losses.inputs import normalized
 from service.models import unwrap
 
@@ -250,6 +251,7 @@ class MoCoLoss(ContrastiveLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(
             cfg.temperature,
             queue_size=cfg.moco_queue_size,
@@ -314,5 +316,9 @@ class MoCoLoss(ContrastiveLoss):
         """EMA step of the key encoder towards ``model`` (DDP-wrapped is fine)."""
         self._attached().update(model, self.momentum)
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        return math.log(self.queue.size + 1)  # the positive among queue_size + 1 candidates
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        # The positive among queue_size + 1 candidates. The queue starts as random unit vectors
+        # (not spread like the batch), so the first batch adds nothing here.
+        return math.log(self.queue.size + 1)

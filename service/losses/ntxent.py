@@ -8,6 +8,7 @@ from torch import Tensor
 
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
+from service.losses.initial import FirstBatch
 from service.losses.inputs import local_anchors_and_keys
 
 
@@ -68,7 +69,10 @@ class NTXentLoss(ContrastiveLoss):
         lse = masked_logsumexp(x, keys, self_offset=offset, chunk_size=self.chunk_size)
         return (lse - multi_positive_logits(x, z, len(views))).mean()
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
         # Indistinguishable embeddings: every anchor's V-1 positives and its V*B-V negatives score
-        # alike, so each InfoNCE term is log of the V*B-1 candidates.
-        return math.log(n_views * global_batch - 1)
+        # alike, so each InfoNCE term is log of the V*B-1 candidates (+ the batch's spread).
+        spread = first.spread(self.temperature) if first is not None else 0.0
+        return math.log(n_views * global_batch - 1) + spread

@@ -46,7 +46,7 @@ class SigLIPLoss(LearnableTemperatureLoss):
     paper: -10, so the W*b - 1 negatives start near zero loss) are parameters of the loss:
     ``temperature_parameters()`` hands both to the optimizer (own group: no weight decay, no
     LARS, base LR). ``t'`` is learnable with ``learnable_temperature=True`` (else fixed) and
-    clamped in place to ``log(max_logit_scale)`` after each step
+    clamped in place to ``[0, log(max_logit_scale)]`` after each step
     (:class:`~service.losses.temperature.LearnableTemperatureLoss`); the bias is always learned.
 
     >>> import torch
@@ -60,6 +60,9 @@ class SigLIPLoss(LearnableTemperatureLoss):
 
     name = "siglip"
     checked_keys = ((check_bias_init, "siglip_bias_init"),)
+    # The paper's start when the config leaves them unset: t = 10, learned (b: siglip_bias_init)
+    default_temperature = 0.1
+    default_learnable_temperature = True
     exact_views = 2
     paired = True
 
@@ -76,6 +79,7 @@ class SigLIPLoss(LearnableTemperatureLoss):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         return cls(
             cfg.temperature,
             bias_init=cfg.siglip_bias_init,

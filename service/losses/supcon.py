@@ -8,6 +8,7 @@ from torch import Tensor
 
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
+from service.losses.initial import FirstBatch
 from service.losses.inputs import local_anchors_and_keys
 
 
@@ -53,6 +54,10 @@ class SupConLoss(ContrastiveLoss):
         mean_positive = ((x @ keys.T) * positive).sum(dim=1) / positive.sum(dim=1)
         return (lse - mean_positive).mean()
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        # Indistinguishable embeddings: every logit is alike, each term is log(V*B - 1).
-        return math.log(n_views * global_batch - 1)
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        # Indistinguishable embeddings: every logit is alike, each term is log(V*B - 1) (+ the
+        # batch's spread: same-class positives score like negatives at init).
+        spread = first.spread(self.temperature) if first is not None else 0.0
+        return math.log(n_views * global_batch - 1) + spread

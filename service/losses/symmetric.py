@@ -9,6 +9,7 @@ from torch import Tensor
 
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import gather_with_grad
+from service.losses.initial import FirstBatch
 from service.losses.inputs import normalized
 from service.losses.temperature import LearnableTemperatureLoss
 
@@ -68,5 +69,9 @@ class SymmetricInfoNCELoss(LearnableTemperatureLoss):
         lse_ba = masked_logsumexp(xb, keys_a, chunk_size=self.chunk_size)
         return 0.5 * ((lse_ab - positive).mean() + (lse_ba - positive).mean())
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        return math.log(global_batch)  # each row's positive among the B keys of the other side
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        # each row's positive among the B keys of the other side (+ the batch's spread)
+        spread = first.spread(self.temperature) if first is not None else 0.0
+        return math.log(global_batch) + spread

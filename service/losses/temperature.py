@@ -16,12 +16,13 @@ if TYPE_CHECKING:
     from service.config import LossConfig
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of 1/T: a learnable temperature never goes below 0.01
+MIN_LOGIT_SCALE = 1.0  # open_clip's lower clamp (log 1/T >= 0): nor above 1
 
 
 def check_learnable_start(
     temperature: float, max_logit_scale: float = MAX_LOGIT_SCALE, name: str = "temperature"
 ) -> None:
-    """A learnable temperature must start above ``1/max_logit_scale`` (else it starts clamped).
+    """A learnable temperature must start within the clamp: ``1/max_logit_scale <= T <= 1``.
 
     >>> check_learnable_start(0.001, name="loss.temperature")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -33,6 +34,11 @@ def check_learnable_start(
             f"{name}={temperature} is below 1/max_logit_scale="
             f"{1.0 / max_logit_scale:g}; a learnable temperature would start clamped"
         )
+    if temperature > 1.0 / MIN_LOGIT_SCALE:
+        raise LossInputError(
+            f"{name}={temperature} is above 1 (log logit scale below 0); a learnable "
+            "temperature is clamped to at most 1 (open_clip), so it would start clamped"
+        )
 
 
 class LearnableTemperatureLoss(ContrastiveLoss):
@@ -41,7 +47,8 @@ class LearnableTemperatureLoss(ContrastiveLoss):
     With ``learnable_temperature=True`` the scale is ``logit_scale = nn.Parameter(log(1/T))``
     (CLIP's parameterisation: multiplicative updates, always positive). The forward uses the raw
     ``exp(logit_scale)`` and ``after_step`` clamps the parameter in place to
-    ``log(max_logit_scale)`` after every optimizer step (CLIP clamps at 100, the same way). A
+    ``[0, log(max_logit_scale)]`` after every optimizer step (open_clip clamps to [0, log 100],
+    the same way: T stays within [1/max_logit_scale, 1]). A
     clamp inside the forward would zero the gradient once the parameter passes the bound, so
     the temperature could never come back. ``temperature_parameters()`` hands the parameter to
     the optimizer, which gives it a group of its own (no weight decay, no LARS adaptation, the
@@ -69,6 +76,8 @@ class LearnableTemperatureLoss(ContrastiveLoss):
         super().__init__(temperature, gather_distributed, chunk_size)
         self.learnable_temperature = learnable_temperature
         self.max_logit_scale = check_temperature(max_logit_scale, "max_logit_scale")
+        if self.max_logit_scale < MIN_LOGIT_SCALE:
+            raise LossInputError(f"max_logit_scale must be >= 1, got {max_logit_scale!r}")
         self.logit_scale: nn.Parameter | None = None
         if learnable_temperature:
             check_learnable_start(self._temperature, self.max_logit_scale)
@@ -76,12 +85,14 @@ class LearnableTemperatureLoss(ContrastiveLoss):
 
     @classmethod
     def config_problems(cls, cfg: LossConfig) -> list[str]:
+        cfg = cls.with_defaults(cfg)
         start = (check_learnable_start, cfg.temperature, MAX_LOGIT_SCALE, "loss.temperature")
         found = super().config_problems(cfg)
         return found + problems(start) if cfg.learnable_temperature else found
 
     @classmethod
     def from_config(cls, cfg: LossConfig, embed_dim: int, gather_distributed: bool) -> Self:
+        cfg = cls.with_defaults(cfg)
         chunking = {"chunk_size": cfg.chunk_size} if cls.supports_chunking else {}
         return cls(
             cfg.temperature,
@@ -109,10 +120,10 @@ class LearnableTemperatureLoss(ContrastiveLoss):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        """Clamp ``logit_scale`` in place to ``log(max_logit_scale)`` (same on every rank: the
-        gradient was averaged, so the parameter is too)."""
+        """Clamp ``logit_scale`` in place to ``[0, log(max_logit_scale)]`` (same on every rank:
+        the gradient was averaged, so the parameter is too)."""
         if self.logit_scale is not None:
-            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+            self.logit_scale.clamp_(math.log(MIN_LOGIT_SCALE), math.log(self.max_logit_scale))
 
     def repr_fields(self) -> dict[str, object]:
         return {"learnable": self.learnable_temperature, "max_logit_scale": self.max_logit_scale}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from service.losses.initial import FirstBatch
 from service.losses.margin import MarginLoss
 
 
@@ -45,5 +46,9 @@ class TripletLoss(MarginLoss):
         loss = (hardest_positive - hardest_negative + self.margin).clamp_min(0.0)
         return torch.where(negative.any(dim=1), loss, torch.zeros_like(loss)).mean()
 
-    def expected_initial_loss(self, n_views: int, global_batch: int) -> float | None:
-        return self.margin  # every distance alike: hardest positive == hardest negative
+    def expected_initial_loss(
+        self, n_views: int, global_batch: int, first: FirstBatch | None = None
+    ) -> float | None:
+        # Every distance alike: hardest positive == hardest negative. With a batch: positives
+        # as far as the farthest negative, the hardest negative as near as the nearest.
+        return self.margin + (first.distance_range() if first is not None else 0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from service.config import Config
+from service.losses.factory import resolved_loss_config
 
 
 def version_tags(config: Config, knn: float | None, backbone: nn.Module | None) -> dict[str, str]:
@@ -21,7 +22,8 @@ def version_tags(config: Config, knn: float | None, backbone: nn.Module | None) 
     return {
         "dataset": config.data.train,
         "method": config.loss.name,
-        "temperature": str(config.loss.temperature),
+        # unset (null) in the config: the loss's own default, which it trained with
+        "temperature": str(resolved_loss_config(config.loss).temperature),
         "augment_strength": str(config.augment.strength),
         "knn_top1": "" if knn is None else f"{knn:.4f}",
         "embedding_dim": str(getattr(backbone, "out_dim", "")),
