@@ -74,7 +74,7 @@ def test_rejects_a_vocabulary_smaller_than_the_byte_alphabet() -> None:
 def test_fit_tokenizer_uses_only_training_rows(monkeypatch) -> None:
     """Captions of the held-out validation rows never reach the fit."""
     from service.data.captions import training_captions
-    from service.data.parquet import inspect_parquet, read_rows
+    from service.data.sources import inspect_source
     from service.data.splits import train_val_rows
 
     config = load_config(
@@ -85,7 +85,7 @@ def test_fit_tokenizer_uses_only_training_rows(monkeypatch) -> None:
         }
     )
     split = train_val_rows(config)
-    table = read_rows(inspect_parquet(config.data.train), ["text"], None)
+    table = inspect_source(config.data.train).read(["text"])
     texts = table.column("text").to_pylist()
     expected = sorted(texts[i] for i in split.train)
     assert sorted(training_captions(config)) == expected
