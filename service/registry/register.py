@@ -196,7 +196,7 @@ def log_encoder(
     facts = {
         "run_id": run_id,
         "embedding_dim": str(spec.embedding_dim),
-        "serialization": "pickle+safetensors",
+        "serialization": "pyfunc+pickle+safetensors" if spec.rebuildable else "pickle+safetensors",
         "weights_rebuildable": str(spec.rebuildable).lower(),
         TOWERS_TAG: "image+text" if text is not None else "image",
     }
@@ -210,22 +210,55 @@ def log_encoder(
             extra += [str(f) for f in files]
         model_id = _logged_model_of_run(tracking_uri, run_id, all_tags)
         with use_tracking_uri(tracking_uri):
-            info = mlflow.pytorch.log_model(
-                encoder,
-                name=MODEL_ARTIFACT_NAME,
-                model_id=model_id,
-                registered_model_name=name,
-                input_example=example_np,
-                signature=infer_signature(example_np, output.numpy()),
-                serialization_format="pickle",
-                extra_files=extra,
-                pip_requirements=_pip_requirements(),
-                metadata={"encoder": spec.to_dict()},
-                tags=all_tags,
-                run_id=run_id,
-            )
+            if spec.rebuildable:  # the portable pyfunc + the pickled pytorch flavour
+                info = _log_portable(encoder, spec, [Path(f) for f in extra], model_id, all_tags,
+                                     name=name, run_id=run_id, text=text is not None)  # fmt: skip
+            else:  # an architecture service.models cannot rebuild: the pickled module only
+                info = mlflow.pytorch.log_model(
+                    encoder,
+                    name=MODEL_ARTIFACT_NAME,
+                    model_id=model_id,
+                    registered_model_name=name,
+                    input_example=example_np,
+                    signature=infer_signature(example_np, output.numpy()),
+                    serialization_format="pickle",
+                    extra_files=extra,
+                    pip_requirements=_pip_requirements(),
+                    metadata={"encoder": spec.to_dict()},
+                    tags=all_tags,
+                    run_id=run_id,
+                )
     version = str(info.registered_model_version)
     return LoggedEncoder(ModelRef(name, version=version).uri, version, spec)
+
+
+def _log_portable(
+    encoder: nn.Module, spec: EncoderSpec, files: list[Path], model_id: str,
+    tags: dict[str, str], *, name: str, run_id: str, text: bool,
+) -> Any:  # fmt: skip
+    """Log the version as the portable pyfunc (+ the pickled pytorch flavour), after checking
+    that the portable copy reproduces ``encoder`` (``service.registry.pyfunc``)."""
+    from mlflow.models import Model
+
+    from service.registry.pyfunc import EncoderFlavor, check_portable
+
+    check_portable(files, encoder, spec.image_size)
+    return Model.log(
+        None,
+        flavor=EncoderFlavor,
+        name=MODEL_ARTIFACT_NAME,
+        registered_model_name=name,
+        model_id=model_id,
+        metadata={"encoder": spec.to_dict()},
+        tags=tags,
+        run_id=run_id,
+        encoder=encoder,
+        files=files,
+        text=text,
+        embedding_dim=spec.embedding_dim,
+        image_size=spec.image_size,
+        validate_serving_input=False,  # check_portable did; this would import the code here
+    )
 
 
 def _text_parts(
