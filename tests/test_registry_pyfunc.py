@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
 
 from service.config import BUNDLED_DATA_DIR, Config
+from service.data.decode import decode_image
 from service.models import build_image_text_model, build_model
 from service.models.backbones import build_backbone
 from service.registry import (
@@ -185,8 +185,6 @@ def test_pyfunc_loads_without_the_project_and_matches_embed(store, tmp_path):
     np.testing.assert_allclose(got["text"], texts, atol=1e-5)
     model, _ = load_image_text_model(f"models:/{store.clip.name}@{ALIAS}", store.uri)
     encoder, preprocess = load_encoder(f"models:/{store.clip.name}@{ALIAS}", store.uri)
-    from service.data.decode import decode_image
-
     batch = torch.stack([preprocess(decode_image(p.read_bytes())) for p in store.pngs[:2]])
     with torch.no_grad():
         joint = model.encode_image(batch).numpy()
@@ -196,7 +194,7 @@ def test_pyfunc_loads_without_the_project_and_matches_embed(store, tmp_path):
 def test_registered_model_files_and_requirements(store, tmp_path):
     """The MLmodel has the portable pyfunc (models-from-code, code/ travels with it) and the
     pickled pytorch flavour; the requirements never name this project; the signature is honest."""
-    import mlflow
+    import mlflow.pytorch
     from mlflow.models import Model
 
     local = download_version(store.uri, store.clip.name, store.clip.version, tmp_path / "model")
@@ -214,9 +212,13 @@ def test_registered_model_files_and_requirements(store, tmp_path):
         ("image", "binary", False), ("text", "string", False)]  # fmt: skip
     # images give backbone features (256), texts the joint space (128): width not fixed
     assert signature.outputs.inputs[0].shape == (-1, -1)
-    # with the project installed, the pickled flavour still loads
+    # with the project installed, the pickled flavour still loads, and gives the same features
     pickled = mlflow.pytorch.load_model(str(local))
-    assert isinstance(pickled, torch.nn.Module)
+    weights, _ = load_encoder(f"models:/{store.clip.name}@{ALIAS}", store.uri, source="weights")
+    via_pickle, _ = load_encoder(f"models:/{store.clip.name}@{ALIAS}", store.uri, source="pickle")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(pickled(x), weights(x)) and torch.allclose(via_pickle(x), weights(x))
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "resnet50"])
@@ -265,11 +267,11 @@ def test_mlflow_models_serve_answers_with_embed_vectors(store, tmp_path):
             except OSError:
                 time.sleep(0.5)
         rows = [[base64.b64encode(p.read_bytes()).decode("ascii")] for p in store.pngs]
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}})
-        request = urllib.request.Request(f"{base}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=30) as response:
-            predictions = json.loads(response.read())["predictions"]
+        split = {"columns": ["image"], "data": rows}
+        predictions = _post(f"{base}/invocations", {"dataframe_split": split})
+        normalized = _post(
+            f"{base}/invocations", {"dataframe_split": split, "params": {"normalize": True}}
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -280,4 +282,32 @@ def test_mlflow_models_serve_answers_with_embed_vectors(store, tmp_path):
         log.close()
     expected = _embed(store, store.image.name, tmp_path)
     np.testing.assert_allclose(np.asarray(predictions), expected, atol=1e-5, rtol=1e-4)
-    assert F.normalize(torch.tensor(predictions), dim=1).norm(dim=1).allclose(torch.ones(6))
+    expected = _embed(store, store.image.name, tmp_path, normalize=True)
+    np.testing.assert_allclose(np.asarray(normalized), expected, atol=1e-5)
+
+
+def _post(url: str, payload: dict) -> list:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["predictions"]
+
+
+def test_pulled_directory_loads_every_way(store, tmp_path):
+    """``pull`` of a pyfunc version: the weights-only loader, the pickle and the pyfunc in
+    ``model/`` give the same features."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from service.registry import pull
+
+    pulled = pull(f"{store.image.name}@{ALIAS}", tmp_path / "pulled", store.uri)
+    weights, preprocess = load_encoder(str(pulled), source="weights")
+    pickled, _ = load_encoder(str(pulled), source="pickle")
+    pyfunc = mlflow.pyfunc.load_model(str(pulled / "model"))
+    batch = torch.stack([preprocess(decode_image(p.read_bytes())) for p in store.pngs])
+    with torch.no_grad():
+        expected = weights(batch).numpy()
+        assert np.allclose(pickled(batch).numpy(), expected, atol=1e-6)
+    images = pd.DataFrame({"image": [p.read_bytes() for p in store.pngs]})
+    np.testing.assert_allclose(pyfunc.predict(images), expected, atol=1e-5, rtol=1e-4)

@@ -1,20 +1,27 @@
 """Log the trained backbone into its run and register it; the alias rules live in ``aliases``.
 
-Stored formats (both inside the one MLflow model version, so ``models:/NAME/V`` carries both):
+Stored formats (all inside the one MLflow model version, so ``models:/NAME/V`` carries them):
 
+* **Portable pyfunc** (the ``python_function`` flavour, ``service.registry.pyfunc``):
+  models-from-code + ``code/contrastive_pyfunc`` + the safetensors weights below;
+  ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` work where only MLflow, torch and
+  torchvision are installed (docs/registry.md "Load without this project").
 * **MLflow ``pytorch`` flavour, pickled** (``serialization_format="pickle"``, cloudpickle):
   ``mlflow.pytorch.load_model`` gives back the *same* ``nn.Module`` class with its attributes
-  (``out_dim``), any batch size and pyfunc serving. We deliberately do not use MLflow 3's default
-  ``pt2`` (``torch.export``) format: it reloads a traced ``GraphModule`` specialised to the
-  example's shapes (a size-1 batch dimension becomes static), loses module attributes and eval/
-  train semantics, and ties the artifact to ``torch.export`` version compatibility.
+  (``out_dim``). We deliberately do not use MLflow 3's default ``pt2`` (``torch.export``) format:
+  it reloads a traced ``GraphModule`` specialised to the example's shapes (a size-1 batch
+  dimension becomes static), loses module attributes and eval/train semantics, and ties the
+  artifact to ``torch.export`` version compatibility.
   **Risk:** unpickling runs code from the artifact. Only load pickled models from a registry
   you trust; the class must be importable (``contrastive-service`` installed).
-* **Weights-only copy** (``extra_files/encoder.safetensors`` + ``extra_files/encoder.json``):
+* **Weights-only copy** (``artifacts/encoder.safetensors`` + ``artifacts/encoder.json``;
+  ``extra_files/`` in versions from before the pyfunc):
   tensors in safetensors (no code execution on load) plus the architecture config, input size,
   normalisation and embedding dim, all from the training ``Config``.
   ``service.registry.load.load_encoder`` prefers this path whenever the architecture can be
   rebuilt, so the default load never unpickles.
+
+An encoder ``service.models`` cannot rebuild gets the pickled flavour and the weights only.
 
     >>> result = register_encoder(  # doctest: +SKIP
     ...     backbone, config, tracking_uri=uri, run_id=run_id, knn=0.41,
@@ -174,8 +181,9 @@ def log_encoder(
     tags: dict[str, str] | None = None,
     text: tuple[nn.Module, Any] | None = None,
 ) -> LoggedEncoder:
-    """Log ``backbone`` as the pickled pytorch flavour plus the safetensors + ``encoder.json``
-    copy into run ``run_id`` and register it as a new version of ``name``, tagged with ``tags``.
+    """Log ``backbone`` as the portable pyfunc, the pickled pytorch flavour and the safetensors +
+    ``encoder.json`` copy into run ``run_id`` and register it as a new version of ``name``,
+    tagged with ``tags``.
     ``text``: (ImageTextModel, Tokenizer) of an image–text run, logged weights-only beside it.
 
     Everything that can be wrong with the inputs is checked before anything is logged.
