@@ -163,7 +163,8 @@ Pulled from `{model_uri}`{alias_note} on {pulled_at} (run `{run_id}`).
 
 | file | what |
 |---|---|
-| `model/` | the MLflow `pytorch` model (pickled `nn.Module`, `MLmodel`, requirements) |
+| `model/` | the MLflow model: its pyfunc needs only MLflow, torch, torchvision \
+(`mlflow.pyfunc.load_model("model")`); the pickled `nn.Module` (`pytorch` flavour) |
 | `encoder.safetensors` | weights only (no code is executed when loading them) |
 | `encoder.json` | architecture config, input size {image_size}px, mean {mean}, std {std}, \
 embedding dim {embedding_dim} |

@@ -1,20 +1,27 @@
 """Log the trained backbone into its run and register it; the alias rules live in ``aliases``.
 
-Stored formats (both inside the one MLflow model version, so ``models:/NAME/V`` carries both):
+Stored formats (all inside the one MLflow model version, so ``models:/NAME/V`` carries them):
 
+* **Portable pyfunc** (the ``python_function`` flavour, ``service.registry.pyfunc``):
+  models-from-code + ``code/contrastive_pyfunc`` + the safetensors weights below;
+  ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` work where only MLflow, torch and
+  torchvision are installed (docs/registry.md "Load without this project").
 * **MLflow ``pytorch`` flavour, pickled** (``serialization_format="pickle"``, cloudpickle):
   ``mlflow.pytorch.load_model`` gives back the *same* ``nn.Module`` class with its attributes
-  (``out_dim``), any batch size and pyfunc serving. We deliberately do not use MLflow 3's default
-  ``pt2`` (``torch.export``) format: it reloads a traced ``GraphModule`` specialised to the
-  example's shapes (a size-1 batch dimension becomes static), loses module attributes and eval/
-  train semantics, and ties the artifact to ``torch.export`` version compatibility.
+  (``out_dim``). We deliberately do not use MLflow 3's default ``pt2`` (``torch.export``) format:
+  it reloads a traced ``GraphModule`` specialised to the example's shapes (a size-1 batch
+  dimension becomes static), loses module attributes and eval/train semantics, and ties the
+  artifact to ``torch.export`` version compatibility.
   **Risk:** unpickling runs code from the artifact. Only load pickled models from a registry
   you trust; the class must be importable (``contrastive-service`` installed).
-* **Weights-only copy** (``extra_files/encoder.safetensors`` + ``extra_files/encoder.json``):
+* **Weights-only copy** (``artifacts/encoder.safetensors`` + ``artifacts/encoder.json``;
+  ``extra_files/`` in versions from before the pyfunc):
   tensors in safetensors (no code execution on load) plus the architecture config, input size,
   normalisation and embedding dim, all from the training ``Config``.
   ``service.registry.load.load_encoder`` prefers this path whenever the architecture can be
   rebuilt, so the default load never unpickles.
+
+An encoder ``service.models`` cannot rebuild gets the pickled flavour and the weights only.
 
     >>> result = register_encoder(  # doctest: +SKIP
     ...     backbone, config, tracking_uri=uri, run_id=run_id, knn=0.41,
@@ -175,8 +182,9 @@ def log_encoder(
     tags: dict[str, str] | None = None,
     text: tuple[nn.Module, Any] | None = None,
 ) -> LoggedEncoder:
-    """Log ``backbone`` as the pickled pytorch flavour plus the safetensors + ``encoder.json``
-    copy into run ``run_id`` and register it as a new version of ``name``, tagged with ``tags``.
+    """Log ``backbone`` as the portable pyfunc, the pickled pytorch flavour and the safetensors +
+    ``encoder.json`` copy into run ``run_id`` and register it as a new version of ``name``,
+    tagged with ``tags``.
     ``text``: (ImageTextModel, Tokenizer) of an image–text run, logged weights-only beside it.
 
     Everything that can be wrong with the inputs is checked before anything is logged.
@@ -197,7 +205,7 @@ def log_encoder(
     facts = {
         "run_id": run_id,
         "embedding_dim": str(spec.embedding_dim),
-        "serialization": "pickle+safetensors",
+        "serialization": "pyfunc+pickle+safetensors" if spec.rebuildable else "pickle+safetensors",
         "weights_rebuildable": str(spec.rebuildable).lower(),
         TOWERS_TAG: "image+text" if text is not None else "image",
     }
@@ -215,22 +223,55 @@ def log_encoder(
             use_tracking_uri(tracking_uri),
             dropping_log_messages("mlflow.pytorch", MLFLOW_PICKLE_WARNING),
         ):
-            info = mlflow.pytorch.log_model(
-                encoder,
-                name=MODEL_ARTIFACT_NAME,
-                model_id=model_id,
-                registered_model_name=name,
-                input_example=example_np,
-                signature=infer_signature(example_np, output.numpy()),
-                serialization_format="pickle",
-                extra_files=extra,
-                pip_requirements=_pip_requirements(),
-                metadata={"encoder": spec.to_dict()},
-                tags=all_tags,
-                run_id=run_id,
-            )
+            if spec.rebuildable:  # the portable pyfunc + the pickled pytorch flavour
+                info = _log_portable(encoder, spec, [Path(f) for f in extra], model_id, all_tags,
+                                     name=name, run_id=run_id, text=text is not None)  # fmt: skip
+            else:  # an architecture service.models cannot rebuild: the pickled module only
+                info = mlflow.pytorch.log_model(
+                    encoder,
+                    name=MODEL_ARTIFACT_NAME,
+                    model_id=model_id,
+                    registered_model_name=name,
+                    input_example=example_np,
+                    signature=infer_signature(example_np, output.numpy()),
+                    serialization_format="pickle",
+                    extra_files=extra,
+                    pip_requirements=_pip_requirements(),
+                    metadata={"encoder": spec.to_dict()},
+                    tags=all_tags,
+                    run_id=run_id,
+                )
     version = str(info.registered_model_version)
     return LoggedEncoder(ModelRef(name, version=version).uri, version, spec)
+
+
+def _log_portable(
+    encoder: nn.Module, spec: EncoderSpec, files: list[Path], model_id: str,
+    tags: dict[str, str], *, name: str, run_id: str, text: bool,
+) -> Any:  # fmt: skip
+    """Log the version as the portable pyfunc (+ the pickled pytorch flavour), after checking
+    that the portable copy reproduces ``encoder`` (``service.registry.pyfunc``)."""
+    from mlflow.models import Model
+
+    from service.registry.pyfunc import EncoderFlavor, check_portable
+
+    check_portable(files, encoder, spec.image_size)
+    return Model.log(
+        None,
+        flavor=EncoderFlavor,
+        name=MODEL_ARTIFACT_NAME,
+        registered_model_name=name,
+        model_id=model_id,
+        metadata={"encoder": spec.to_dict()},
+        tags=tags,
+        run_id=run_id,
+        encoder=encoder,
+        files=files,
+        text=text,
+        embedding_dim=spec.embedding_dim,
+        image_size=spec.image_size,
+        validate_serving_input=False,  # check_portable did; this would import the code here
+    )
 
 
 def _text_parts(

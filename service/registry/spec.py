@@ -164,10 +164,16 @@ def rebuild_from_weights(spec: EncoderSpec, weights: str | Path) -> nn.Module:
     return module.eval()
 
 
+def model_file_dirs(model_dir: Path) -> tuple[Path, Path, Path]:
+    """Where a version's files can be: a pulled dir, ``artifacts/`` (the pyfunc's artifacts,
+    versions since the portable pyfunc) or ``extra_files/`` (older pytorch-flavour versions)."""
+    return model_dir, model_dir / "artifacts", model_dir / "extra_files"
+
+
 def find_weights_copy(model_dir: str | Path) -> tuple[Path, Path]:
     """(encoder.json, encoder.safetensors) inside a downloaded MLflow model dir or a pulled dir."""
     model_dir = Path(model_dir)
-    for base in (model_dir, model_dir / "extra_files"):
+    for base in model_file_dirs(model_dir):
         if (base / SPEC_FILE).exists():
             return base / SPEC_FILE, base / WEIGHTS_FILE
     raise EncoderSpecError(

@@ -192,8 +192,10 @@ def _rebuild(
 def find_text_files(model_dir: str | Path, model_uri: str | None = None) -> Path:
     """The folder holding ``image_text.json`` in a downloaded model dir or a pulled dir; the
     error names ``model_uri`` (what the user asked for) rather than a temporary download."""
+    from service.registry.spec import model_file_dirs
+
     model_dir = Path(model_dir)
-    for base in (model_dir, model_dir / "extra_files"):
+    for base in model_file_dirs(model_dir):
         if (base / IMAGE_TEXT_SPEC_FILE).exists():
             return base
     raise RegistryInputError(
@@ -253,8 +255,9 @@ def load_text_encoder(model_uri: str, tracking_uri: str | None = None) -> TextEn
 
 def is_image_text_dir(directory: str | Path) -> bool:
     """Whether ``directory`` (downloaded model dir or pulled dir) holds an image–text version."""
-    directory = Path(directory)
-    return any((b / IMAGE_TEXT_SPEC_FILE).exists() for b in (directory, directory / "extra_files"))
+    from service.registry.spec import model_file_dirs
+
+    return any((b / IMAGE_TEXT_SPEC_FILE).exists() for b in model_file_dirs(Path(directory)))
 
 
 def copy_text_files(model_dir: Path, out: Path) -> None:
