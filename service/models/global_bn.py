@@ -5,8 +5,8 @@
 of more than one rank, each layer normalises by the mean and variance of the *global* batch:
 
 * forward: one ``all_reduce`` of ``[sum, sum of squares, count]`` per channel (a single stacked
-  float64 tensor, built from each rank's numerically stable ``var_mean``), so ranks may even hold
-  different numbers of rows;
+  float64 tensor, built from each rank's numerically stable mean and variance), so ranks may even
+  hold different numbers of rows;
 * backward: one ``all_reduce`` of ``[sum dy, sum dy*x_hat]``, which makes the input gradient the
   gradient of BatchNorm over the global batch. The weight and bias gradients stay local sums, as
   for every other parameter: DDP averages them, like the loss's gradients.
@@ -35,10 +35,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def _channel_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
-
-
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
@@ -49,11 +45,12 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _global_moments(x: Tensor, group: Any) -> tuple[Tensor, Tensor, float]:
-    """Global per-channel mean and biased variance of ``x`` over all ranks, and the row count."""
+    """Global per-channel mean and biased variance of ``x`` over all ranks (float64), and the
+    global row count."""
     channels = x.shape[1]
     n_local = x.numel() // channels if channels else 0
-    if n_local:
-        var, mean = torch.var_mean(x, dim=_channel_dims(x), correction=0)
+    if n_local:  # the fused per-channel kernel of nn.BatchNorm (CPU and CUDA)
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         mean, var = mean.double(), var.double()
     else:  # an empty local batch still joins the collective
         mean = var = torch.zeros(channels, dtype=torch.float64, device=x.device)
@@ -70,8 +67,21 @@ def _global_moments(x: Tensor, group: Any) -> tuple[Tensor, Tensor, float]:
     return g_mean, g_var, n
 
 
+def _affine(
+    x: Tensor, mean: Tensor, var: Tensor, scale: Tensor, shift: Tensor, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * scale + shift`` per channel, in one fused pass (the
+    elementwise kernel of ``nn.BatchNorm`` in eval mode)."""
+    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
+
+
 class _GlobalBatchNormFn(torch.autograd.Function):
-    """BatchNorm over the global batch; ``forward`` also updates the running buffers in place."""
+    """BatchNorm over the global batch; ``forward`` also updates the running buffers in place.
+
+    Built from torch's fused BatchNorm kernels (the CPU has no ``batch_norm_elemt`` /
+    ``backward_reduce`` that ``nn.SyncBatchNorm`` uses): per-channel statistics, the eval-mode
+    normalisation with the global statistics, and eval-mode backward for the two gradient sums.
+    """
 
     @staticmethod
     def forward(
@@ -85,30 +95,29 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         factor: float,
         group: Any,
     ) -> Tensor:
-        acc = _acc_dtype(x)
-        xa = x.to(acc)
-        mean, var, n = _global_moments(xa, group)
+        xa = x.to(_acc_dtype(x))  # bf16/fp16 under autocast: statistics and output in fp32
+        mean64, var64, n = _global_moments(xa, group)
         if running_mean is not None and running_var is not None:
-            unbiased = var * (n / max(n - 1.0, 1.0))  # as nn.BatchNorm: n/(n-1) on the batch
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            unbiased = var64 * (n / max(n - 1.0, 1.0))  # as nn.BatchNorm: n/(n-1) on the batch
+            running_mean.mul_(1 - factor).add_(mean64.to(running_mean.dtype), alpha=factor)
             running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
-        invstd = torch.rsqrt(var + eps).to(acc)
-        x_hat = (xa - _per_channel(mean.to(acc), xa)) * _per_channel(invstd, xa)
-        y = x_hat
-        if weight is not None:
-            y = y * _per_channel(weight.to(acc), xa)
-        if bias is not None:
-            y = y + _per_channel(bias.to(acc), xa)
-        ctx.save_for_backward(x_hat, weight, invstd)
-        ctx.n, ctx.group, ctx.has_bias = n, group, bias is not None
-        return y.to(x.dtype)
+        mean, var = mean64.to(xa.dtype), var64.to(xa.dtype)
+        w = weight.to(xa.dtype) if weight is not None else torch.ones_like(mean)
+        b = bias.to(xa.dtype) if bias is not None else torch.zeros_like(mean)
+        ctx.save_for_backward(xa, w, mean, var)
+        ctx.n, ctx.group, ctx.eps = n, group, eps
+        ctx.param_dtype = weight.dtype if weight is not None else None
+        return _affine(xa, mean, var, w, b, eps).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_hat, weight, invstd = ctx.saved_tensors
-        dy = grad_out.to(x_hat.dtype)
-        dims = _channel_dims(dy)
-        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
+        xa, w, mean, var = ctx.saved_tensors
+        dy = grad_out.to(xa.dtype)
+        # sum(dy * x_hat) and sum(dy) per channel in one fused pass: the weight and bias
+        # gradients of eval-mode BatchNorm with the global statistics as its running ones
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, xa, w, mean, var, None, None, False, ctx.eps, [False, True, True]
+        )
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # The input gradient needs the *global* means of dy and dy*x_hat (every rank's rows
@@ -117,15 +126,17 @@ class _GlobalBatchNormFn(torch.autograd.Function):
             dist.all_reduce(sums, group=ctx.group)
             channels = sum_dy.shape[0]
             mean_dy, mean_dy_xhat = sums[:channels] / ctx.n, sums[channels:] / ctx.n
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_x = (
-                dy - _per_channel(mean_dy, dy) - x_hat * _per_channel(mean_dy_xhat, dy)
-            ) * _per_channel(scale, dy)
+            # dx = s * (dy - mean(dy) - x_hat * mean(dy*x_hat)), s = w / sqrt(var + eps):
+            # the x_hat part in one fused pass from x (stable), then + s * dy
+            s = w * torch.rsqrt(var + ctx.eps)
+            grad_x = _affine(xa, mean, var, -s * mean_dy_xhat, -s * mean_dy, ctx.eps)
+            grad_x.addcmul_(dy, _per_channel(s, dy))
             grad_x = grad_x.to(grad_out.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.to(weight.dtype)  # local: DDP averages it like any gradient
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = sum_dy.to(grad_out.dtype if weight is None else weight.dtype)
+        if ctx.param_dtype is not None and ctx.needs_input_grad[1]:
+            # local sums: DDP averages them like any other gradient
+            grad_w = sum_dy_xhat.to(ctx.param_dtype)
+        if ctx.param_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.to(ctx.param_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
