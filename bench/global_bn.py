@@ -7,9 +7,12 @@ BN on and off. The real ``service.train.train_step`` (2 views -> small CNN + BN 
 so that both see the same machine load. Defaults: the smoke config's model and global batch
 (``jobs/configs/smoke-cpu.yaml``: small CNN width 32, head 256-128, 256 images = 2 x 128, 32 px).
 
-One JSON line per mode (``step_s`` median, ``step_min_s``, images/s), then a summary line with the
-ratio on/off of the medians and of the minima, and the load average before and after (the box may
-be shared: compare the two modes of one run, not runs).
+One JSON line per mode (rank 0's ``step_s`` median, ``step_min_s``, images/s, ``cpu_s``: the
+median CPU seconds of the step, which waiting at a collective does not add to), then a summary
+line with the ratios on/off of those, and the load average before and after. On a shared box the
+wall-clock ratio includes waiting for the other, descheduled rank at global BN's extra sync points
+(2 per BN layer per step); ``ratio_cpu`` is the work the layers add. Compare the two modes of one
+run, not runs.
 
     python bench/global_bn.py --workers 2 --batch 256 --steps 10
 """
@@ -71,15 +74,17 @@ def _measure(rank: int, args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(rank)
     views = list(torch.randn(2, b, 3, args.size, args.size, generator=g))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in MODES}
     load_before = os.getloadavg()
     for i in range(steps):
         order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
         for mode in order:
             dist.barrier()  # both ranks start together: a step's time is not the other's wait
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             train_step(states[mode], views)
             if i >= args.warmup:
                 times[mode].append(time.perf_counter() - start)
+                cpu_times[mode].append(time.process_time() - cpu_start)
     if rank != 0:
         return
     rows = {}
@@ -88,7 +93,8 @@ def _measure(rank: int, args: argparse.Namespace) -> None:
             "mode": mode, "workers": args.workers, "batch": args.batch, "size": args.size,
             "threads_per_worker": args.threads, "steps": len(ts),
             "step_s": statistics.median(ts), "step_min_s": min(ts),
-            "images_per_s": args.batch / statistics.median(ts), "torch": torch.__version__,
+            "images_per_s": args.batch / statistics.median(ts),
+            "cpu_s": statistics.median(cpu_times[mode]), "torch": torch.__version__,
         }  # fmt: skip
         print(json.dumps(rows[mode]), flush=True)
     on, off = rows["global_bn_on"], rows["global_bn_off"]
@@ -96,6 +102,7 @@ def _measure(rank: int, args: argparse.Namespace) -> None:
         "summary": "global_bn_on / global_bn_off",
         "ratio_median": on["step_s"] / off["step_s"],
         "ratio_min": on["step_min_s"] / off["step_min_s"],
+        "ratio_cpu": on["cpu_s"] / off["cpu_s"],
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "cpus": os.cpu_count(),

@@ -305,6 +305,7 @@ def test_conversion_keeps_weights_and_buffers_and_is_reversible() -> None:
 
 
 def test_sync_batchnorm_config_builds_global_bn_on_cpu() -> None:
+    assert ModelConfig().sync_batchnorm is True  # the default (bench/global_bn.py: its cost)
     config = step_config(True, 1, None)
     state = build_state(config, torch.device("cpu"), 1)
     assert sum(isinstance(m, GlobalBatchNorm) for m in state.model.modules()) == 5
