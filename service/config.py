@@ -101,7 +101,7 @@ class ModelConfig:
     proj_batch_norm: bool = True
     # Global BatchNorm (service/models/global_bn.py): batch statistics over all workers' samples,
     # on gloo/CPU as on NCCL/GPU, so W workers x b train as 1 worker x W*b (SimCLR's global BN);
-    # ~3% more CPU work per step on 2 CPU workers (bench/global_bn.py). false: per-worker
+    # 1-3% more CPU work per step on 2 CPU workers (bench/global_bn.py). false: per-worker
     # statistics (docs/training.md).
     sync_batchnorm: bool = True
     channels_last: bool = False
