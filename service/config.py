@@ -99,7 +99,11 @@ class ModelConfig:
     proj_out_dim: int = 128
     proj_layers: int = 2
     proj_batch_norm: bool = True
-    sync_batchnorm: bool = False
+    # Global BatchNorm (service/models/global_bn.py): batch statistics over all workers' samples,
+    # on gloo/CPU as on NCCL/GPU, so W workers x b train as 1 worker x W*b (SimCLR's global BN);
+    # 1-3% more CPU work per step on 2 CPU workers (bench/global_bn.py). false: per-worker
+    # statistics (docs/training.md).
+    sync_batchnorm: bool = True
     channels_last: bool = False
 
 
@@ -151,7 +155,7 @@ class TrainConfig:
     # micro-batches of this many samples (all views together) without a graph, computes the loss
     # over the global batch once, then replays each micro-batch with a graph; same loss and
     # gradients as the plain step for models without batch statistics, memory bounded by the
-    # micro-batch. BatchNorm: each micro-batch is normalised by its own statistics (SyncBN: over
+    # micro-batch. BatchNorm: each micro-batch is normalised by its own statistics (global BN: over
     # the k-th micro-batches of all ranks) in both passes; running stats update once per sample.
     # null or >= the per-worker batch: the plain step.
     micro_batch_size: int | None = None

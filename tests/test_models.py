@@ -13,6 +13,7 @@ from service.config import ModelConfig
 from service.models import (
     BACKBONES,
     ContrastiveModel,
+    GlobalBatchNorm,
     ProjectionHead,
     build_backbone,
     build_model,
@@ -102,12 +103,14 @@ def test_autocast_bf16_forward():
 
 
 def test_sync_batchnorm_conversion():
+    # global BN on every backend (service/models/global_bn.py), not torch's CUDA-only SyncBN
     model = build_model(ModelConfig(arch="small_cnn"))
     n_bn = sum(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in model.modules())
     assert maybe_convert_sync_batchnorm(model, enabled=False) is model
     synced = maybe_convert_sync_batchnorm(model, enabled=True)
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert sum(isinstance(m, GlobalBatchNorm) for m in synced.modules()) == n_bn
     assert isinstance(synced, ContrastiveModel)
+    assert synced(torch.randn(4, 3, 32, 32)).shape == (4, 128)  # CPU, no process group: plain BN
 
 
 def test_small_cnn_width_scales_every_stage_and_is_rebuilt_from_the_spec():

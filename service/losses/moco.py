@@ -9,6 +9,12 @@ a query and its key see BatchNorm statistics of the same per-rank sub-batch, and
 find its positive through that leak ("cheat") instead of learning good features; SyncBN does
 not remove it (the statistics still come from the batch holding both views' sample). With one
 process it is a no-op: there is no other sub-batch to shuffle with.
+
+With ``model.sync_batchnorm`` (global BN) the *online* encoder normalises the queries by the
+global batch's statistics, while the key encoder keeps per-rank BatchNorm
+(``MomentumEncoder`` converts its copy back with ``convert_to_local_bn``), as in MoCo: with
+global statistics in the key encoder every key would be normalised alike whatever the
+permutation, and the shuffle (and its two all-gathers) would be pointless.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from service.losses.distributed import (
 from service.losses.errors import LossInputError
 from service.losses.initial import FirstBatch
 from service.losses.inputs import normalized
-from service.models import unwrap
+from service.models import convert_to_local_bn, unwrap
 
 if TYPE_CHECKING:
     from service.config import LossConfig
@@ -119,7 +125,11 @@ class MomentumEncoder(nn.Module):
     def __init__(self, online: nn.Module, momentum: float = 0.99) -> None:
         super().__init__()
         self.momentum = check_momentum(momentum)
-        self.target = copy.deepcopy(unwrap(online))
+        # Per-rank BatchNorm in the copy even when the online model has global BN
+        # (model.sync_batchnorm): shuffle-BN needs statistics of this rank's slice of the
+        # shuffled keys; global statistics would make the shuffle pointless (and cost a
+        # collective per layer). Same parameter and buffer names, so the EMA still matches.
+        self.target = convert_to_local_bn(copy.deepcopy(unwrap(online)))
         self.target.requires_grad_(False)
 
     @torch.no_grad()

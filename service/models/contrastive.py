@@ -7,6 +7,7 @@ from torch import nn
 
 from service.config import Config, ModelConfig
 from service.models.backbones import build_backbone
+from service.models.global_bn import convert_to_global_bn
 from service.models.heads import ProjectionHead
 
 
@@ -71,9 +72,11 @@ def build_training_model(config: Config) -> nn.Module:
 
 
 def maybe_convert_sync_batchnorm(model: nn.Module, enabled: bool) -> nn.Module:
-    """Replace BatchNorm with SyncBatchNorm (statistics over the global batch) when enabled.
+    """``model.sync_batchnorm``: every BatchNorm becomes a ``GlobalBatchNorm`` (statistics over
+    the global batch, on gloo/CPU as on NCCL/GPU) when enabled; otherwise ``model`` unchanged.
 
-    Call before DDP wrapping. Needed when per-worker batches are small: SimCLR's "global BN"
-    stops the model from using batch statistics to cheat the contrastive task.
+    Call before DDP wrapping. SimCLR's "global BN": with per-worker statistics the positives of a
+    worker are normalised together and the model can use that to cheat the contrastive task; with
+    it, W workers x b give the gradients of one worker x W*b (``service/models/global_bn.py``).
     """
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled else model
+    return convert_to_global_bn(model) if enabled else model

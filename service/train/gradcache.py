@@ -25,11 +25,14 @@ of them in the base ``forward_views``, the queries for MoCo) is normalised by it
 statistics, in both passes (so pass 3 reproduces pass 1 exactly); the result equals a step that
 forwards each micro-batch with a graph and backpropagates the full-batch loss once. The running
 statistics are frozen in pass 1 and updated in pass 3, i.e. once per sample (``num_batches_tracked``
-grows by the number of micro-batches). With ``model.sync_batchnorm`` the statistics of micro-batch
-``k`` are synchronised over the ``k``-th micro-batches of all ranks (``W*m*V`` images); every rank
-runs the same number of micro-batches, so the collectives match. This is *not* the plain step's
-normalisation over the local (or global) batch: BN statistics over fewer samples are a known source
-of degraded contrastive training; prefer SyncBN or a head without BN with small micro-batches.
+grows by the number of micro-batches). With ``model.sync_batchnorm`` (global BN, the default) the
+statistics of micro-batch ``k`` are those of the ``k``-th micro-batches of all ranks together
+(``W*m*V`` images), in both passes; every rank runs the same number of micro-batches, so the
+collectives match. W ranks with micro-batch ``m`` are then exactly one process with micro-batch
+``W*m`` whose ``k``-th micro-batch holds the ranks' ``k``-th ones (``tests/test_global_bn.py``).
+Without it each rank's micro-batch has its own statistics. Either way this is *not* the plain
+step's normalisation over the whole batch: BN statistics over fewer samples are a known source of
+degraded contrastive training; prefer larger micro-batches or a head without BN.
 
 How the loss is reached: pass 2 *is* the loss's own ``criterion.forward_views(model, views)``,
 called with a stand-in for the model. Each time ``forward_views`` calls the model on a batch, the
@@ -96,9 +99,9 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers normalise by batch statistics but leave running stats (and counts) alone.
 
-    ``track_running_stats=False`` in training mode is exactly that in ``_BatchNorm`` and
-    ``SyncBatchNorm``: no running buffers passed to ``batch_norm``, no ``num_batches_tracked``
-    increment. Restored on exit, also on error.
+    ``track_running_stats=False`` in training mode is exactly that in ``_BatchNorm``,
+    ``SyncBatchNorm`` and ``GlobalBatchNorm``: no running buffers passed to ``batch_norm``, no
+    ``num_batches_tracked`` increment. Restored on exit, also on error.
     """
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     for layer in layers:
