@@ -110,7 +110,8 @@ class EmbedPlan:
 
 def _output_fs(output: str) -> tuple[pafs.FileSystem, str]:
     if "://" in output:
-        return pafs.FileSystem.from_uri(output)
+        fs, path = pafs.FileSystem.from_uri(output)
+        return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(output).expanduser().resolve())
 
 
