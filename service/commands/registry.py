@@ -52,6 +52,30 @@ def add_parser(subparsers: args.Subparsers) -> None:
         action="store_true",
         help="L2-normalise image embeddings (default: the backbone's raw features)",
     )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to embed on with an actor pool (default: this process, no Ray)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="embed with a Ray actor pool on an embedded local Ray (implied by --address); "
+        "--output is then a directory of Parquet shards, resumable",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="actors (default: one per GPU, else one per --cpus-per-actor CPUs)",
+    )
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--shard-rows",
+        type=int,
+        default=4096,
+        help="rows per output shard, the unit of resume (distributed only)",
+    )
     p.set_defaults(run=run)
 
 
@@ -133,12 +157,36 @@ def embed_command(
     *,
     text_column: str | None = None,
     normalize: bool = False,
+    address: str | None = None,
+    distributed: bool = False,
+    concurrency: int | None = None,
+    cpus_per_actor: float = 1.0,
+    shard_rows: int = 4096,
 ) -> dict[str, Any]:
     """One embedding per decodable image row of ``input_path`` (or per text of ``text_column``,
-    with an image–text model), written to ``output_path`` with its input ``row_id``."""
+    with an image–text model), written to ``output_path`` with its input ``row_id``. With
+    ``address`` or ``distributed`` (an embedded Ray, or the cluster of ``$RAY_ADDRESS`` under
+    ``ray job submit``) on a Ray actor pool into a resumable directory of shards
+    (``service.registry.embed_ray``)."""
     from service.registry.embed import embed_parquet
+    from service.registry.errors import RegistryInputError
 
     uri, shown = resolve_store(tracking_uri, model=model)
+    if address or distributed:
+        if text_column:
+            raise RegistryInputError(
+                "--text-column embeds locally only: drop --address/--distributed"
+            )
+        from service.registry.embed_ray import plan_embedding, run_embedding
+        from service.train.driver import connect_ray
+
+        plan = plan_embedding(model, input_path, output_path, uri, normalize=normalize,
+                              shard_rows=shard_rows)  # fmt: skip
+        connect_ray(address)  # after the plan: a refused rerun starts no Ray
+        summary = run_embedding(
+            plan, batch_size, concurrency=concurrency, cpus_per_actor=cpus_per_actor
+        )
+        return {**summary, "tracking_uri": shown}
     summary = embed_parquet(
         model,
         input_path,

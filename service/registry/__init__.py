@@ -1,6 +1,7 @@
 """Encoder registry: log and register backbones (``register``), alias rules (``aliases``), version
-tags (``tags``), the weights-only copy (``spec``), lookup, listing, pull/load, batch embedding,
-and for image–text runs both towers + tokenizer (``text``) and zero-shot classification."""
+tags (``tags``), the weights-only copy (``spec``), lookup, listing, pull/load, batch embedding
+(local, or on a Ray actor pool: ``embed_ray``), and for image–text runs both towers + tokenizer
+(``text``) and zero-shot classification."""
 
 from service.registry.aliases import (
     CHAMPION_ALIAS,
@@ -15,6 +16,7 @@ from service.registry.aliases import (
     promote,
 )
 from service.registry.embed import embed_parquet
+from service.registry.embed_ray import EmbedPlan, Manifest, plan_embedding, run_embedding
 from service.registry.errors import (
     EncoderSpecError,
     RegistryError,
@@ -74,6 +76,10 @@ __all__ = [
     "backbone_from_spec",
     "decide_champion",
     "embed_parquet",
+    "EmbedPlan",
+    "Manifest",
+    "plan_embedding",
+    "run_embedding",
     "judge",
     "load_encoder",
     "load_registered",
