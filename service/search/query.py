@@ -66,7 +66,7 @@ def project_to_joint(model_uri: str, tracking_uri: str | None = None) -> Any:
     @torch.inference_mode()
     def project(vectors: np.ndarray) -> np.ndarray:
         out = [
-            torch.nn.functional.normalize(head(torch.from_numpy(vectors[i : i + 4096])), dim=1)
+            torch.nn.functional.normalize(head(torch.tensor(vectors[i : i + 4096])), dim=1)
             for i in range(0, len(vectors), 4096)
         ]
         return torch.cat(out).float().numpy()
