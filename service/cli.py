@@ -29,13 +29,23 @@ import os
 import sys
 from typing import Any
 
-from service.commands import data, demo, evaluate, pretrain, registry, tune, ui, zeroshot
+from service.commands import (
+    data,
+    demo,
+    evaluate,
+    pretrain,
+    registry,
+    search,
+    tune,
+    ui,
+    zeroshot,
+)
 from service.config import ConfigError
 from service.console import plain_output
 
 # Each module registers its command(s) and reads the parsed arguments in its own ``run``; they
 # import torch, ray and mlflow only when a command runs. The order is that of ``--help``.
-COMMANDS = (demo, pretrain, evaluate, tune, data, registry, ui, zeroshot)
+COMMANDS = (demo, pretrain, evaluate, tune, data, registry, search, ui, zeroshot)
 
 
 def _print_json(obj: dict[str, Any]) -> None:

@@ -61,6 +61,8 @@ def test_the_cli_parser_has_exactly_the_modules_commands_each_once() -> None:
         "pull",
         "embed",
         "zero-shot",
+        "index",
+        "search",
     }
 
 

@@ -22,6 +22,7 @@ from service.commands.registry import (
     promote_command,
     pull_command,
 )
+from service.commands.search import index_build_command, search_command
 from service.commands.tune import tune_command
 from service.commands.ui import ui_command
 from service.commands.zeroshot import zero_shot_command
@@ -30,6 +31,7 @@ __all__ = [
     "demo_command",
     "embed_command",
     "evaluate_command",
+    "index_build_command",
     "list_command",
     "captions_command",
     "pack_command",
@@ -37,6 +39,7 @@ __all__ = [
     "preview_command",
     "promote_command",
     "pull_command",
+    "search_command",
     "tune_command",
     "ui_command",
     "zero_shot_command",
