@@ -114,9 +114,13 @@ def indexed_test_set(tmp_path_factory):
     common = ["--tracking-uri", registry.uri]
     argv = ["embed", "--model", model, "--input", str(TEST_PARQUET), "--output", str(embeddings)]
     assert main([*argv, *common]) == 0
+    # the embeddings name the model that made them, its alias pinned to a version
+    meta = pq.read_schema(embeddings).metadata
+    assert meta[b"contrastive.model_uri"] == model.encode()
+    assert meta[b"contrastive.model_version"].startswith(f"models:/{registry.name}/".encode())
     out = directory / "index"
-    argv = ["index", "build", "--embeddings", str(embeddings), "--out", str(out), "--model", model]
-    assert main(argv) == 0
+    argv = ["index", "build", "--embeddings", str(embeddings), "--out", str(out)]
+    assert main(argv) == 0  # no --model: the index takes it from the embeddings
     return registry, out, embeddings
 
 

@@ -15,6 +15,8 @@ text tower and its projection, and are always L2-normalised (the joint space of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +88,39 @@ def _text_batch_encoder(
     return encode
 
 
+def pinned_model_version(model: str, tracking_uri: str | None) -> str:
+    """``models:/NAME/V`` for a registered model (an alias resolved now), or for a pulled
+    folder the version it records (``registry.json``), else its weights' hash."""
+    from service.registry.load import REGISTRY_INFO_FILE
+    from service.registry.lookup import MODELS_SCHEME, parse_model_ref, resolve_version
+
+    local = Path(model[len("file://") :] if model.startswith("file://") else model)
+    if not model.startswith(MODELS_SCHEME) and local.is_dir():
+        info = local / REGISTRY_INFO_FILE
+        if info.exists():
+            return json.loads(info.read_text())["model_uri"]
+        from service.registry.spec import find_weights_copy
+
+        weights = find_weights_copy(local)[1]
+        return f"{local.resolve()}#sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}"
+    from mlflow import MlflowClient
+
+    from service.tracking.uri import resolve_tracking_uri
+
+    ref = parse_model_ref(model)
+    version = resolve_version(MlflowClient(resolve_tracking_uri(explicit=tracking_uri)), ref)
+    return f"{MODELS_SCHEME}{ref.name}/{version.version}"
+
+
+def model_metadata(model_uri: str, version: str) -> dict[bytes, bytes]:
+    """The embeddings' Parquet schema metadata naming the model that made them (read by
+    ``contrastive index build``)."""
+    return {
+        b"contrastive.model_uri": model_uri.encode(),
+        b"contrastive.model_version": version.encode(),
+    }
+
+
 @torch.inference_mode()
 def embed_parquet(
     model_uri: str,
@@ -144,7 +179,10 @@ def embed_parquet(
                 table = _output_table(batch.select(keep), rows, done, features)
                 dim = features.shape[1]
                 if writer is None:
-                    writer = pq.ParquetWriter(output, table.schema, compression="zstd")
+                    version = pinned_model_version(model_uri, tracking_uri)
+                    schema = table.schema.with_metadata(model_metadata(model_uri, version))
+                    writer = pq.ParquetWriter(output, schema, compression="zstd")
+                table = table.replace_schema_metadata(writer.schema.metadata)
                 writer.write_table(table)
                 written += table.num_rows
             done += batch.num_rows

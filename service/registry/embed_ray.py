@@ -23,7 +23,6 @@ the local ``embed`` writes, so the two outputs match row by row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -37,7 +36,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from service.registry.embed import EMBEDDING_COLUMN, ROW_ID_COLUMN, vectors_array
+from service.registry.embed import (
+    EMBEDDING_COLUMN,
+    ROW_ID_COLUMN,
+    model_metadata,
+    pinned_model_version,
+    vectors_array,
+)
 from service.registry.errors import RegistryInputError
 
 MANIFEST_FILE = "_manifest.json"
@@ -145,30 +150,6 @@ def plan_shards(source: Any, shard_rows: int = SHARD_ROWS) -> list[Shard]:
     return shards
 
 
-def _model_version(model: str, tracking_uri: str | None) -> str:
-    """``models:/NAME/V`` for a registered model (an alias resolved now), or for a pulled
-    folder the version it records (``registry.json``), else its weights' hash."""
-    from service.registry.load import REGISTRY_INFO_FILE
-    from service.registry.lookup import MODELS_SCHEME, parse_model_ref, resolve_version
-
-    local = Path(model[len("file://") :] if model.startswith("file://") else model)
-    if not model.startswith(MODELS_SCHEME) and local.is_dir():
-        info = local / REGISTRY_INFO_FILE
-        if info.exists():
-            return json.loads(info.read_text())["model_uri"]
-        from service.registry.spec import find_weights_copy
-
-        weights = find_weights_copy(local)[1]
-        return f"{local.resolve()}#sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}"
-    from mlflow import MlflowClient
-
-    from service.tracking.uri import resolve_tracking_uri
-
-    ref = parse_model_ref(model)
-    version = resolve_version(MlflowClient(resolve_tracking_uri(explicit=tracking_uri)), ref)
-    return f"{MODELS_SCHEME}{ref.name}/{version.version}"
-
-
 def plan_embedding(
     model: str,
     input_path: str,
@@ -196,7 +177,7 @@ def plan_embedding(
         )
     manifest = Manifest(
         model=model,
-        model_version=_model_version(model, tracking_uri),
+        model_version=pinned_model_version(model, tracking_uri),
         input=input_path,
         input_fingerprint=source.fingerprint(),
         normalize=normalize,
@@ -312,6 +293,8 @@ class EmbedActor:
     def _write(self, table: pa.Table, name: str) -> None:
         """Write under a temporary name, then move: a shard file is whole or absent."""
         tmp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        m = self.plan.manifest
+        table = table.replace_schema_metadata(model_metadata(m.model, m.model_version))
         with self.fs.open_output_stream(tmp) as handle:
             pq.write_table(table, handle, compression="zstd")
         self.fs.move(tmp, f"{self.root}/{name}")
