@@ -165,6 +165,7 @@ def test_monitor_health_uses_a_fixed_sample_and_fixed_views(smoke_monitor) -> No
     assert set(monitor.pairs.rows) <= set(monitor.val_rows)  # never a training row
     assert first == monitor.health(model, features, torch.device("cpu"))  # same views each time
     assert model.training  # the monitor gives the model back in training mode
+    assert monitor.health(model, features[:1], torch.device("cpu")) == {}  # nothing to compare
     assert first["health_backbone_effective_rank"] > MIN_EFFECTIVE_RANK
 
 
@@ -237,3 +238,27 @@ def test_slowest_rank_wait_is_one_all_reduce_over_the_group() -> None:
     results = run_in_gloo_group(_rank_wait, 2)
     assert [r[0] for r in results] == [2.0, 2.0]  # every rank learns the slowest rank's wait
     assert results[0][1] == results[1][1] > 0
+
+
+class SlowBatches:
+    """Three batches of two views, each ``delay`` seconds late (a starved loader)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def epoch(self, e: int):
+        g = torch.Generator().manual_seed(e)
+        for _ in range(3):
+            time.sleep(self.delay)
+            yield [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)], None
+
+
+def test_run_epoch_times_the_wait_for_each_batch(tmp_path: Path) -> None:
+    from service.train.loop import run_epoch
+
+    s = build_state(Config(), torch.device("cpu"), steps_per_epoch=3, gather_distributed=False)
+    meter = run_epoch(s, SlowBatches(0.1), None, None, tmp_path)
+    assert meter.steps == 3 and s.global_step == 3
+    assert 0.3 <= meter.data_wait_s < 0.3 + 0.5  # the three waits, not the steps
+    assert meter.data_wait_max == (meter.data_wait_s, meter.data_wait_fraction())
+    assert 0 < meter.data_wait_fraction() < 1

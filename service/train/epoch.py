@@ -307,14 +307,19 @@ class KnnMonitor:
         top1 = knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
         return {"knn_top1": top1, **self.health(model, val, device)}
 
-    def health(self, model: nn.Module, features: torch.Tensor, device: torch.device) -> dict:
+    def health(
+        self, model: nn.Module, features: torch.Tensor, device: torch.device
+    ) -> dict[str, float]:
         """``health_*`` metrics (``service.eval.health``) of the validation ``features`` already
-        extracted for kNN (projected by ``model.head``) and of :class:`HealthPairs`' views."""
+        extracted for kNN (projected by ``model.head``) and of :class:`HealthPairs`' views;
+        none for a split of fewer than 2 images (no pairs to compare)."""
         from service.eval.health import representation_health
 
         if self.pairs is None:
             d = self.config.data
             self.pairs = HealthPairs(self.config, d.val or d.train, self.val_rows)
+        if min(len(features), len(self.pairs.images)) < 2:
+            return {}
         was_training = model.training
         model.eval()
         try:
@@ -351,7 +356,9 @@ class HealthPairs:
         pick = np.sort(rng.choice(len(ids), min(HEALTH_PAIRS, len(ids)), replace=False))
         self.config = config
         self.rows = np.asarray(ids)[pick]  # global row ids of ``path``
-        self.images = decode_rows(path, self.rows, config.data.image_size)
+        # The kNN pass enforces data.max_bad_fraction on the whole split; a sample's share of
+        # bad images can exceed it by chance, and health must not stop a run.
+        self.images = decode_rows(path, self.rows, config.data.image_size, max_bad_fraction=1.0)
 
     @torch.no_grad()
     def projections(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:

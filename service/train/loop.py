@@ -238,7 +238,8 @@ def _slowest_data_wait(s: TrainState, meter: EpochMeter) -> None:
     one all-reduce per epoch (every rank runs the same steps, so every rank gets here)."""
     wait = torch.tensor([meter.data_wait_s, meter.data_wait_fraction()], dtype=torch.float64)
     if s.world > 1 and dist.is_initialized():
-        wait = wait.to(s.device)
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            wait = wait.to(s.device)
         dist.all_reduce(wait, op=dist.ReduceOp.MAX)
     seconds, fraction = wait.tolist()
     meter.data_wait_max = (seconds, fraction)
