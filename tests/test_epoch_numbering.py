@@ -102,4 +102,7 @@ def test_build_monitor_none_without_validation_split() -> None:
     torch.manual_seed(0)
     model = build_state(config, torch.device("cpu"), 4, gather_distributed=False).model
     metrics = monitor(model, torch.device("cpu"))  # the unwrapped training model
-    assert set(metrics) == {"knn_top1"} and 0.0 <= metrics["knn_top1"] <= 1.0
+    health = {"alignment", "uniformity", "effective_rank", "backbone_effective_rank",
+              "embedding_std", "positive_gap"}  # fmt: skip
+    assert set(metrics) == {"knn_top1"} | {f"health_{k}" for k in health}
+    assert 0.0 <= metrics["knn_top1"] <= 1.0

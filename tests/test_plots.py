@@ -216,3 +216,31 @@ def test_evaluation_beside_random_init_logs_the_chart_into_the_run(tmp_path):
     png = client.download_artifacts(run_id, "plots/pretrained_vs_random.png", str(tmp_path))
     with Image.open(png) as image:
         assert image.size[0] > 500
+
+
+def test_health_panel_draws_ranks_scores_and_the_collapse_line(tmp_path):
+    from service.eval.health import MIN_EFFECTIVE_RANK
+    from service.tracking.plots import COLLAPSE_RANK
+
+    assert COLLAPSE_RANK == MIN_EFFECTIVE_RANK  # the figure's line is the warning's threshold
+    health = {
+        "health_effective_rank": 3.1, "health_backbone_effective_rank": 35.0,
+        "health_alignment": 0.01, "health_uniformity": -0.01, "health_positive_gap": -0.001,
+        "health_embedding_std": 0.004,
+    }  # fmt: skip
+    history = [{**row, **health} for row in HISTORY]
+    fig = training_curves_figure(history)
+    _rendered(fig, tmp_path / "health.png")
+    titles = [ax.get_title().split("\n")[0] for ax in fig.axes if ax.get_title()]
+    assert titles[2] == "representation health (validation split)"
+    panel = _axis(fig, "representation health")
+    drawn = {line.get_label(): list(line.get_xdata()) for line in panel.get_lines()}
+    assert drawn["effective rank (projection)"] == [0, 1, 2, 3, 4]  # from random init
+    assert drawn["effective rank (backbone)"] == [0, 1, 2, 3, 4]
+    assert [line.get_ydata()[0] for line in _dashed(panel)] == [COLLAPSE_RANK]
+    twin = next(ax for ax in fig.axes if ax is not panel and ax.bbox.bounds == panel.bbox.bounds)
+    assert {line.get_label() for line in twin.get_lines()} == {
+        "alignment ↓", "uniformity ↓", "positive − hardest negative ↑",
+    }  # fmt: skip
+    # a history without health metrics (older runs, image–text) has no such panel
+    assert not [ax for ax in training_curves_figure(HISTORY).axes if "health" in ax.get_title()]

@@ -51,6 +51,28 @@ def test_smoke_job_summary_and_checkpoint(smoke_run) -> None:
     assert (
         "step 0 loss" in smoke_run.logs and "expected ~log(candidates) = 5.5413" in smoke_run.logs
     )
+    # representation health on every monitored epoch (random init included), no collapse
+    # warning for a healthy run; the data stall of every trained epoch, on the epoch line too
+    health = {
+        "health_alignment",
+        "health_uniformity",
+        "health_effective_rank",
+        "health_backbone_effective_rank",
+        "health_embedding_std",
+        "health_positive_gap",
+    }
+    wait = {"data_wait_s", "data_wait_fraction", "data_wait_max_s", "data_wait_max_fraction"}
+    assert all(health <= set(row) for row in state["history"])
+    assert all(wait <= set(row) for row in state["history"][1:])
+    assert all(r["data_wait_max_s"] >= r["data_wait_s"] >= 0 for r in state["history"][1:])
+    assert "representation collapsed" not in smoke_run.logs
+    assert re.search(r"epoch 2/2 done .*; data wait [\d.e+-]+ s \(", smoke_run.logs)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(smoke_run.tracking_uri)
+    logged = client.get_run(summary["run_id"]).data
+    assert (health | {"data_wait_s", "data_wait_fraction"}) <= set(logged.metrics)
+    assert "health" not in logged.tags
 
 
 @pytest.mark.slow

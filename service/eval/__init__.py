@@ -1,8 +1,20 @@
 """Frozen-encoder evaluation: feature extraction, weighted kNN (cosine), linear probe, and the
 offline protocol that runs both on a labelled train/test Parquet pair; image–text zero-shot
-classification and retrieval recall (per epoch and beside a random-init model)."""
+classification and retrieval recall (per epoch and beside a random-init model); representation
+health (alignment, uniformity, effective rank, spread, positive gap; the collapse verdict)."""
 
 from service.eval.features import extract_features
+from service.eval.health import (
+    MIN_EFFECTIVE_RANK,
+    MIN_STD_FRACTION,
+    alignment,
+    collapse_reason,
+    dimension_std,
+    effective_rank,
+    positive_gap,
+    representation_health,
+    uniformity,
+)
 from service.eval.image_text import (
     CaptionedImages,
     ImageTextMonitor,
@@ -24,9 +36,15 @@ from service.eval.retrieval import caption_groups, retrieval_recall
 from service.eval.zeroshot import zeroshot_classifier, zeroshot_predict, zeroshot_top1
 
 __all__ = [
+    "MIN_EFFECTIVE_RANK",
+    "MIN_STD_FRACTION",
     "CaptionedImages",
     "ImageTextMonitor",
+    "alignment",
     "caption_groups",
+    "collapse_reason",
+    "dimension_std",
+    "effective_rank",
     "evaluate_beside_random",
     "evaluate_beside_random_init",
     "evaluate_encoder",
@@ -39,8 +57,11 @@ __all__ = [
     "linear_probe_top1",
     "load_captioned_images",
     "monitor_metric_names",
+    "positive_gap",
+    "representation_health",
     "retrieval_recall",
     "same_dataset",
+    "uniformity",
     "zeroshot_classifier",
     "zeroshot_predict",
     "zeroshot_top1",

@@ -34,6 +34,18 @@ _IMAGE_TEXT_SERIES = (
     (("val_i2t_recall_at_5", "val_i2t_recall@5"), "image→text recall@5"),
     (("val_t2i_recall_at_5", "val_t2i_recall@5"), "text→image recall@5"),
 )
+# Representation health (service.eval.health, the validation monitor): effective ranks on the
+# left axis, the O(1) scores on the right; (history key, legend label).
+_HEALTH_RANKS = (
+    ("health_effective_rank", "effective rank (projection)"),
+    ("health_backbone_effective_rank", "effective rank (backbone)"),
+)
+_HEALTH_SCORES = (  # (key, label, colour)
+    ("health_alignment", "alignment ↓", "tab:red"),
+    ("health_uniformity", "uniformity ↓", "tab:purple"),
+    ("health_positive_gap", "positive − hardest negative ↑", "tab:green"),
+)
+COLLAPSE_RANK = 2.0  # = service.eval.health.MIN_EFFECTIVE_RANK (tracking does not import eval)
 _DPI = 120
 _REFERENCE_STYLE = {"linestyle": "--", "color": "0.45", "linewidth": 1.2}
 
@@ -186,6 +198,30 @@ def _schedule_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8)
 
 
+def _health_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Effective ranks (left axis, log scale, the collapse line) and alignment, uniformity and
+    the positive gap (right axis), from the random-init epoch 0."""
+    ax.set_title("representation health (validation split)")
+    handles = []
+    for key, label in _HEALTH_RANKS:
+        xs, ys = _series(rows, (key,), with_init=True)
+        if xs:
+            handles += ax.plot(xs, ys, marker=_marker(len(xs)), markersize=4, label=label)
+    handles.append(ax.axhline(COLLAPSE_RANK, **_REFERENCE_STYLE, label="collapsed below"))
+    ax.set_yscale("log")
+    ax.set_ylabel("effective rank")
+    twin = ax.twinx()
+    for key, label, color in _HEALTH_SCORES:
+        xs, ys = _series(rows, (key,), with_init=True)
+        if xs:
+            handles += twin.plot(
+                xs, ys, marker=_marker(len(xs)), markersize=3, linestyle=":", color=color,
+                label=label,
+            )  # fmt: skip
+    twin.set_ylabel("alignment, uniformity, gap")
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=7)
+
+
 def training_curves_figure(
     history: Sequence[Mapping[str, Any]],
     *,
@@ -202,6 +238,8 @@ def training_curves_figure(
         panels.append(lambda ax: _knn_panel(ax, rows))
     if image_text:
         panels.append(lambda ax: _image_text_panel(ax, rows))
+    if any(_first(r, [k for k, _ in _HEALTH_RANKS]) is not None for r in rows):
+        panels.append(lambda ax: _health_panel(ax, rows))
     panels.append(lambda ax: _schedule_panel(ax, rows))
     fig, axes = _figure(4.0 * len(panels), 4.0, ncols=len(panels))
     last_epoch = max((r["epoch"] for r in rows), default=1)
@@ -225,8 +263,9 @@ def plot_training_curves(
     of random-init validation metrics when the run had a validation split. Panels: train loss
     (with ``chance_loss``, the loss of indistinguishable embeddings, e.g. log(2B−1) for NT-Xent,
     as a dashed line), kNN top-1 from its random-init value (dashed) with the best trained epoch,
-    image–text zero-shot/recall@5 when logged, learning rate and temperature. Missing series
-    show as a panel saying so.
+    image–text zero-shot/recall@5 when logged, representation health (``health_*``: effective
+    ranks, alignment, uniformity, positive gap) when logged, learning rate and temperature.
+    Missing series show as a panel saying so.
     """
     return _save(
         training_curves_figure(history, chance_loss=chance_loss, chance_label=chance_label),

@@ -15,7 +15,14 @@ from service.train.checkpoint import (
     restore_training_state,
     training_state_dict,
 )
-from service.train.epoch import EPOCH_METRICS, KnnMonitor, Monitor, build_monitor, monitor_metrics
+from service.train.epoch import (
+    EPOCH_METRICS,
+    KnnMonitor,
+    Monitor,
+    build_monitor,
+    flag_collapse,
+    monitor_metrics,
+)
 from service.train.inputs import WorkerInputs, resolve_storage_path
 from service.train.optim import SCHEDULES, lr_schedule
 from service.train.state import TrainState, build_state
@@ -35,6 +42,7 @@ __all__ = [
     "amp_policy",
     "build_monitor",
     "build_state",
+    "flag_collapse",
     "load_encoder_from_checkpoint",
     "load_training_model_from_checkpoint",
     "load_state",

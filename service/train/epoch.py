@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from service.config import Config
+from service.console import say
 from service.train.checkpoint import save_state, training_state_dict
 from service.train.state import TrainState
 
@@ -26,12 +28,40 @@ class EpochMeter:
     def __init__(self) -> None:
         self.start = self.window_start = time.perf_counter()
         self.loss_sum, self.steps, self.images, self.window_images = 0.0, 0, 0, 0
+        self.end: float | None = None  # when the epoch's last step ended (``finish``)
+        self.data_wait_s = 0.0  # this rank's time waiting for its next batch (``timed``)
+        self.data_wait_max: tuple[float, float] | None = None  # (s, fraction): max over ranks
 
     def update(self, loss: float, images: int) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.images += images
         self.window_images += images
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, adding the time each ``next()`` takes (loading, decoding, augmenting:
+        everything before the step can start) to ``data_wait_s``."""
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.data_wait_s += time.perf_counter() - start
+            yield item
+
+    def finish(self) -> None:
+        """The epoch's steps are over (the monitor and checkpoint that follow are not its)."""
+        self.end = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+    def data_wait_fraction(self) -> float:
+        """This rank's share of the epoch's time spent waiting for data."""
+        return self.data_wait_s / max(self.elapsed_s(), 1e-9)
 
     def window_rate(self) -> float:
         """Images/s since the previous call (or the epoch start); starts a new window."""
@@ -41,15 +71,21 @@ class EpochMeter:
         return rate
 
     def epoch_metrics(self, s: TrainState) -> dict[str, Any]:
-        """The history row of the epoch that just ended (``epoch``: 1-based, completed)."""
+        """The history row of the epoch that just ended (``epoch``: 1-based, completed);
+        ``data_wait_*``: rank 0's, ``data_wait_max_*``: the slowest rank's (``data_wait_max``)."""
+        wait_max = self.data_wait_max or (self.data_wait_s, self.data_wait_fraction())
         return {
             "epoch": s.epoch + 1,
             "global_step": s.global_step,
             "train_loss": self.loss_sum / max(1, self.steps),
             "lr": s.scheduler.get_last_lr()[0],
             "temperature": float(s.criterion.temperature),
-            "images_per_s": self.images / max(time.perf_counter() - self.start, 1e-9),
+            "images_per_s": self.images / max(self.elapsed_s(), 1e-9),
             "train_minutes": s.clock.elapsed_s / 60,  # rank 0's training clock (Tune's ASHA axis)
+            "data_wait_s": self.data_wait_s,
+            "data_wait_fraction": self.data_wait_fraction(),
+            "data_wait_max_s": wait_max[0],
+            "data_wait_max_fraction": wait_max[1],
         }
 
 
@@ -128,19 +164,45 @@ class StepProgress:
         return line
 
 
+# Not on the epoch line: tags, the budget note's minutes, and what data_wait_text shows.
+_NOT_SHOWN = ("epoch", "global_step", "num_nodes", "train_minutes")
+
+
+def _shown(key: str) -> bool:
+    # health_*: MLflow and the curves figure (a collapse gets its own warning line)
+    return key not in _NOT_SHOWN and not key.startswith(("data_wait", "health_"))
+
+
+def data_wait_text(metrics: dict[str, Any]) -> str | None:
+    """The epoch line's data stall: rank 0's wait for batches and the slowest rank's.
+
+    >>> data_wait_text({"data_wait_s": 1.234, "data_wait_fraction": 0.031,
+    ...                 "data_wait_max_s": 2.5, "data_wait_max_fraction": 0.062})
+    'data wait 1.23 s (3.1%; slowest rank 2.5 s, 6.2%)'
+    """
+    if "data_wait_s" not in metrics:
+        return None
+    return (
+        f"data wait {metrics['data_wait_s']:.3g} s ({metrics['data_wait_fraction']:.1%}; "
+        f"slowest rank {metrics['data_wait_max_s']:.3g} s, {metrics['data_wait_max_fraction']:.1%})"
+    )
+
+
 def epoch_summary(metrics: dict[str, Any], epochs: int | None) -> str:
-    """The end-of-epoch line: 1-based epoch and rounded metrics.
+    """The end-of-epoch line: 1-based epoch and rounded metrics, then the data wait.
 
     >>> epoch_summary({"epoch": 2, "global_step": 78, "train_loss": 5.01234, "knn_top1": 0.41}, 4)
     'epoch 2/4 done (step 78): train_loss 5.012, knn_top1 0.41'
     """
-    shown = ", ".join(
+    shown = [
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in metrics.items()
-        if k not in ("epoch", "global_step", "num_nodes", "train_minutes")  # budget_note has it
-    )
+        if _shown(k)
+    ]
+    wait = data_wait_text(metrics)
     of = f"/{epochs}" if epochs else ""
-    return f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {shown}"
+    line = f"epoch {metrics['epoch']}{of} done (step {metrics['global_step']}): {', '.join(shown)}"
+    return f"{line}; {wait}" if wait else line
 
 
 def budget_note(elapsed_s: float, budget_s: float) -> str:
@@ -222,6 +284,7 @@ class KnnMonitor:
         rows = train_val_rows(config)
         self.bank_rows = rows.train_rows(config.eval.knn_max_train)
         self.val_rows = rows.val if not config.data.val else None
+        self.pairs: HealthPairs | None = None  # decoded at the first call
 
     def due(self, epoch: int) -> bool:
         return monitor_due(self.config, epoch)
@@ -242,7 +305,89 @@ class KnnMonitor:
             label="kNN monitor: validation",
         )  # fmt: skip
         top1 = knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
-        return {"knn_top1": top1}
+        return {"knn_top1": top1, **self.health(model, val, device)}
+
+    def health(
+        self, model: nn.Module, features: torch.Tensor, device: torch.device
+    ) -> dict[str, float]:
+        """``health_*`` metrics (``service.eval.health``) of the validation ``features`` already
+        extracted for kNN (projected by ``model.head``) and of :class:`HealthPairs`' views;
+        none for a split of fewer than 2 images (no pairs to compare)."""
+        from service.eval.health import representation_health
+
+        if self.pairs is None:
+            d = self.config.data
+            self.pairs = HealthPairs(self.config, d.val or d.train, self.val_rows)
+        if min(len(features), len(self.pairs.images)) < 2:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                projections = _in_chunks(model.head, features, device)
+            view1, view2 = self.pairs.projections(model, device)
+        finally:
+            model.train(was_training)
+        return representation_health(features, projections, view1, view2)
+
+
+# Validation images whose two augmented views give alignment and the positive gap: a fixed
+# sample (seeded), the same views every epoch (seeded augmentation), so epochs compare.
+HEALTH_PAIRS = 256
+HEALTH_SEED = 0
+
+
+def _in_chunks(f: Callable, x: torch.Tensor, device: torch.device, rows: int = 256) -> torch.Tensor:
+    """``f`` over ``x`` ``rows`` at a time on ``device``; float32 on the CPU."""
+    return torch.cat([f(chunk.to(device)).float().cpu() for chunk in x.split(rows)])
+
+
+class HealthPairs:
+    """:data:`HEALTH_PAIRS` validation images (of ``path``'s rows ``rows``, all when None),
+    decoded once; ``projections`` embeds two views of each, drawn by the batched augmentation
+    with :data:`HEALTH_SEED` (the same views every call)."""
+
+    def __init__(self, config: Config, path: str, rows: np.ndarray | None) -> None:
+        from service.data.decoded import decode_rows
+        from service.data.sources import inspect_source
+
+        ids = rows if rows is not None else np.arange(inspect_source(path).num_rows)
+        rng = np.random.default_rng(HEALTH_SEED)
+        pick = np.sort(rng.choice(len(ids), min(HEALTH_PAIRS, len(ids)), replace=False))
+        self.config = config
+        self.rows = np.asarray(ids)[pick]  # global row ids of ``path``
+        # The kNN pass enforces data.max_bad_fraction on the whole split; a sample's share of
+        # bad images can exceed it by chance, and health must not stop a run.
+        self.images = decode_rows(path, self.rows, config.data.image_size, max_bad_fraction=1.0)
+
+    @torch.no_grad()
+    def projections(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Projections ``[n, d]`` of view 1 and of view 2 (row ``i``: image ``i``)."""
+        from service.data.batch_augment import BatchSimCLRAugment
+
+        c = self.config
+        augment = BatchSimCLRAugment(c.augment, c.data.image_size, n_views=2, seed=HEALTH_SEED)
+        views = augment(self.images.images, self.images.sizes)
+        return tuple(_in_chunks(model, view, device) for view in views)
+
+
+def flag_collapse(metrics: dict[str, Any], dim: int, logger: Any = None) -> str | None:
+    """Rank 0, after the monitor of a trained epoch: when ``metrics`` say the ``dim``-d
+    projections collapsed (``service.eval.health.collapse_reason``), print a warning line and
+    tag the MLflow run (``health=collapsed``, ``health_reason``); returns the line, None when
+    healthy. Epoch 0 is not judged: a randomly initialised network maps every image near one
+    direction (the smoke model: per-dimension std 0.004, a tenth of a trained epoch's)."""
+    from service.eval.health import collapse_reason
+
+    reason = None if metrics.get("epoch") == 0 else collapse_reason(metrics, dim)
+    if reason is None:
+        return None
+    epoch = metrics.get("epoch")
+    line = f"WARNING: the representation collapsed (epoch {epoch}): {reason}"
+    say("train", line)
+    if logger is not None:
+        logger.set_tags({"health": "collapsed", "health_reason": f"epoch {epoch}: {reason}"})
+    return line
 
 
 def report_epoch(s: TrainState, metrics: dict[str, Any], final: bool = False) -> None:

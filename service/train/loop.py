@@ -33,6 +33,7 @@ from service.train.epoch import (
     budget_note,
     build_monitor,
     epoch_summary,
+    flag_collapse,
     report_epoch,
 )
 from service.train.faults import maybe_kill, maybe_pause
@@ -180,7 +181,7 @@ def random_init_epoch(s: TrainState, monitor: Monitor | None, logger: Any) -> No
     metrics.update(_evaluate(s, monitor))
     s.history.append(metrics)
     _log_epoch(logger, metrics)
-    _say(s, epoch_summary(metrics, None) + " (random init)")
+    _say(s, epoch_summary(metrics, None) + " (random init)")  # health measured, not judged
 
 
 def end_of_epoch(
@@ -197,6 +198,8 @@ def end_of_epoch(
     budgeted = s.clock.budgeted
     line = epoch_summary(metrics, None if budgeted else s.config.train.epochs)
     _say(s, f"{line} {budget_note(s.clock.elapsed_s, s.clock.budget_s)}" if budgeted else line)
+    if s.rank == 0:
+        flag_collapse(metrics, s.config.model.proj_out_dim, logger)
 
 
 def run_epoch(
@@ -213,7 +216,7 @@ def run_epoch(
     if progress is not None:
         progress.start_epoch(s.epoch)
     s.clock.resume()
-    for views, labels in batches.epoch(s.epoch):
+    for views, labels in meter.timed(batches.epoch(s.epoch)):
         maybe_kill(s.config.fault, s.rank, s.global_step, fault_dir)  # drills only
         loss = train_step(s, views, labels)  # labels reach only losses that need them
         s.clock.sync()  # rank 0's training seconds on every rank: same LR, same stop
@@ -225,7 +228,21 @@ def run_epoch(
         if s.clock.exhausted:
             break
     s.clock.pause()
+    meter.finish()
+    _slowest_data_wait(s, meter)
     return meter
+
+
+def _slowest_data_wait(s: TrainState, meter: EpochMeter) -> None:
+    """The largest data wait (seconds, fraction) over the ranks, into ``meter.data_wait_max``:
+    one all-reduce per epoch (every rank runs the same steps, so every rank gets here)."""
+    wait = torch.tensor([meter.data_wait_s, meter.data_wait_fraction()], dtype=torch.float64)
+    if s.world > 1 and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            wait = wait.to(s.device)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+    seconds, fraction = wait.tolist()
+    meter.data_wait_max = (seconds, fraction)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
