@@ -1,11 +1,10 @@
 """The registered version loads and serves with plain MLflow, without this project.
 
-"Without this project" is simulated: a ``sitecustomize.py`` on the child's ``PYTHONPATH`` puts a
-``sys.meta_path`` finder first that refuses ``service`` and its submodules, so the child behaves
-like a venv holding only MLflow, torch and torchvision. (A real ``python -m venv
---system-site-packages`` would still see the editable install of contrastive-service in
-site-packages, and a venv without system packages would have to download torch.) Each child
-first checks that ``import service`` fails. Embeddings are compared with ``contrastive embed``
+"Without this project": the children run in a fresh venv (``python -m venv --without-pip``)
+that sees the installed packages (MLflow, torch, torchvision) as a plain path entry, so the
+``.pth`` of the editable install is never run and ``service`` cannot be imported (each child
+checks). (``--system-site-packages`` would run that ``.pth``; a bare venv would download
+several GB of torch.) Embeddings are compared with ``contrastive embed``
 (``service.registry.embed_parquet``) and the weights-only loaders. Real SQLite registry, real
 ``mlflow models serve``; no mocks.
 """
@@ -53,21 +52,24 @@ CAPTIONS = BUNDLED_DATA_DIR / "cifar10-test-captions.parquet"
 ALIAS = "latest-trained"  # set on every registration
 TEXTS = ["a photo of a cat.", "a blurry photo of the ship.", ""]
 
-BLOCKER = '''
-import sys
 
+def fresh_venv(folder: Path) -> Path:
+    """A new venv (``python -m venv --without-pip``) that sees this interpreter's installed
+    packages (MLflow, torch, torchvision, ...) as a plain path entry, so the ``.pth`` files
+    there are not run: the editable install of contrastive-service is absent, as in a user's
+    venv without this project. Returns the venv's python."""
+    import site
+    import sysconfig
 
-class _NoContrastiveService:
-    """A venv without contrastive-service: ``service`` and its submodules cannot be imported."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "service" or name.startswith("service."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, _NoContrastiveService())
-'''
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    base = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if p]
+    Path(purelib, "base_packages.pth").write_text("\n".join(sorted(base)) + "\n")
+    return python
 
 
 def _register(directory: Path, config: Config, *, text: bool) -> SimpleNamespace:
@@ -91,7 +93,7 @@ def _register(directory: Path, config: Config, *, text: bool) -> SimpleNamespace
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One image-only and one image–text version in one SQLite registry, a few bundled images
-    (as PNG files and a Parquet for ``embed``) and the blocker's folder."""
+    (as PNG files and a Parquet for ``embed``) and a fresh venv without this project."""
     directory = tmp_path_factory.mktemp("pyfunc")
     image_config = Config()
     image_config.mlflow.experiment = "test-pyfunc"
@@ -112,11 +114,9 @@ def store(tmp_path_factory):
         data = value["bytes"] if isinstance(value, dict) else value
         (directory / f"img{i}.png").write_bytes(data)
         pngs.append(directory / f"img{i}.png")
-    blocker = directory / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    python = fresh_venv(directory / "venv")
     return SimpleNamespace(dir=directory, uri=image.uri, image=image, clip=clip, pngs=pngs,
-                           blocker=blocker)  # fmt: skip
+                           python=python)  # fmt: skip
 
 
 def _embed(store, model_name: str, tmp_path: Path, **kwargs) -> np.ndarray:
@@ -127,9 +127,9 @@ def _embed(store, model_name: str, tmp_path: Path, **kwargs) -> np.ndarray:
     return np.stack(pq.read_table(out).column("embedding").to_numpy(zero_copy_only=False))
 
 
-def _blocked_env(store) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "PYTHONPATH": str(store.blocker), "MLFLOW_TRACKING_URI": store.uri}
+def _venv_env(store) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "MLFLOW_TRACKING_URI": store.uri}
 
 
 CHILD = """
@@ -138,7 +138,7 @@ import numpy as np, pandas as pd
 from PIL import Image
 try:
     import service  # noqa: F401
-    sys.exit("service is importable: the blocker did not work")
+    sys.exit("service is importable: this venv has the project")
 except ImportError:
     pass
 import mlflow
@@ -167,8 +167,9 @@ def test_pyfunc_loads_without_the_project_and_matches_embed(store, tmp_path):
     arrays, texts and the joint space, each equal to the project's own embeddings."""
     pngs = [str(p) for p in store.pngs]
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, store.image.name, store.clip.name, json.dumps(TEXTS), *pngs],
-        env=_blocked_env(store), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [str(store.python), "-c", CHILD, store.image.name, store.clip.name, json.dumps(TEXTS),
+         *pngs],
+        env=_venv_env(store), cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
     got = json.loads(child.stdout.split("RESULT ", 1)[1])
@@ -248,11 +249,11 @@ def test_mlflow_models_serve_answers_with_embed_vectors(store, tmp_path):
     project: a real HTTP request (image bytes base64 in ``dataframe_split``) gets
     ``contrastive embed``'s vectors."""
     port = _free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+    command = [str(store.python), "-m", "mlflow", "models", "serve", "-m",
                f"models:/{store.image.name}@{ALIAS}", "--env-manager", "local",
                "-p", str(port), "-h", "127.0.0.1", "-w", "1"]  # fmt: skip
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(command, env=_blocked_env(store), cwd=tmp_path, stdout=log,
+    server = subprocess.Popen(command, env=_venv_env(store), cwd=tmp_path, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
