@@ -229,8 +229,10 @@ def test_ray_reader_yields_aligned_images_labels_and_captions(captioned):
             n_views=1, max_bad_fraction=0.5, text_column="text",
         )  # fmt: skip
         seen = []
-        for images, labels, texts in iter_captioned_batches(ds, 5, "text", shuffle=True):
+        for pixels, labels, texts in iter_captioned_batches(ds, 5, "text", shuffle=True):
+            images = pixels.images  # decoded only: the extents travel along (all 32 x 32 here)
             assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32)
+            assert pixels.sizes.tolist() == [[32, 32]] * 5
             assert [_label_of(i) for i in images] == labels.tolist()
             assert texts == [f"number {k}" for k in labels.tolist()]
             seen += labels.tolist()
