@@ -24,7 +24,6 @@ the local ``embed`` writes, so the two outputs match row by row.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 from service.registry.embed import (
     EMBEDDING_COLUMN,
     ROW_ID_COLUMN,
+    _progress,
     model_metadata,
     pinned_model_version,
     vectors_array,
@@ -386,12 +386,3 @@ def run_embedding(
         "seconds": round(seconds, 3),
         "rows_per_s": round(counts["rows_in"] / max(seconds, 1e-9), 1),
     }
-
-
-def _progress(done: int, total: int, skipped: int, started: float) -> None:
-    rate = done / max(time.monotonic() - started, 1e-9)
-    print(
-        f"[embed] {done}/{total} rows ({skipped} corrupt skipped, {rate:.0f} rows/s)",
-        file=sys.stderr,
-        flush=True,
-    )
