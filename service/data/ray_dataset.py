@@ -311,6 +311,7 @@ def build_ray_train_dataset(config: Config) -> Any:
     """The lazy, decoded (and with ``augment.backend=torchvision`` augmented) training dataset a
     ``Config`` describes (for ``TorchTrainer``), block order shuffled every epoch. Image–text mode
     (``text.column`` set): one view per row, captions carried along."""
+    from service.data.augmenters import n_views
     from service.data.splits import train_val_rows
 
     split, limit = train_val_rows(config), config.data.limit
@@ -323,7 +324,7 @@ def build_ray_train_dataset(config: Config) -> Any:
         ds,
         config.augment,
         config.data.image_size,
-        1 if text_column else config.augment.n_views,
+        n_views(config),
         max_bad_fraction=config.data.max_bad_fraction,
         text_column=text_column,
     )

@@ -68,7 +68,7 @@ def connect_ray(address: str | None = None) -> None:
     does not fit it before anything started)."""
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
+    if not embedded(address):
         ray.init(address=address, log_to_driver=True)
         filter_ray_worker_output()
         return
