@@ -7,11 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 
-from service.config import Config
 from service.data.decoded import DecodedKey, SharedDecoded
+from service.data.decoded import training_rows as training_rows  # the one selection, re-exported
 
 LoaderBatch = tuple[Any, torch.Tensor, list[str] | None]  # (uint8 or views, labels, captions)
 MODES = ("ray", "shared", "decoded", "stream")
@@ -41,14 +40,6 @@ class PreparedData:
     def for_workers(self) -> PreparedData:
         """This, without the driver-only datasets (workers get their shard from Ray Train)."""
         return replace(self, datasets={})
-
-
-def training_rows(config: Config) -> np.ndarray:
-    """The training rows of ``config``: ``data.train`` minus the held-out validation rows, at
-    most ``data.limit`` of them (global row ids, sorted)."""
-    from service.data.splits import train_val_rows
-
-    return train_val_rows(config).train_rows(config.data.limit)
 
 
 def with_captions(batches: Any) -> Iterator[LoaderBatch]:
