@@ -30,6 +30,7 @@ import sys
 from typing import Any
 
 from service.commands import (
+    check,
     data,
     demo,
     evaluate,
@@ -45,7 +46,7 @@ from service.console import plain_output
 
 # Each module registers its command(s) and reads the parsed arguments in its own ``run``; they
 # import torch, ray and mlflow only when a command runs. The order is that of ``--help``.
-COMMANDS = (demo, pretrain, evaluate, tune, data, registry, search, ui, zeroshot)
+COMMANDS = (demo, pretrain, evaluate, tune, check, data, registry, search, ui, zeroshot)
 
 
 def _print_json(obj: dict[str, Any]) -> None:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             code = _exit_code(exc)
             if debug or code is None:
                 raise
+            if getattr(exc, "result", None) is not None:  # a command that ran and failed
+                _print_json(exc.result)  # e.g. contrastive check: its findings, then exit 1
             print(f"contrastive: {_message(exc)}", file=sys.stderr)
             return code
     return 0

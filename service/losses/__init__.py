@@ -8,12 +8,14 @@ single-process gradient of the concatenated batch. See ``distributed.py`` for wh
 from service.losses.base import ContrastiveLoss
 from service.losses.chunked import masked_logsumexp
 from service.losses.distributed import (
+    SIMULATED_BUGS,
     average_gradients,
     broadcast_from_rank0,
     gather_no_grad,
     gather_with_grad,
     get_rank,
     get_world_size,
+    simulated_bug,
 )
 from service.losses.errors import LossInputError, NonFiniteEmbeddingError
 from service.losses.factory import (
@@ -77,6 +79,8 @@ __all__ = [
     "check_loss_config",
     "gather_no_grad",
     "gather_with_grad",
+    "simulated_bug",
+    "SIMULATED_BUGS",
     "get_rank",
     "get_world_size",
     "loss_class",

@@ -92,6 +92,9 @@ class ContrastiveLoss(nn.Module):
     paired: ClassVar[bool] = False
     uses_margin: ClassVar[bool] = False
     in_batch_negatives: ClassVar[bool] = True
+    # Why W workers x b is *not* 1 process x W*b for this loss by design ("": it is, exactly);
+    # ``contrastive check`` shows this instead of comparing gradients.
+    per_worker_by_design: ClassVar[str] = ""
     # The loss's own hyperparameters beyond the temperature: (range check, ``loss.<key>``),
     # checked by ``config_problems`` with the functions the constructor raises with.
     checked_keys: ClassVar[tuple[tuple[Callable[..., Any], str], ...]] = ()

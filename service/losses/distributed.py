@@ -14,7 +14,8 @@ samples. Use ``drop_last=True`` (or the per-worker batch from ``Config``) upstre
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,36 @@ def average_gradients(params: Iterable[Tensor]) -> None:
             param.grad /= world
 
 
+# Known distributed bugs that ``contrastive check --drill NAME`` can switch on for one run, so a
+# user sees the check catch them on their own cluster (``simulated_bug``).
+SIMULATED_BUGS = ("gather_without_grad",)
+_simulated: set[str] = set()
+
+
+@contextmanager
+def simulated_bug(name: str | None) -> Iterator[None]:
+    """Within the block, ``gather_with_grad`` behaves like the bug ``name`` (None: no bug).
+
+    ``gather_without_grad``: a plain all-gather with this rank's own rows put back, the common
+    hand-written version (open_clip #980, lightly #1528): the forward and the loss are right, but
+    the gradient of the other ranks' losses never reaches this rank's embeddings.
+    """
+    if name is not None and name not in SIMULATED_BUGS:
+        raise ValueError(f"unknown simulated bug {name!r}; known: {', '.join(SIMULATED_BUGS)}")
+    if name is not None:
+        _simulated.add(name)
+    try:
+        yield
+    finally:
+        _simulated.discard(name or "")
+
+
+def _gather_keeping_only_local_grad(x: Tensor, check_sizes: bool) -> Tensor:
+    gathered = gather_no_grad(x, check_sizes)
+    start = dist.get_rank() * x.shape[0]
+    return torch.cat([gathered[:start], x, gathered[start + x.shape[0] :]])
+
+
 def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     """Concatenate ``x`` from all ranks along dim 0, differentiably.
 
@@ -116,6 +147,8 @@ def gather_with_grad(x: Tensor, check_sizes: bool = True) -> Tensor:
     """
     if not is_distributed():
         return x
+    if _simulated:  # contrastive check --drill gather_without_grad
+        return _gather_keeping_only_local_grad(x, check_sizes)
     if check_sizes:
         check_equal_shapes(_row_layout(x), x, "gather_with_grad")
     from torch.distributed import _functional_collectives as fc

@@ -241,6 +241,10 @@ class MoCoLoss(ContrastiveLoss):
     supports_chunking = True
     exact_views = 2
     in_batch_negatives = False  # the negatives come from the queue
+    per_worker_by_design = (
+        "MoCo's key encoder normalises each worker's slice of the shuffled keys (shuffle-BN), so "
+        "its keys depend on how the batch is split over workers"
+    )
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,13 @@ def build_trainer(
     run_name: str | None = None,
     tokenizer_json: str | None = None,
     decoded_ref: Any = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_func,
+    loop_extras: dict[str, Any] | None = None,
+    with_data: bool = True,
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial).
+    """The ``TorchTrainer`` for one pretraining run (also used by each Tune trial, and with
+    another ``train_loop`` and ``loop_extras`` beside the inputs by ``contrastive check``;
+    ``with_data=False``: a loop that reads no training data, nothing prepared).
 
     Image–text mode: ``tokenizer_json`` is the run's tokenizer; when not given (a Tune trial)
     it is fitted here, on the training captions, before any worker starts.
@@ -170,8 +176,10 @@ def build_trainer(
     trials); when not given and several ranks would each decode, it is made here.
     """
     t = config.train
-    data = prepare(config, world=t.num_workers, shared=decoded_ref, share=ray.is_initialized())
-    say("data", data.reason)
+    data = None
+    if with_data:
+        data = prepare(config, world=t.num_workers, shared=decoded_ref, share=ray.is_initialized())
+        say("data", data.reason)
     if tokenizer_json is None and config.text.column:
         from service.text import fit_tokenizer
 
@@ -183,11 +191,11 @@ def build_trainer(
         mlflow_run_id=run.run_id if run else None,
         tracking_uri=run.uri if run else None,
         tokenizer_json=tokenizer_json,
-        data=data.for_workers(),
+        data=data.for_workers() if data else None,
     )
     return TorchTrainer(
-        train_func,
-        train_loop_config={"inputs": inputs},
+        train_loop,
+        train_loop_config={"inputs": inputs, **(loop_extras or {})},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -201,7 +209,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
         ),
-        datasets=data.datasets,
+        datasets=data.datasets if data else None,
     )
 
 
