@@ -2,8 +2,10 @@
 
 The session's `mlflow server` (tests/conftest.py) serves the run that the smoke `ray job submit`
 pretraining logged; Chromium (Debian's package) renders the single-page app and dumps the DOM,
-which must show the run's name, its logged and registered model, and every plot rendered as an
-image. Screenshots of the run page and of a plot are taken too; set
+which must show the run's name, its logged and registered model, its representation-health
+metrics, and every plot rendered as an image; a second real run whose projection cannot hold a
+representation (``model.proj_out_dim=1``: effective rank 1) must show the collapse warning (its
+``health`` tags) on its page. Screenshots of the run page and of a plot are taken too; set
 ``CONTRASTIVE_SCREENSHOTS=<dir>`` to keep copies (docs/images/ holds the published ones).
 
 Without Chromium the module skips, unless ``CONTRASTIVE_REQUIRE_BROWSER=1`` (CI sets it), where a
@@ -15,9 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.cluster import last_json_line
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +65,52 @@ def test_run_page_shows_the_run_and_its_models(chromium, run_pages, smoke_run, t
         f"v{version}",
     ]
     dom = _dump_dom(chromium, run_pages["url"], tmp_path, expected)
+    missing = [text for text in expected if text not in dom]
+    assert not missing, f"run page lacks {missing}; DOM text: {_text(dom)[:3000]}"
+
+
+HEALTH_METRICS = ("health_effective_rank", "health_backbone_effective_rank", "health_alignment",
+                  "health_uniformity", "health_embedding_std", "health_positive_gap")  # fmt: skip
+
+
+def test_run_page_shows_representation_health(chromium, run_pages, tmp_path):
+    run = run_pages["run"]
+    assert set(HEALTH_METRICS) <= set(run.data.metrics), sorted(run.data.metrics)
+    assert "health" not in run.data.tags  # a healthy run carries no warning
+    dom = _dump_dom(chromium, run_pages["url"], tmp_path, list(HEALTH_METRICS))
+    missing = [name for name in HEALTH_METRICS if name not in dom]
+    assert not missing, f"run page lacks {missing}; DOM text: {_text(dom)[:3000]}"
+
+
+@pytest.fixture(scope="module")
+def collapsed_run(ray_cluster, mlflow_server, tmp_path_factory) -> dict:
+    """A real pretraining (``ray job submit``, 1 epoch) whose projection is one-dimensional, so
+    its embeddings have effective rank 1 < 2: the monitor must call it collapsed."""
+    from mlflow import MlflowClient
+
+    storage = tmp_path_factory.mktemp("collapsed")
+    overrides = [
+        "model.proj_out_dim=1", "train.epochs=1", "train.global_batch_size=128",
+        "data.limit=512", "data.test=null", "mlflow.registered_model_name=null",
+        f"mlflow.tracking_uri={mlflow_server.url}", f"train.storage_path={storage}",
+    ]  # fmt: skip
+    job_id = f"collapsed-{uuid.uuid4().hex[:8]}"
+    entry = ["python", "jobs/pretrain.py", "--config", "jobs/configs/smoke-cpu.yaml"]
+    ray_cluster.submit([*entry, *[a for o in overrides for a in ("--set", o)]], job_id)
+    status, logs = ray_cluster.wait(job_id)
+    assert status == "SUCCEEDED", logs[-5000:]
+    run = MlflowClient(mlflow_server.url).get_run(last_json_line(logs)["run_id"])
+    url = f"{mlflow_server.url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return {"run": run, "logs": logs, "url": url}
+
+
+def test_collapsed_run_warns_in_its_log_and_on_its_page(chromium, collapsed_run, tmp_path):
+    run, logs = collapsed_run["run"], collapsed_run["logs"]
+    assert "WARNING: the representation collapsed (epoch 1): effective rank 1.00 < 2" in logs
+    reason = run.data.tags["health_reason"]
+    assert run.data.tags["health"] == "collapsed" and reason.startswith("epoch 1: effective rank")
+    expected = ["health_reason", reason.split("<")[0].strip(), "collapsed"]  # "<" is "&lt;"
+    dom = _dump_dom(chromium, collapsed_run["url"], tmp_path, expected)
     missing = [text for text in expected if text not in dom]
     assert not missing, f"run page lacks {missing}; DOM text: {_text(dom)[:3000]}"
 
