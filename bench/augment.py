@@ -277,44 +277,56 @@ def bench_fused(images: torch.Tensor, args: argparse.Namespace) -> None:
         )  # fmt: skip
 
 
-def bench_fused_cuda(images: torch.Tensor, args: argparse.Namespace) -> None:
-    """On the GPU: old eager, fused eager, fused from a CUDA graph; kernels and ms per batch,
-    and the share of a ResNet-18 bf16 channels_last step at the same batch."""
+def bench_fused_cuda(
+    images: torch.Tensor, args: argparse.Namespace, device: torch.device | None = None
+) -> None:
+    """On the GPU: old eager, fused eager, fused from a CUDA graph; ms per batch, kernels per
+    batch (CUDA profiler; a graph's replayed kernels included where CUPTI reports them), and
+    the share of a ResNet-18 bf16 channels_last step at the same batch. ``device`` cpu: a dry
+    run of the plumbing (no graph, no kernels counted)."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.train_step import measure
 
-    cfg, batch, device = AugmentConfig(n_views=args.views), args.fused_batch, torch.device("cuda")
+    device = device or torch.device("cuda")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.backends.cudnn.benchmark = True  # as bench/train_step.py and the training loop
+    cfg, batch = AugmentConfig(n_views=args.views), args.fused_batch
     gpu = images.to(device)
     n_batches = max(1, len(gpu) // batch)
     batches = [gpu[i * batch : (i + 1) * batch] for i in range(n_batches)]
-    step = measure("resnet18", batch, "bf16", True, None, 20, device)
-    old = BatchSimCLRAugment(cfg, args.size, seed=0)
+    step_ms = measure("resnet18", batch, "bf16" if cuda else "off", cuda, None, args.steps, device)
+    step_ms = step_ms["step_s"] * 1e3
     ref = reference_views(BatchSimCLRAugment(cfg, args.size, seed=0), batches[0])
+    old = BatchSimCLRAugment(cfg, args.size, seed=0)
     runs = {
-        "old_eager": lambda i: reference_views(old, batches[i]),
+        "old_eager": lambda i: reference_views(old, batches[i % n_batches]),
         "fused_eager": BatchSimCLRAugment(cfg, args.size, seed=0, cuda_graph=False),
         "fused_graph": BatchSimCLRAugment(cfg, args.size, seed=0),
     }
     for name, augment in runs.items():
-        fn = augment if name == "old_eager" else (lambda i, a=augment: a(batches[i]))
-        diff = None if name == "old_eager" else max(
-            float((a - b).abs().max()) for a, b in zip(augment(batches[0]), ref, strict=True)
-        )  # fmt: skip
-        times = _per_batch_ms(
-            fn, 3 * n_batches if n_batches < 10 else n_batches, torch.cuda.synchronize
-        )
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        diff = None
+        if name != "old_eager":  # its first draws are ref's (same seed); captures the graph
+            views = augment(batches[0])
+            diff = max(float((a - b).abs().max()) for a, b in zip(views, ref, strict=True))
+        fn = augment if name == "old_eager" else (lambda i, a=augment: a(batches[i % n_batches]))
+        times = _per_batch_ms(fn, max(n_batches, 20), sync)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             fn(0)
-            torch.cuda.synchronize()
-        kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            sync()
+        on_device = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        kernels = [n for n in on_device if not n.startswith(("Memcpy", "Memset"))]
         _emit(
             {
-                "bench": "fused_cuda", "pipeline": name, "device": torch.cuda.get_device_name(),
+                "bench": "fused_cuda", "pipeline": name,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "batch": batch, "views": args.views, "image_size": args.size,
-                "cuda_kernels": kernels, **times,
-                "resnet18_bf16_cl_step_ms": round(step["step_s"] * 1e3, 2),
-                "share_of_step": round(times["ms_per_batch"] / (step["step_s"] * 1e3), 4),
+                "cuda_kernels": len(kernels), "cuda_copies": len(on_device) - len(kernels),
+                **times, "resnet18_bf16_cl_step_ms": round(step_ms, 2),
+                "share_of_step": round(times["ms_per_batch"] / step_ms, 4),
+                "graphs_captured": len(getattr(augment, "_graphs", {})),
                 "max_abs_diff_vs_old": diff,
             }
         )  # fmt: skip
@@ -336,6 +348,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--fused-batch", type=int, default=512, help="batch of the fused lines")
     parser.add_argument("--fused-only", action="store_true", help="only the fused lines")
+    parser.add_argument("--steps", type=int, default=20, help="ResNet-18 steps timed (CUDA)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     _emit(

@@ -74,8 +74,10 @@ BOX, FLIP, JITTER, FACTORS, ORDER, GRAY, BLUR, SIGMA = (
     slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16
 )  # fmt: skip
 PARAM_WIDTH = 17
-# Input shapes whose pipeline is kept captured in a CUDA graph (each holds its own memory pool).
-MAX_GRAPHS = 4
+# Input shapes whose pipeline is kept captured in a CUDA graph: each keeps its own memory pool
+# (the pipeline's intermediates, a few float copies of the views: tens of MB for 1,024 views of
+# 32 px, GBs at 224 px), so a full batch and an epoch's last, smaller one; others run eagerly.
+MAX_GRAPHS = 2
 
 
 class Pixels(NamedTuple):
@@ -608,7 +610,7 @@ class BatchSimCLRAugment:
         (``MAX_GRAPHS`` at most, then eagerly), or eagerly (not CUDA, ``cuda_graph=False``, or
         after a capture failed: a warning, once)."""
         fn = partial(_render_rows, self.render)
-        key = (tuple(images.shape), tuple(params.shape))
+        key = (images.device, images.dtype, tuple(images.shape), len(params))
         wanted = self.cuda_graph and images.device.type == "cuda"
         if wanted and (key in self._graphs or len(self._graphs) < MAX_GRAPHS):
             try:
