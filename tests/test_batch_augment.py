@@ -344,6 +344,16 @@ def test_gpu_form_equals_cpu_form_and_old_pipeline(images, blur):
     )
 
 
+def test_device_path_runs_eagerly_off_cuda_and_matches_apply(images):
+    """The whole-batch device path (``_render_rows``: row r a view of image r % B, in the GPU
+    form) on CPU tensors: no graph is captured off CUDA, and it equals the CPU pipeline."""
+    augment = BatchSimCLRAugment(AugmentConfig(blur=True), 32, seed=10)
+    params = augment.sample(40, 32, 32)  # 40 views of 16 images: rows wrap around
+    out = augment._on_device(images, params.packed())
+    assert not augment._graphs
+    torch.testing.assert_close(out, augment.apply(images, params), atol=1e-6, rtol=0)
+
+
 def test_packed_parameters_hold_every_field_exactly():
     cfg = AugmentConfig(blur=True)
     p = BatchSimCLRAugment(cfg, 32, seed=0).sample(64, torch.full((64,), 300), 500)
