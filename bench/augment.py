@@ -22,8 +22,9 @@ is the machine's load at that moment. Lines:
   compact masks); ``gpu``: what a GPU runs (the whole batch at once, every row through every
   op), here on the CPU;
 - ``fused_cuda`` (CUDA only): old eager vs fused eager vs fused from a CUDA graph on the GPU,
-  ms per batch, CUDA kernels per batch, and the share of one ResNet-18 bf16 channels_last
-  training step at the same batch (bench/train_step.py's ``measure``).
+  ms per batch (the parameter draws on the CPU included; ``draws_cpu_ms_per_batch`` alone),
+  CUDA kernels per batch, and the share of one ResNet-18 bf16 channels_last training step at
+  the same batch (bench/train_step.py's ``measure``).
 
 ``--fused-only`` prints only the header and the ``fused`` / ``fused_cuda`` lines (the GPU
 script's call: ``python bench/augment.py --fused-only``).
@@ -307,6 +308,10 @@ def bench_fused_cuda(
     step_ms = step_ms["step_s"] * 1e3
     ref = reference_views(BatchSimCLRAugment(cfg, args.size, seed=0), batches[0])
     old = BatchSimCLRAugment(cfg, args.size, seed=0)
+    drawer, (height, width) = BatchSimCLRAugment(cfg, args.size, seed=1), images.shape[2:]
+    draws = _per_batch_ms(  # the CPU-side part of every pipeline: the draws (and packing)
+        lambda i: drawer.sample(args.views * batch, height, width).packed(), max(n_batches, 20)
+    )
     runs = {
         "old_eager": lambda i: reference_views(old, batches[i % n_batches]),
         "fused_eager": BatchSimCLRAugment(cfg, args.size, seed=0, cuda_graph=False),
@@ -331,7 +336,8 @@ def bench_fused_cuda(
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "batch": batch, "views": args.views, "image_size": args.size,
                 "cuda_kernels": len(kernels), "cuda_copies": len(on_device) - len(kernels),
-                **times, "resnet18_bf16_cl_step_ms": round(step_ms, 2),
+                **times, "draws_cpu_ms_per_batch": draws["cpu_ms_per_batch"],
+                "resnet18_bf16_cl_step_ms": round(step_ms, 2),
                 "share_of_step": round(times["ms_per_batch"] / step_ms, 4),
                 "graphs_captured": len(getattr(augment, "_graphs", {})),
                 "max_abs_diff_vs_old": diff,
