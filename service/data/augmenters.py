@@ -9,8 +9,9 @@ A backend answers three questions for the readers, so no reader branches on its 
 - ``batch_fn``: what the training process does to each loader batch on its device (nothing, or
   :class:`~service.data.batch_augment.BatchSimCLRAugment`).
 
-Shipped: ``batched`` (decoded uint8 batches, augmented at once on ``data.augment_device``; the
-default) and ``torchvision`` (the per-image PIL pipeline, the reference).
+Shipped: ``batched`` (decoded uint8 batches, augmented at once on ``data.augment_device``, a
+fixed sequence of batched ops, on CUDA replayed from a CUDA graph; the default) and
+``torchvision`` (the per-image PIL pipeline, the reference).
 
     >>> sorted(AUGMENTERS)
     ['batched', 'torchvision']

@@ -7,6 +7,18 @@ distribution: crop+resize → flip → colour jitter (p = ``jitter_p``, the four
 order per sample, as torchvision) → grayscale (p = ``grayscale_p``) → Gaussian blur (p = 0.5,
 only with ``augment.blur``) → normalise.
 
+Fixed ops whatever the draws: the per-view parameters travel as one float tensor
+(``ViewParams.packed``) and every op reads its per-row factors and masks from it, so the ops
+per batch do not grow with per-sample branching (crop + flip: two batched matmuls; each of the
+four jitter steps: one blend of every row - brightness, contrast or saturation by per-row
+weights - and a masked hue shift; grayscale and blur masked). On a GPU every row runs every op
+and ``torch.where`` keeps its own: fixed shapes, no host sync, so the whole pipeline is replayed
+from a CUDA graph per input shape (``cuda_graph``; eager after a failed capture). On the CPU
+the hue shift, grayscale and blur run on their rows alone (``on_rows(compact=True)``), as the
+work, not the op count, is what costs there. Equal to the earlier per-group pipeline
+(tests/batch_augment_reference.py) for the same seed to float rounding (<= 2e-6 measured on
+normalised CPU views: the hue's last multiply-add is two ops now).
+
 Randomness: all parameters are drawn on the **CPU** from one ``torch.Generator`` (a few numbers
 per view), in a fixed order, then moved to the batch's device with the image work. So the same
 seed and the same input give the same parameters on every device: identical output on the same
@@ -33,8 +45,10 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -55,6 +69,15 @@ BLUR_SIGMA = (0.1, 2.0)
 LUMA = (0.2989, 0.587, 0.114)
 # Column order of ViewParams.factors and the op ids in ViewParams.order (torchvision's fn_idx).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+# Columns of ViewParams.packed(): a view's parameters as one float32 row.
+BOX, FLIP, JITTER, FACTORS, ORDER, GRAY, BLUR, SIGMA = (
+    slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16
+)  # fmt: skip
+PARAM_WIDTH = 17
+# Input shapes whose pipeline is kept captured in a CUDA graph: each keeps its own memory pool
+# (the pipeline's intermediates, a few float copies of the views: tens of MB for 1,024 views of
+# 32 px, GBs at 224 px), so a full batch and an epoch's last, smaller one; others run eagerly.
+MAX_GRAPHS = 2
 
 
 class Pixels(NamedTuple):
@@ -89,6 +112,21 @@ class ViewParams:
 
     def __getitem__(self, rows: slice | torch.Tensor) -> ViewParams:
         return ViewParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def packed(self) -> torch.Tensor:
+        """``[n, PARAM_WIDTH]`` float32, one row per view, columns ``BOX``, ``FLIP``,
+        ``JITTER``, ``FACTORS``, ``ORDER``, ``GRAY``, ``BLUR``, ``SIGMA``: what the pipeline
+        reads, so a batch's parameters reach a GPU in one copy (a CUDA graph's static buffer in
+        one ``copy_``). Box pixels, flags and op ids are small integers: exact in float32.
+
+        >>> p = sample_view_params(AugmentConfig(), 3, 32, 32, torch.Generator().manual_seed(0))
+        >>> torch.equal(p.packed()[:, ORDER].long(), p.order), tuple(p.packed().shape)
+        (True, (3, 17))
+        """
+        flags = torch.stack([self.flip, self.jitter], dim=1).float()
+        tail = torch.stack([self.grayscale.float(), self.blur.float(), self.sigma.float()], dim=1)
+        columns = [self.boxes.float(), flags, self.factors.float(), self.order.float(), tail]
+        return torch.cat(columns, dim=1)
 
 
 # ---------------------------------------------------------------------------- parameter draws
@@ -208,12 +246,18 @@ def resized_crop(
     Two batched matmuls with per-row interpolation matrices (flip = reversed columns): exact
     (antialiased when downscaling), as fast on the CPU as ``grid_sample`` (no antialias, reads
     outside the crop at its edges) and ~7x faster than ``roi_align``; see bench/augment.py.
+    Square images (the decoded slots) get both axes' matrices from one ``resize_weights``.
     """
     n, c, height, width = images.shape
     flip = torch.zeros(len(boxes), dtype=torch.bool) if flip is None else flip
     boxes, flip = to_device([boxes, flip], images.device)
-    wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
-    wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size, reverse=flip)
+    if height == width:  # rows [0, n): the y axis, [n, 2n): the x axis
+        starts, lengths = boxes[:, :2].t().reshape(-1), boxes[:, 2:].t().reshape(-1)
+        reverse = torch.cat([torch.zeros_like(flip), flip])
+        wy, wx = resize_weights(starts, lengths, height, size, reverse=reverse).split(n)
+    else:
+        wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
+        wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size, reverse=flip)
     if not images.is_floating_point():
         wy = wy / 255.0  # uint8 → [0, 1] folded into the matrix
     columns = torch.bmm(images.float().reshape(n, c * height, width), wx.transpose(1, 2))
@@ -266,10 +310,10 @@ def adjust_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     clamped to [0, 1]. Equal to torchvision's kernel to float rounding and ~4x faster on the
     CPU: which channel is the max is selected with ``sign`` arithmetic, not bool masks or
     ``torch.where``, and ``mod 6`` with ``floor``, not ``remainder`` (those are ~10x slower
-    per element on the CPU than plain float arithmetic)."""
+    per element on the CPU than plain float arithmetic). ~25 batched ops (a GPU kernel each),
+    the three channels' ramps at once."""
     r, g, b = x.unbind(dim=1)
-    high = torch.maximum(torch.maximum(r, g), b)
-    low = torch.minimum(torch.minimum(r, g), b)
+    low, high = x.amin(dim=1), x.amax(dim=1)  # (torch.aminmax: ~8x slower on the CPU)
     spread = high - low  # V·S
     not_r = torch.sign(high - r)  # 0 where red is the max (it wins ties, as in torchvision)
     not_g = torch.sign(high - g)
@@ -279,13 +323,24 @@ def adjust_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     from_r = g - b
     sextant = from_gb.sub_(from_r).mul_(not_r).add_(from_r)
     sextant.div_(spread.clamp(min=1e-12)).add_(_per_row(shift, x)[:, 0], alpha=6)
-    hue = sextant.div(6).floor_().mul_(-6).add_(sextant)  # mod 6
-    out = torch.empty_like(x)
-    for channel, (centre, rising) in enumerate(((3.0, True), (2.0, False), (4.0, False))):
-        ramp = (hue - centre).abs_()
-        ramp = ramp.sub_(1) if rising else ramp.neg_().add_(2)
-        torch.addcmul(low, ramp.clamp_(0, 1), spread, out=out[:, channel])
-    return out
+    hue = sextant.div(6).floor_().mul_(-6).add_(sextant).unsqueeze_(1)  # mod 6, [n, 1, H, W]
+    centre, slope, offset = _hue_ramps(x.device, x.dtype)  # the three channels at once
+    ramp = (hue - centre).abs_().mul_(slope).add_(offset).clamp_(0, 1)
+    return ramp.mul_(spread.unsqueeze(1)).add_(low.unsqueeze(1))  # (broadcast addcmul: slow)
+
+
+def _hue_ramps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[3, 1, 3, 1, 1]``: per channel the ramp's centre, slope and offset (R = |h - 3| - 1,
+    G = 2 - |h - 2|, B = 2 - |h - 4|), made once per device and dtype (a CUDA graph cannot
+    hold the host → device copy; the warm-up before a capture makes them)."""
+    key = (device, dtype)
+    if key not in _HUE_RAMPS:
+        ramps = torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], dtype=dtype)
+        _HUE_RAMPS[key] = ramps.view(3, 1, 3, 1, 1).to(device)
+    return _HUE_RAMPS[key]
+
+
+_HUE_RAMPS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
@@ -296,25 +351,76 @@ JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
 )
 
 
-def color_jitter_rows(
-    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, rows: torch.Tensor
+def on_rows(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    op: Callable[..., torch.Tensor],
+    *per_row: torch.Tensor,
+    compact: bool,
 ) -> torch.Tensor:
-    """ColorJitter on ``rows`` (bool ``[n]``, CPU) of ``x``, in place: at each of the 4 steps,
-    every op runs once on the rows whose permutation puts it there (16 batched calls in all)."""
-    groups = [
-        (rows & (order[:, step] == op_id)).nonzero()[:, 0]
-        for step in range(4)
-        for op_id in range(4)
-    ]
-    factors, *indices = to_device([factors, *groups], x.device)
-    for i, idx in enumerate(indices):
-        if len(groups[i]):  # the CPU copy's length: no wait for the device
-            op_id = i % 4
-            jittered = JITTER_OPS[op_id](
-                x.index_select(0, idx), factors.index_select(0, idx)[:, op_id]
-            )
-            x.index_copy_(0, idx, jittered)
+    """``x`` with the row-wise ``op(x, *per_row)`` on the rows where ``rows`` (bool ``[n]``),
+    the others as they were; ``per_row``: ``[n]`` arguments. ``compact``: on those rows alone,
+    in place (``index_select`` / ``index_copy_``: work in proportion to them, the CPU's way;
+    needs ``rows`` on the CPU or a device sync); else on every row, then ``torch.where``
+    (fixed shapes, no sync: a CUDA graph can hold it). ``op`` must not write to its input.
+
+    >>> x = torch.zeros(3, 1, 2, 2)
+    >>> on_rows(x, torch.tensor([True, False, True]), torch.add, torch.ones(3, 1, 1, 1),
+    ...         compact=False)[:, 0, 0, 0]
+    tensor([1., 0., 1.])
+    """
+    if not compact:
+        return torch.where(rows.view(-1, 1, 1, 1), op(x, *per_row), x)
+    index = rows.nonzero()[:, 0]
+    if len(index):
+        picked = [t.index_select(0, index) for t in (x, *per_row)]
+        x.index_copy_(0, index, op(*picked))
     return x
+
+
+def _blend_step_(
+    x: torch.Tensor, factor: torch.Tensor, to_mean: torch.Tensor, to_luma: torch.Tensor
+) -> torch.Tensor:
+    """One jitter step's blend on every row, in place: ``clamp(f·x + (1 - f)·other, 0, 1)``,
+    ``other`` black (brightness), the grey mean (contrast) or the grey image (saturation),
+    picked by the per-row weights ``to_mean = (1 - f)·[contrast]``, ``to_luma = (1 - f)·
+    [saturation]``. Each op's own product appears once and the others add exact zeros, so it
+    equals ``adjust_*_`` bit for bit; ``f = 1`` (a hue step, a row without jitter) is a no-op."""
+    grey = luma(x)
+    other = grey * _per_row(to_luma, x)
+    other += grey.mean(dim=(1, 2, 3), keepdim=True) * _per_row(to_mean, x)
+    return x.mul_(_per_row(factor, x)).add_(other).clamp_(0, 1)
+
+
+def color_jitter_rows(
+    x: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor,
+    rows: torch.Tensor,
+    compact: bool | None = None,
+) -> torch.Tensor:
+    """ColorJitter on ``rows`` (bool ``[n]``) of ``x``, each row's four ops in its ``order``,
+    with a fixed number of batched ops whatever the rows drew: at each of the 4 steps one
+    blend of every row (``_blend_step_``: brightness, contrast or saturation, or a no-op) then
+    the hue shift of the rows whose step it is (``on_rows``; ``compact`` by default on the CPU,
+    where the hue is the costly op). Tensors on ``x``'s device (or the CPU); may overwrite
+    ``x``: use the result."""
+    compact = x.device.type == "cpu" if compact is None else compact
+    factors, order, rows = (t.to(x.device) for t in (factors, order, rows))
+    blend = rows[:, None] & (order != HUE)  # [n, 4]: step s of row r blends
+    step_factor = torch.where(blend, factors.gather(1, order).to(x.dtype), 1.0)
+    keep = 1 - step_factor
+    to_mean, to_luma = keep * (order == CONTRAST), keep * (order == SATURATION)
+    hue = rows[:, None] & (order == HUE)
+    for step in range(4):
+        x = _blend_step_(x, step_factor[:, step], to_mean[:, step], to_luma[:, step])
+        x = on_rows(x, hue[:, step], adjust_hue_, factors[:, HUE], compact=compact)
+    return x
+
+
+def grayscale(x: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+    """``[n, 3, H, W]`` grey images (``luma`` in every channel; a view, broadcast)."""
+    return luma(x).expand(-1, 3, -1, -1)
 
 
 # ---------------------------------------------------------------------- blur and normalise
@@ -332,12 +438,18 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     separable depthwise convolutions with per-row kernels (one grouped conv per axis)."""
     n, c, h, w = x.shape
     (sigma,) = to_device([sigma], x.device)
-    kernels = gaussian_kernels(kernel_size, sigma).repeat_interleave(c, dim=0)
+    # each row's kernel for its c channels; expand, not repeat_interleave(int), which may sync
+    kernels = gaussian_kernels(kernel_size, sigma)[:, None].expand(n, c, kernel_size)
+    kernels = kernels.reshape(n * c, kernel_size)
     pad = kernel_size // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
     y = F.conv2d(y, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
     return y.view(n, c, h, w)
+
+
+def _blur(kernel_size: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return gaussian_blur(x, kernel_size, sigma)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -366,6 +478,49 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
 # ------------------------------------------------------------------------------ the pipeline
 
 
+def _render_rows(
+    render: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    params: torch.Tensor,
+) -> torch.Tensor:
+    """``render`` of ``len(params)`` views, row ``r`` a view of ``images[r % B]``."""
+    index = torch.arange(len(params), device=images.device) % len(images)
+    return render(images.index_select(0, index), params)
+
+
+class CudaGraphed:
+    """``fn(images, params)`` for one input shape, captured in a CUDA graph: each call copies
+    its inputs into the graph's static buffers, replays the whole pipeline (one launch for
+    its ~180 kernels instead of ~180 launches from Python) and returns a copy of the static
+    output (the next replay overwrites it). Built on the first batch: warm-up on a side
+    stream (cuBLAS/cuDNN handles, allocator), as ``torch.cuda.graph`` requires, then capture.
+    ``fn`` must not sync, copy from the host or draw random numbers (the parameters are
+    drawn on the CPU and arrive in ``params``)."""
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        images: torch.Tensor,
+        params: torch.Tensor,
+    ) -> None:
+        self.images, self.params = images.clone(), params.clone()  # the static inputs
+        stream = torch.cuda.Stream(images.device)
+        stream.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(self.images, self.params)
+        torch.cuda.current_stream(images.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = fn(self.images, self.params)
+
+    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        self.images.copy_(images)
+        self.params.copy_(params)
+        self.graph.replay()
+        return self.out.clone()
+
+
 class BatchSimCLRAugment:
     """SimCLR views of a uint8 batch ``[B, 3, H, W]`` (CPU or CUDA) → ``n_views`` normalised
     ``float32`` tensors ``[B, 3, S, S]`` on the same device; parameters independent per sample
@@ -383,6 +538,7 @@ class BatchSimCLRAugment:
         *,
         n_views: int | None = None,
         seed: int | None = None,
+        cuda_graph: bool = True,
     ) -> None:
         simclr_transform(cfg, image_size)  # the config rules live there: same errors, one place
         self.cfg = cfg
@@ -394,6 +550,9 @@ class BatchSimCLRAugment:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator().manual_seed(seed)
+        self.cuda_graph = cuda_graph  # on CUDA: replay the pipeline from a graph (False: eager)
+        self._graphs: dict[tuple, CudaGraphed] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sample(self, n: int, height: int | torch.Tensor, width: int | torch.Tensor) -> ViewParams:
         """Parameters of ``n`` views of ``height x width`` images, or of images of their own
@@ -404,29 +563,71 @@ class BatchSimCLRAugment:
         """The pipeline with given parameters: ``[n, 3, S, S]`` float32, row ``r`` a view of
         ``images[r % B]``. On the CPU rows go through in chunks of ``CHUNK_ROWS``, so the ~60
         elementwise passes of a chunk stay in cache (~1.5x faster than whole-batch passes); on
-        a GPU the whole batch goes at once (fewer, larger kernels)."""
-        b = len(images)
-        out = torch.empty(len(params), 3, self.image_size, self.image_size, device=images.device)
-        chunk = CHUNK_ROWS if images.device.type == "cpu" else max(1, len(params))
-        for start in range(0, len(params), chunk):
-            rows = slice(start, start + chunk)
-            (index,) = to_device([torch.arange(len(params))[rows] % b], images.device)
-            source = images.index_select(0, index)
-            out[rows] = self._views(source, params[rows])
+        a GPU the whole batch goes at once, its parameters in one copy, the pipeline a fixed
+        sequence of kernels replayed from a CUDA graph (``cuda_graph``)."""
+        packed = params.packed()
+        if images.device.type != "cpu":
+            (packed,) = to_device([packed], images.device)
+            return self._on_device(images, packed)
+        out = torch.empty(len(params), 3, self.image_size, self.image_size)
+        for start in range(0, len(params), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            source = images.index_select(0, torch.arange(len(params))[rows] % len(images))
+            out[rows] = self.render(source, packed[rows])
         return out
 
-    def _views(self, source: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        x = resized_crop(source, params.boxes, self.image_size, params.flip)
-        color_jitter_rows(x, params.factors, params.order, params.jitter)
-        gray, blur = params.grayscale.nonzero()[:, 0], params.blur.nonzero()[:, 0]
-        gray_idx, blur_idx = to_device([gray, blur], x.device)
-        if len(gray):
-            x.index_copy_(0, gray_idx, luma(x.index_select(0, gray_idx)).expand(-1, 3, -1, -1))
-        if len(blur):
-            sigma = params.sigma[blur]
-            blurred = gaussian_blur(x.index_select(0, blur_idx), self.blur_kernel, sigma)
-            x.index_copy_(0, blur_idx, blurred)
-        return normalize(x, self.cfg.mean, self.cfg.std)
+    def render(
+        self, source: torch.Tensor, params: torch.Tensor, compact: bool | None = None
+    ) -> torch.Tensor:
+        """Views of ``source`` ``[n, 3, H, W]`` (uint8, row ``r`` the image of view ``r``)
+        with ``params`` ``[n, PARAM_WIDTH]`` (``ViewParams.packed``) on its device. The same
+        ops whatever the rows drew (masks, per-row factors): on a GPU every row runs every op
+        and ``torch.where`` keeps its own (fixed shapes); ``compact`` (default: on the CPU)
+        runs the hue shift, grayscale and blur on their rows alone (``on_rows``)."""
+        compact = source.device.type == "cpu" if compact is None else compact
+        x = resized_crop(source, params[:, BOX], self.image_size, params[:, FLIP] > 0)
+        factors, order = params[:, FACTORS], params[:, ORDER].long()
+        if self.cfg.strength > 0 and self.cfg.jitter_p > 0:  # config, not draws: fixed ops
+            x = color_jitter_rows(x, factors, order, params[:, JITTER] > 0, compact)
+        if self.cfg.grayscale_p > 0:
+            x = on_rows(x, params[:, GRAY] > 0, grayscale, compact=compact)
+        if self.cfg.blur:
+            blur = partial(_blur, self.blur_kernel)
+            x = on_rows(x, params[:, BLUR] > 0, blur, params[:, SIGMA], compact=compact)
+        mean, std = self._mean_std(x.device)
+        return x.sub_(mean).div_(std)
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment.mean`` / ``std`` as ``[1, 3, 1, 1]`` tensors on ``device``, made once (a
+        CUDA graph cannot hold the host → device copy)."""
+        if device not in self._constants:
+            stats = torch.tensor([list(self.cfg.mean), list(self.cfg.std)]).view(2, 1, 3, 1, 1)
+            self._constants[device] = tuple(to_device([stats], device)[0].unbind(0))
+        return self._constants[device]
+
+    def _on_device(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``render`` of the whole batch on a GPU: from a CUDA graph captured per input shape
+        (``MAX_GRAPHS`` at most, then eagerly), or eagerly (not CUDA, ``cuda_graph=False``, or
+        after a capture failed: a warning, once)."""
+        fn = partial(_render_rows, self.render)
+        key = (images.device, images.dtype, tuple(images.shape), len(params))
+        wanted = self.cuda_graph and images.device.type == "cuda"
+        if wanted and (key in self._graphs or len(self._graphs) < MAX_GRAPHS):
+            try:
+                if key not in self._graphs:
+                    self._mean_std(images.device)  # the constants exist before the capture
+                    self._graphs[key] = CudaGraphed(fn, images, params)
+                return self._graphs[key](images, params)
+            except RuntimeError as error:  # e.g. an op that cannot be captured: stay correct
+                warnings.warn(
+                    f"batched augmentation: CUDA graph capture failed ({error}); "
+                    "running it eagerly from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.cuda_graph = False
+                self._graphs.clear()
+        return fn(images, params)
 
     def __call__(
         self, images: torch.Tensor | Pixels, sizes: torch.Tensor | None = None
