@@ -533,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = Bench(args, DRY_PLAN if args.dry_run else GPU_PLAN)
     watch_deadline(bench)
-    start_line(bench)
+    try:
+        start_line(bench)
+    except Exception as exc:  # Ray or MLflow missing: the install did not work
+        bench.emit(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
+        return 2
     failed = 0
     for part in args.parts:
         bench.part = part
