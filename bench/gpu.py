@@ -140,7 +140,8 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.train, self.test = data_paths(args.data, args.dry_run)
         self.device = torch.device(plan.device)
-        self.device_name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
+        cuda = plan.device == "cuda" and torch.cuda.is_available()  # not: tests of the GPU plan
+        self.device_name = torch.cuda.get_device_name() if cuda else "cpu"
         self.part = "start"
         self.loop_rate: float | None = None  # part a's loop images/s (sizes part b's monitor)
 
@@ -164,7 +165,7 @@ class Bench:
         """What every pretraining of the visit sets: its data, store, name, budget, no
         registration and no test-split pass in finalize (part b evaluates the test split)."""
         return {
-            "data.train": self.train, "data.test": None, "data.reader": "torch",
+            "data.train": self.train, "data.test": None,
             "train.num_workers": 1, "train.max_failures": 0, "train.epochs": 1000,
             "train.time_budget_minutes": minutes, "train.run_name": f"gpu-{name}",
             "train.storage_path": str(self.work / "ray_results"),
@@ -266,6 +267,19 @@ def loop_rates(history: list[dict[str, Any]], batch: int) -> dict[str, Any]:
 # --- part a: the bare step vs the whole loop --------------------------------------------------
 
 
+def loop_run(bench: Bench) -> tuple[str, dict[str, Any]]:
+    """Part a's pretraining: bench/train_step.py's step (AdamW 1e-3 unscaled, τ 0.2, projection
+    2048 → 128, 2 views, the bare step's batch and precision) through the loop, monitor off."""
+    p = bench.plan.bare
+    return "cifar10-resnet18-gpu.yaml", {
+        **bench.run_overrides("a-loop", bench.plan.loop_minutes),
+        "data.val_fraction": 0.0, "data.reader": "torch", "train.global_batch_size": p["batch"],
+        "train.optimizer": "adamw", "train.lr": 1e-3, "train.lr_scaling": "none",
+        "train.warmup_epochs": 0.0, "train.amp": p["amp"],
+        "model.proj_hidden_dim": p.get("proj_hidden", 2048), "train.checkpoint_every_epochs": 1000,
+    }  # fmt: skip
+
+
 def part_a(bench: Bench) -> None:
     from bench.train_step import measure
 
@@ -282,14 +296,7 @@ def part_a(bench: Bench) -> None:
     torch.backends.cudnn.benchmark = False
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()  # the Ray worker gets the card
-    # bench/train_step.py's step: AdamW 1e-3 unscaled, τ 0.2, projection 2048 → 128, 2 views
-    run = pretrain(bench, "cifar10-resnet18-gpu.yaml", {
-        **bench.run_overrides("a-loop", bench.plan.loop_minutes),
-        "data.val_fraction": 0.0, "train.global_batch_size": p["batch"],
-        "train.optimizer": "adamw", "train.lr": 1e-3, "train.lr_scaling": "none",
-        "train.warmup_epochs": 0.0, "train.amp": p["amp"],
-        "model.proj_hidden_dim": p.get("proj_hidden", 2048), "train.checkpoint_every_epochs": 1000,
-    })  # fmt: skip
+    run = pretrain(bench, *loop_run(bench))
     rates = loop_rates(run["history"], run["config"].train.global_batch_size)
     bench.loop_rate = rates["images_per_s"]
     ratios = {
@@ -329,6 +336,15 @@ def monitor_every(bench: Bench, minutes: float, rows: int, batch: int) -> int:
     return max(1, math.ceil(epochs / 10))
 
 
+def quality_run(bench: Bench, minutes: float, every: int) -> tuple[str, dict[str, Any]]:
+    """Part b's pretraining: the 5-minute config as it is, on the visit's data and store, with
+    ``minutes`` of training and the validation kNN every ``every`` epochs."""
+    return "cifar10-resnet18-5min-gpu.yaml", {
+        **bench.run_overrides("b-quality", minutes), **bench.plan.quality,
+        "eval.knn_every_epochs": every,
+    }  # fmt: skip
+
+
 def part_b(bench: Bench) -> None:
     from service.config import load_config
 
@@ -339,10 +355,7 @@ def part_b(bench: Bench) -> None:
     base = load_config(CONFIGS / name, overrides={"data.train": bench.train, **bench.plan.every})
     rows = round(50_000 * (1 - base.data.val_fraction))  # CIFAR-10's training rows, held out
     every = monitor_every(bench, minutes, rows, base.train.global_batch_size)
-    run = pretrain(bench, name, {
-        **bench.run_overrides("b-quality", minutes), "data.reader": base.data.reader,
-        **bench.plan.quality, "eval.knn_every_epochs": every,
-    })  # fmt: skip
+    run = pretrain(bench, *quality_run(bench, minutes, every))
     config, history = run["config"], run["history"]
     trained = probe_test_split(bench, run["summary"]["checkpoint"], config)
     random = probe_test_split(bench, None, config)
@@ -455,6 +468,18 @@ def cache_batch(bench: Bench) -> tuple[int, float | None]:
     return (16_384 if 16_384 * PLAIN_MIB_PER_IMAGE > total else 32_768), total
 
 
+def cache_run(bench: Bench, batch: int, minutes: float) -> tuple[str, dict[str, Any]]:
+    """Part c's pretraining: the GradCache recipe (LARS at the sqrt-scaled LR, a fifth of the
+    budget to warm it up at this batch) on one worker at global batch ``batch``, monitor off."""
+    return "cifar10-resnet18-gradcache-gpu.yaml", {
+        **bench.run_overrides("c-gradcache", minutes), "data.val_fraction": 0.0,
+        "data.reader": "torch", "train.global_batch_size": batch,
+        "train.micro_batch_size": bench.plan.cache_micro, "train.warmup_fraction": 0.2,
+        "train.checkpoint_every_epochs": 1000,
+        **({"data.limit": 2 * batch} if bench.device.type == "cpu" else {}),
+    }  # fmt: skip
+
+
 def part_c(bench: Bench) -> None:
     minutes = bench.plan.cache_minutes
     if bench.device.type == "cuda":
@@ -463,13 +488,7 @@ def part_c(bench: Bench) -> None:
             raise RuntimeError(f"only {minutes:.2f} min of training left before the deadline")
     batch, total_mib = cache_batch(bench)
     micro = bench.plan.cache_micro
-    # the recipe's LARS at sqrt-scaled LR; a fifth of the budget warms it up at this batch
-    run = pretrain(bench, "cifar10-resnet18-gradcache-gpu.yaml", {
-        **bench.run_overrides("c-gradcache", minutes), "data.val_fraction": 0.0,
-        "train.global_batch_size": batch, "train.micro_batch_size": micro,
-        "train.warmup_fraction": 0.2, "train.checkpoint_every_epochs": 1000,
-        **({"data.limit": 2 * batch} if bench.device.type == "cpu" else {}),
-    })  # fmt: skip
+    run = pretrain(bench, *cache_run(bench, batch, minutes))
     history = [h for h in run["history"] if h.get("epoch", 0) >= 1]
     estimate = batch * PLAIN_MIB_PER_IMAGE
     bench.emit(

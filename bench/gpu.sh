@@ -6,6 +6,7 @@
 # docs/benchmarks.md, "GPU (prepared, not yet run)" (and .gpucarry/PLAN.txt).
 #
 #   bash bench/gpu.sh              # on the GPU machine, after the carry calls
+#   bash bench/gpu.sh --parts b    # arguments go to bench/gpu.py (here: part b alone, full 5 min)
 #   bash bench/gpu.sh --join-only  # join + check the pieces, nothing else (tests/test_gpu_bench.py)
 #
 # Back in $OUT: results.jsonl (one JSON line per part), quality.png, gpu.log (the run's stderr),
@@ -71,7 +72,7 @@ fi
 left=$((${GPU_TOTAL_S:-540} - ($(date +%s) - START) - 5))
 say "bench/gpu.py with ${left} s left"
 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 $((left + 20)) \
-    "$PY" bench/gpu.py --out "$OUT" --deadline-s "$left" 2>"$OUT/gpu.log"
+    "$PY" bench/gpu.py --out "$OUT" --deadline-s "$left" "$@" 2>"$OUT/gpu.log"
 rc=$?
 echo "--- gpu.log (last lines) ---" >&2
 tail -n 25 "$OUT/gpu.log" >&2

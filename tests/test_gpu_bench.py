@@ -4,6 +4,7 @@ plumbing end to end (embedded Ray, a SQLite MLflow store, the PNG)."""
 
 from __future__ import annotations
 
+import argparse
 import doctest
 import json
 import os
@@ -43,6 +44,43 @@ def test_gpu_configs_pass_preflight_on_the_shared_data(name: str, tmp_path: Path
     assert config.train.use_gpu and config.train.amp == "bf16"
     assert config.data.test, "the test split gives the final numbers"
     preflight(config)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-train.parquet").is_file(), reason="no ../shared/data")
+def test_the_visits_runs_pass_preflight_as_the_gpu_machine_gets_them(tmp_path: Path) -> None:
+    """The three pretrainings of the GPU plan (not the dry run's), as bench/gpu.py builds them:
+    every rule and data check, and they fit the lent machine (16 CPUs, one GPU)."""
+    from bench.gpu import GPU_PLAN, Bench, cache_run, loop_run, quality_run
+    from service.train.driver import fit_problems
+    from service.train.preflight import preflight
+
+    args = argparse.Namespace(
+        out=str(tmp_path / "out"), work=str(tmp_path / "work"), data=str(SHARED), dry_run=False,
+        deadline_s=510.0, parts="abc",
+    )  # fmt: skip
+    bench = Bench(args, GPU_PLAN)
+    runs = {"a": loop_run(bench), "b": quality_run(bench, 5.0, 10)}
+    runs |= {f"c{batch}": cache_run(bench, batch, 0.5) for batch in (16_384, 32_768)}
+    configs = {}
+    for part, (name, overrides) in runs.items():
+        config = configs[part] = load_config(REPO_ROOT / "jobs" / "configs" / name, overrides)
+        preflight(config)
+        assert fit_problems(config, cpus=16, gpus=1) == [], part
+        assert (config.train.use_gpu, config.train.amp, config.model.arch) == (
+            True, "bf16", "resnet18"
+        )  # fmt: skip
+        assert config.data.reader == "torch" and config.data.test is None  # part b probes it
+        assert config.mlflow.registered_model_name is None and config.train.num_workers == 1
+    a, b = configs["a"], configs["b"]
+    assert (a.train.global_batch_size, a.train.optimizer, a.model.proj_hidden_dim) == (
+        512, "adamw", 2048
+    )  # fmt: skip
+    assert a.model.channels_last and not a.data.has_val and a.train.time_budget_minutes == 0.4
+    assert b.data.has_val and b.train.time_budget_minutes == 5.0 and b.eval.knn_every_epochs == 10
+    for batch in (16_384, 32_768):
+        c = configs[f"c{batch}"]
+        assert c.train.micro_batch_size == 512 and c.loss.chunk_size == 2048
+        assert 50_000 // c.train.global_batch_size >= 1  # a full global batch every epoch
 
 
 def test_loop_rates_doctest() -> None:
