@@ -323,7 +323,8 @@ def quality_minutes(bench: Bench) -> float:
     plan = bench.plan
     if bench.device.type != "cuda":
         return plan.quality_minutes
-    left = (bench.remaining() - plan.quality_overhead_s - plan.cache_reserve_s) / 60
+    reserve = plan.cache_reserve_s if "c" in bench.args.parts else 0.0  # `--parts b`: all of it
+    left = (bench.remaining() - plan.quality_overhead_s - reserve) / 60
     return round(min(plan.quality_minutes, left), 2)
 
 
