@@ -40,6 +40,26 @@ def test_knn_matches_loop_reference() -> None:
     )
 
 
+def test_majority_knn_is_sklearns_cosine_classifier() -> None:
+    """dkobak/simclr-cifar10's protocol: ``KNeighborsClassifier(n_neighbors=10,
+    metric="cosine")``, one vote per neighbour; with 10 neighbours and 5 classes vote ties are
+    common, and both give them to the lowest label."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(400, 16, generator=g), torch.randn(300, 16, generator=g)
+    train_y, test_y = torch.randint(0, 5, (400,), generator=g), torch.randint(0, 5, (300,))
+    expected = KNeighborsClassifier(n_neighbors=10, metric="cosine").fit(train, train_y)
+    got = knn_predict(train, train_y, test, k=10, chunk_size=64, vote="majority")
+    assert got.tolist() == expected.predict(test.numpy()).tolist()
+    # ties happen here, and the weighted vote decides some of them differently
+    assert not torch.equal(got, knn_predict(train, train_y, test, k=10))
+    accuracy = knn_top1(train, train_y, test, test_y, k=10, vote="majority")
+    assert accuracy == pytest.approx(expected.score(test.numpy(), test_y.numpy()))
+    with pytest.raises(ValueError, match="vote must be"):
+        knn_predict(train, train_y, test, vote="uniform")  # type: ignore[arg-type]
+
+
 def test_knn_and_linear_separate_clusters_but_not_noise() -> None:
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(4, 32, generator=g) * 4
