@@ -19,6 +19,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -581,3 +582,140 @@ def test_mlflow_server_script_serves_tracking_api_and_stops(tmp_path: Path) -> N
         if pgid is not None and _group_alive(pgid):  # never leave a server behind
             os.killpg(pgid, signal.SIGKILL)
             time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------- air-gapped install
+# The end-to-end check (download, offline install into a torch-only venv, smoke run) takes
+# minutes: deploy/test_wheelhouse.sh, run by hand (docs/benchmarks.md). Here: the cheap parts.
+
+WHEELHOUSE_SH = DEPLOY / "wheelhouse.sh"
+
+
+def _wheelhouse_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wheelhouse", DEPLOY / "wheelhouse.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_wheel(folder: Path, name: str, version: str, *requires: str, tag: str = "") -> Path:
+    """A wheel with only METADATA: what the check reads."""
+    import zipfile
+
+    dist = name.replace("-", "_")
+    path = folder / f"{dist}-{version}-{tag or 'py3-none-any'}.whl"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{dist}-{version}.dist-info/METADATA", metadata)
+    return path
+
+
+@pytest.fixture
+def fake_wheelhouse(tmp_path: Path) -> Path:
+    """The project's shape in small: torch wanted directly, an extra, a Python-version marker."""
+    _fake_wheel(
+        tmp_path, "contrastive-service", "0.1.0", "torch>=2.4", "torchvision>=0.19",
+        "ray[data]>=2.50", 'tomli>=2; python_version < "3.12"', 'pytest>=8; extra == "dev"',
+    )  # fmt: skip
+    _fake_wheel(tmp_path, "ray", "2.60.0", 'pyarrow>=9; extra == "data"', "msgpack",
+                tag="cp312-cp312-manylinux2014_x86_64")  # fmt: skip
+    _fake_wheel(tmp_path, "pyarrow", "25.0.1", tag="cp312-cp312-manylinux_2_28_x86_64")
+    _fake_wheel(tmp_path, "msgpack", "1.2.4", tag="cp312-cp312-manylinux_2_17_x86_64")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["3.12"], ["3", "out"], ["3.12", "out", "--with-torch"], ["3.12", "out", "x", "y"]],
+    ids=["none", "no-dir", "bad-version", "bad-flag", "too-many"],
+)
+def test_wheelhouse_script_refuses_bad_arguments(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([str(WHEELHOUSE_SH), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and "usage: " in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_wheelhouse_script_refuses_a_folder_with_wheels(tmp_path: Path) -> None:
+    (tmp_path / "old-1.0-py3-none-any.whl").write_bytes(b"")
+    proc = subprocess.run([str(WHEELHOUSE_SH), "3.12", str(tmp_path)], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and "not empty" in proc.stderr, proc.stderr
+
+
+def test_wheelhouse_without_torch_ships_no_torch_and_keeps_every_other_requirement(
+    fake_wheelhouse: Path,
+) -> None:
+    wheelhouse = _wheelhouse_module()
+    assert wheelhouse.check(fake_wheelhouse, "3.12", without_torch=True) == []
+    # torch is the target's own: without --without-torch it must be in the wheelhouse
+    missing = wheelhouse.check(fake_wheelhouse, "3.12", without_torch=False)
+    assert [p.split(" (")[0] for p in missing] == [
+        "contrastive-service needs torch>=2.4",
+        "contrastive-service needs torchvision>=0.19",
+    ]
+    # the CUDA stack never travels with --without-torch
+    tag = "py3-none-manylinux_2_27_x86_64"
+    for name, version in [("torch", "2.14.1"), ("triton", "3.6.0"), ("nvidia-nccl-cu12", "2.27")]:
+        _fake_wheel(fake_wheelhouse, name, version, tag=tag)
+    problems = wheelhouse.check(fake_wheelhouse, "3.12", without_torch=True)
+    assert sorted(p.split("-")[0] for p in problems) == ["nvidia_nccl_cu12", "torch", "triton"]
+
+
+def test_wheelhouse_check_follows_extras_and_target_markers(fake_wheelhouse: Path) -> None:
+    wheelhouse = _wheelhouse_module()
+    (fake_wheelhouse / "pyarrow-25.0.1-cp312-cp312-manylinux_2_28_x86_64.whl").unlink()
+    assert wheelhouse.check(fake_wheelhouse, "3.12", without_torch=True) == [
+        'ray needs pyarrow>=9; extra == "data" (no wheel of pyarrow)'
+    ]
+    # tomli is needed below 3.12 only: a 3.11 target misses it (and every cp312 wheel misfits)
+    problems = wheelhouse.check(fake_wheelhouse, "3.11", without_torch=True)
+    assert any(p.startswith("contrastive-service needs tomli>=2") for p in problems)
+    assert sum("does not install on CPython 3.11" in p for p in problems) == 2
+
+
+def test_wheelhouse_check_wants_one_version_each_and_a_version_in_range(
+    fake_wheelhouse: Path,
+) -> None:
+    wheelhouse = _wheelhouse_module()
+    _fake_wheel(fake_wheelhouse, "msgpack", "1.0.0", tag="cp312-cp312-manylinux_2_17_x86_64")
+    _fake_wheel(fake_wheelhouse, "faiss-cpu", "1.15.1", tag="cp312-cp312-win_amd64")
+    problems = wheelhouse.check(fake_wheelhouse, "3.12", without_torch=True)
+    assert [p.split(":")[0] for p in problems] == [
+        "faiss_cpu-1.15.1-cp312-cp312-win_amd64.whl does not install on CPython 3.12 manylinux"
+        " x86_64",
+        "two versions of msgpack",
+    ]
+    for wheel in fake_wheelhouse.glob("ray-*.whl"):
+        wheel.unlink()
+    _fake_wheel(fake_wheelhouse, "ray", "2.40.0", tag="cp312-cp312-manylinux2014_x86_64")
+    problems = wheelhouse.check(fake_wheelhouse, "3.12", without_torch=True)
+    assert problems[-1].startswith("contrastive-service needs ray[data]>=2.50, the wheelhouse has")
+
+
+def test_wheelhouse_stub_wheel_is_a_wheel_pip_takes(tmp_path: Path) -> None:
+    """The stand-in for the target's torch that wheelhouse.sh resolves against."""
+    wheelhouse = _wheelhouse_module()
+    stub = wheelhouse.stub_wheel("torch", "2.11.0", tmp_path)
+    assert stub.name == "torch-2.11.0+stub-py3-none-any.whl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--ignore-installed",
+         "--find-links", str(tmp_path), "torch==2.11.0+stub", "--report", "-", "--quiet"],
+        env=env | {"PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (installed,) = json.loads(proc.stdout)["install"]
+    assert installed["metadata"]["version"] == "2.11.0+stub"
+    assert installed["metadata"].get("requires_dist") is None  # nothing of torch's CUDA stack
+
+
+def test_wheelhouse_helper_doctests() -> None:
+    import doctest
+
+    result = doctest.testmod(_wheelhouse_module())
+    assert result.attempted >= 2 and result.failed == 0
