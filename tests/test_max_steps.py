@@ -224,3 +224,14 @@ def test_max_steps_mid_epoch_through_ray(ray_cluster, mlflow_server, tmp_path) -
     tags = client.get_run(summary["run_id"]).data.tags
     assert (tags["global_step"], tags["epoch"]) == ("6", "2")
     assert [m.step for m in client.get_metric_history(summary["run_id"], "train_loss")] == [4, 6]
+
+
+def test_a_sweep_trial_that_reaches_max_steps_has_completed() -> None:
+    from service.tune.progress import TrialLines
+    from service.tune.summary import classify
+
+    assert classify(None, 2, 100, global_step=20, max_steps=20) == "completed"
+    assert classify(None, 1, 100, global_step=17, max_steps=20) == "stopped_early"
+    lines = TrialLines("knn_top1", 100, max_steps=20)
+    end = lines.end_line("t1", {"epochs_completed": 2, "global_step": 20, "knn_top1": 0.3}, False)
+    assert end.startswith("trial t1 completed after 2 epoch(s)")
