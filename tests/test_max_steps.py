@@ -235,3 +235,13 @@ def test_a_sweep_trial_that_reaches_max_steps_has_completed() -> None:
     lines = TrialLines("knn_top1", 100, max_steps=20)
     end = lines.end_line("t1", {"epochs_completed": 2, "global_step": 20, "knn_top1": 0.3}, False)
     assert end.startswith("trial t1 completed after 2 epoch(s)")
+
+
+def test_the_progress_line_counts_no_more_steps_than_max_steps_left() -> None:
+    from service.train.epoch import StepProgress
+
+    ticks = iter([0.0, 12.0, 12.0, 24.0])
+    p = StepProgress(epochs=1000, steps_per_epoch=40, clock=lambda: next(ticks))
+    p.start_epoch(0)
+    line = p.update(epoch_step=20, loss=5.0, images=2560, steps_left=30)
+    assert line.endswith("ETA epoch 0:12 run 0:18")  # 30 steps at 0.6 s, not 999 epochs

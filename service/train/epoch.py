@@ -134,10 +134,16 @@ class StepProgress:
         self._loss_sum, self._steps, self._images = 0.0, 0, 0
 
     def update(
-        self, epoch_step: int, loss: float, images: int, budget_left_s: float | None = None
+        self,
+        epoch_step: int,
+        loss: float,
+        images: int,
+        budget_left_s: float | None = None,
+        steps_left: int | None = None,
     ) -> str | None:
         """Count one step; the line to print when ``interval`` has passed, else None.
-        ``loss`` shown: the mean since the previous line; img/s: over the same window."""
+        ``loss`` shown: the mean since the previous line; img/s: over the same window.
+        ``steps_left``: to ``train.max_steps`` (the run's ETA counts no more steps than that)."""
         self._loss_sum, self._steps, self._images = (
             self._loss_sum + loss, self._steps + 1, self._images + images
         )  # fmt: skip
@@ -151,9 +157,8 @@ class StepProgress:
             run_left = budget_left_s
             of = ""
         else:
-            run_left = per_step * (
-                left_in_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
-            )
+            steps = left_in_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
+            run_left = per_step * (steps if steps_left is None else min(steps, steps_left))
             of = f"/{self.epochs}"
         line = (
             f"epoch {self.epoch + 1}{of} step {epoch_step}/{self.steps_per_epoch} "

@@ -134,7 +134,9 @@ def _log_step(s: TrainState, logger: Any, loss: float, meter: EpochMeter) -> Non
 
 def _show_progress(s: TrainState, progress: StepProgress | None, loss: float, images: int) -> None:
     if progress is not None:
-        line = progress.update(s.epoch_step, loss, images, s.clock.remaining_s)
+        max_steps = s.config.train.max_steps
+        left = None if max_steps is None else max_steps - s.global_step
+        line = progress.update(s.epoch_step, loss, images, s.clock.remaining_s, left)
         if line is not None:
             _say(s, line)
 
