@@ -72,7 +72,10 @@ def held_equal(args: argparse.Namespace) -> dict[str, Any]:
 def run_row(args: argparse.Namespace, family: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One ablation run (``overrides`` on top of what ``--equal`` holds) and its JSON row."""
     started = time.perf_counter()
-    row = run_ours(args, args.minutes, **overrides, **held_equal(args))
+    held = held_equal(args)
+    row = run_ours(args, args.minutes, **overrides, **held)
+    if held:  # epochs or steps: no time budget was set, whatever --minutes says
+        row.pop("budget_min", None)
     setting = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
     wall = round((time.perf_counter() - started) / 60, 2)
     return {"family": family, "setting": setting, **row, "run_wall_min": wall}
