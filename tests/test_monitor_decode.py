@@ -124,3 +124,17 @@ def test_image_text_monitor_keeps_its_rows_decoded() -> None:
     assert once(model, "cpu") == each(model, "cpu") == once(model, "cpu")
     assert once.data().pixels is not None and len(once.data().pixels) == len(once.data())
     assert once.data().pixels.dtype == torch.uint8 and each.data().pixels is None
+
+
+def test_rows_that_do_not_fit_are_decoded_every_epoch_with_a_notice(capsys) -> None:
+    from service.data.splits import train_val_rows
+    from service.train import monitor_decode_once
+
+    config = load_config(SMOKE)
+    rows = train_val_rows(config)
+    assert monitor_decode_once(config, rows.train_rows(), rows.val)  # 15 MiB: kept
+    huge = load_config(SMOKE, ["data.image_size=8192"])  # 5,000 x 201 MiB: never fits
+    assert not monitor_decode_once(huge, rows.train_rows(), rows.val)
+    err = capsys.readouterr().err
+    assert "kNN monitor: decoding its rows every epoch (estimated" in err
+    assert "> 50% of" in err and err.count("kNN monitor") == 1
