@@ -209,7 +209,7 @@ def test_max_steps_mid_epoch_through_ray(ray_cluster, mlflow_server, tmp_path) -
         "train.epochs=100", "train.max_steps=6", "eval.knn_every_epochs=100",
         "train.run_name=max-steps", f"train.storage_path={tmp_path}",
         f"mlflow.tracking_uri={mlflow_server.url}", "mlflow.experiment=max-steps",
-        "mlflow.registered_model_name=null",  # registration is tested elsewhere: time
+        "mlflow.registered_model_name=null", "data.test=null",  # tested elsewhere: time
     ]  # fmt: skip
     sets = [arg for o in overrides for arg in ("--set", o)]
     ray_cluster.submit(["python", "jobs/pretrain.py", "--config", SMOKE, *sets], "max-steps")
