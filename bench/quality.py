@@ -74,6 +74,7 @@ def run_ours(args: argparse.Namespace, minutes: float, **overrides: Any) -> dict
     last = load_state(summary["checkpoint"])["history"][-1]
     return {"method": "ours", "config": args.config, "budget_min": minutes, **overrides,
             "wall_min": round(wall / 60, 2), "epochs": last.get("epoch"),
+            "global_step": last.get("global_step"),
             **protocol(backbone, config, args.train, args.test)}  # fmt: skip
 
 

@@ -166,6 +166,12 @@ class TrainConfig:
     # With a time budget: linear LR warmup over this fraction of the budget (warmup_epochs is not
     # used then: epochs are not the schedule's unit; the worker says so when it is set).
     warmup_fraction: float = 0.0
+    # Stop after this many optimizer steps (global steps, counted across epochs and resumes; the
+    # epoch it ends in is reported and checkpointed like a last epoch). The step-counted LR
+    # schedule runs over min(max_steps, epochs x steps per epoch); with a time budget too,
+    # whichever limit comes first stops and the schedule follows whichever is further along.
+    # train.epochs stays an upper bound. null: no step limit (docs/training.md).
+    max_steps: int | None = None
 
 
 @dataclass

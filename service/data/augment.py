@@ -144,12 +144,35 @@ def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
     return v2.Compose(ops + _normalize(cfg.mean, cfg.std))
 
 
+def _eval_geometry(image_size: int) -> list[v2.Transform]:
+    return [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Deterministic transform for kNN / linear eval and embedding: resize the shorter side to
     ``image_size``, centre-crop to ``image_size`` x ``image_size``, normalise."""
-    return v2.Compose(
-        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)] + _normalize(mean, std)
-    )
+    return v2.Compose(_eval_geometry(image_size) + _normalize(mean, std))
+
+
+def eval_pixels(image: Any, image_size: int) -> torch.Tensor:
+    """The geometric half of :func:`eval_transform` (resize, centre crop) of an RGB PIL image as
+    uint8 ``[3, S, S]``: what an evaluation decodes once and keeps; :func:`eval_normalize` on a
+    batch of these gives exactly ``eval_transform``'s tensors.
+
+    >>> from PIL import Image
+    >>> image = Image.new("RGB", (40, 30), (200, 100, 0))
+    >>> batch = eval_pixels(image, 16)[None]
+    >>> batch.dtype, torch.equal(eval_normalize([0.5] * 3, [0.25] * 3)(batch)[0],
+    ...                          eval_transform(16, [0.5] * 3, [0.25] * 3)(image))
+    (torch.uint8, True)
+    """
+    return v2.functional.pil_to_tensor(v2.Compose(_eval_geometry(image_size))(image))
+
+
+def eval_normalize(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """The rest of :func:`eval_transform` on uint8 ``[b, 3, S, S]`` batches of
+    :func:`eval_pixels`: float in [0, 1], then normalised."""
+    return v2.Compose(_normalize(mean, std)[1:])  # ToImage: the input is a tensor already
 
 
 def split_at_to_image(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:

@@ -36,6 +36,7 @@ key differs from the rows its own config selects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from service.config import Config
+from service.data.augment import eval_pixels
 from service.data.batch_augment import Pixels
 from service.data.captions import is_caption
 from service.data.decode import DecodeStats, decode_image
@@ -88,6 +90,12 @@ def fit_item(image: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]
     ``[pixels [b, 3, S, S], sizes [b, 2]]``)."""
     pixels, extent = fit_uint8(image, size)
     return pixels, torch.tensor(extent)
+
+
+def eval_item(image: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image as evaluation sees it (``augment.eval_pixels``: resize, centre crop; uint8),
+    :func:`fit_item`'s shape: what a per-epoch evaluation decodes once (the monitor's bank)."""
+    return eval_pixels(image, size), torch.tensor([size, size])
 
 
 def decoded_bytes(rows: int, size: int) -> int:
@@ -169,10 +177,12 @@ def decode_rows(
     size: int,
     max_bad_fraction: float = 0.01,
     text_column: str | None = None,
+    fit: Callable[[Image.Image, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> DecodedImages:
     """Decode rows ``indices`` of ``path`` (all when None) into one shared uint8 tensor; with
     ``text_column``, keep each kept row's caption (a null or empty caption drops its row, counted
-    like a corrupt image, and a corrupt image drops its caption).
+    like a corrupt image, and a corrupt image drops its caption). ``fit``: image → ``(uint8
+    [3, size, size], extent)``, :func:`fit_item` (training) unless given (:func:`eval_item`).
 
     Raises :class:`~service.data.errors.TooManyBadImagesError` above ``max_bad_fraction``.
 
@@ -202,7 +212,7 @@ def decode_rows(
         except CorruptImageError as exc:
             stats.add_bad(f"row {int(file_rows[i])} ({exc})")
             continue
-        images[len(kept)], sizes[len(kept)] = fit_item(image, size)
+        images[len(kept)], sizes[len(kept)] = (fit or fit_item)(image, size)
         kept.append(i)
         stats.add_ok()
     where = f"{str(path)!r}"

@@ -3,7 +3,7 @@ offline protocol that runs both on a labelled train/test Parquet pair; image–t
 classification and retrieval recall (per epoch and beside a random-init model); representation
 health (alignment, uniformity, effective rank, spread, positive gap; the collapse verdict)."""
 
-from service.eval.features import extract_features
+from service.eval.features import EvalRows, extract_features, pixel_features
 from service.eval.health import (
     MIN_EFFECTIVE_RANK,
     MIN_STD_FRACTION,
@@ -39,6 +39,7 @@ __all__ = [
     "MIN_EFFECTIVE_RANK",
     "MIN_STD_FRACTION",
     "CaptionedImages",
+    "EvalRows",
     "ImageTextMonitor",
     "alignment",
     "caption_groups",
@@ -57,6 +58,7 @@ __all__ = [
     "linear_probe_top1",
     "load_captioned_images",
     "monitor_metric_names",
+    "pixel_features",
     "positive_gap",
     "representation_health",
     "retrieval_recall",

@@ -62,3 +62,79 @@ def extract_features(
             labels.append(batch_labels)
     encoder.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def pixel_features(
+    encoder: nn.Module,
+    pixels: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    label: str = "features",
+) -> torch.Tensor:
+    """Features ``[n, d]`` (float32, CPU) of images already decoded: uint8 ``pixels``
+    ``[n, 3, S, S]`` (``service.data.augment.eval_pixels``), ``normalize`` per batch
+    (``eval_normalize``). The same numbers as :func:`extract_features` over the same rows and
+    batches, without decoding."""
+    was_training = encoder.training
+    encoder.eval()
+    memory_format = input_memory_format(encoder)
+    features = []
+    starts = range(0, len(pixels), batch_size)
+    with Progress(len(pixels), label, unit="images") as progress:
+        for i in progress.iterate(starts, size=lambda i: len(pixels[i : i + batch_size])):
+            images = normalize(pixels[i : i + batch_size]).to(device)
+            features.append(encoder(images.contiguous(memory_format=memory_format)).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(features) if features else torch.empty(0)
+
+
+class EvalRows:
+    """Rows ``indices`` of ``path`` (all when None) that an evaluation embeds again and again
+    (the validation monitor, every epoch): with ``decode_once`` they are decoded at the first
+    call into uint8 ``[n, 3, S, S]`` (the eval transform's resize + crop,
+    ``service.data.decoded.eval_item``) and kept, so each later call only normalises and runs
+    the forward; without it every call decodes them (:func:`extract_features`). Both give the
+    same features. ``decodes`` counts the decoding passes."""
+
+    def __init__(
+        self,
+        path: str,
+        indices: np.ndarray | None,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        *,
+        decode_once: bool,
+        label: str = "features",
+    ) -> None:
+        from service.data.augment import eval_normalize, eval_transform
+
+        self.path, self.indices, self.image_size = path, indices, image_size
+        self.transform = eval_transform(image_size, mean, std)
+        self.normalize = eval_normalize(mean, std)
+        self.decode_once, self.label = decode_once, label
+        self.pixels: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.decodes = 0
+
+    def features(
+        self, encoder: nn.Module, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [n, d] float32 CPU, labels [n] int64)`` of ``encoder`` on the rows."""
+        if not self.decode_once:
+            self.decodes += 1
+            return extract_features(
+                encoder, self.path, self.transform, indices=self.indices, device=device,
+                label=self.label,
+            )  # fmt: skip
+        if self.pixels is None:
+            from service.data.decoded import decode_rows, eval_item
+
+            decoded = decode_rows(self.path, self.indices, self.image_size, fit=eval_item)
+            self.pixels, self.labels = decoded.images, decoded.labels
+            self.decodes += 1
+        x = pixel_features(encoder, self.pixels, self.normalize, device=device, label=self.label)
+        return x, self.labels  # type: ignore[return-value]

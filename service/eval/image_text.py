@@ -15,7 +15,7 @@ module never imports ``service.train``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ class CaptionedImages:
     captions: list[str] | None
     labels: torch.Tensor | None
     class_names: list[str]
+    # The images decoded once (``keep_pixels``): uint8 [n, 3, S, S] after the eval transform's
+    # resize + crop (``augment.eval_pixels``); evaluations then skip decoding. None: decode.
+    pixels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -70,11 +73,14 @@ def load_captioned_images(
     path: str,
     indices: np.ndarray | None = None,
     max_rows: int = FINAL_MAX_ROWS,
+    keep_pixels: bool = False,
 ) -> CaptionedImages:
     """Rows ``indices`` of ``path`` (all when None), at most ``max_rows`` of them (seeded).
 
     Rows whose image does not decode or whose caption is empty are left out, as the readers do.
+    ``keep_pixels``: keep the images this check decodes (``CaptionedImages.pixels``).
     """
+    from service.data.augment import eval_pixels
     from service.data.captions import is_caption
     from service.data.decode import decode_image
     from service.data.errors import CorruptImageError
@@ -88,17 +94,23 @@ def load_captioned_images(
     columns = [IMAGE_COLUMN] + [text_column] * has_text + [LABEL_COLUMN] * named
     rows = _select(indices, source.num_rows, max_rows, config.train.seed)
     table = source.read(columns, rows)
-    keep = []
+    keep, pixels = [], {}
     for i, blob in enumerate(table.column(IMAGE_COLUMN).to_pylist()):
         try:
-            decode_image(blob)
+            image = decode_image(blob)
             keep.append(i)
         except CorruptImageError:
             continue
+        if keep_pixels:
+            pixels[i] = eval_pixels(image, config.data.image_size)
     if has_text:
         texts = table.column(text_column).to_pylist()
         keep = [i for i in keep if is_caption(texts[i])]
     table = table.take(keep)
+    size = config.data.image_size
+    kept = torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if keep_pixels and keep:
+        kept = torch.stack([pixels[i] for i in keep])
     labels, class_names = None, []
     if named:
         ids_names = _class_names(source, name_column)
@@ -110,6 +122,7 @@ def load_captioned_images(
         captions=table.column(text_column).to_pylist() if has_text else None,
         labels=labels,
         class_names=class_names,
+        pixels=kept if keep_pixels else None,
     )
 
 
@@ -123,13 +136,10 @@ def image_text_metrics(
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Zero-shot top-1 (``config.text.templates``) and retrieval recall@1/5/10 of an
-    ``ImageTextModel`` (``encode_image`` / ``encode_text``) on ``data``; float32, eval mode."""
-    from service.data.augment import eval_transform
-    from service.data.decode import decode_image
-
+    ``ImageTextModel`` (``encode_image`` / ``encode_text``) on ``data``; float32, eval mode.
+    ``data.pixels`` (decoded once) or else its encoded images: the same numbers."""
     if len(data) == 0:
         raise ValueError("image–text evaluation needs at least one usable row")
-    transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
     length = config.text.context_length
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
@@ -143,11 +153,8 @@ def image_text_metrics(
     model.eval()
     try:
         images = torch.cat([
-            model.encode_image(
-                torch.stack([transform(decode_image(b)) for b in data.images[i : i + batch_size]])
-                .to(device)
-            ).float().cpu()
-            for i in range(0, len(data), batch_size)
+            model.encode_image(batch.to(device)).float().cpu()
+            for batch in _image_batches(data, config, batch_size)
         ])  # fmt: skip
         metrics: dict[str, float] = {}
         if data.labels is not None and data.class_names:
@@ -159,6 +166,25 @@ def image_text_metrics(
     finally:
         model.train(was_training)
     return metrics
+
+
+def _image_batches(
+    data: CaptionedImages, config: Config, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """``data``'s images as normalised float batches: from ``data.pixels`` when decoded once,
+    else decoded now (``eval_transform``; the same values)."""
+    from service.data.augment import eval_normalize, eval_transform
+    from service.data.decode import decode_image
+
+    a = config.augment
+    if data.pixels is not None:
+        normalize = eval_normalize(a.mean, a.std)
+        for i in range(0, len(data), batch_size):
+            yield normalize(data.pixels[i : i + batch_size])
+        return
+    transform = eval_transform(config.data.image_size, a.mean, a.std)
+    for i in range(0, len(data), batch_size):
+        yield torch.stack([transform(decode_image(b)) for b in data.images[i : i + batch_size]])
 
 
 def run_tokenizer_path(config: Config) -> Path:
@@ -177,16 +203,33 @@ def run_tokenizer(config: Config) -> Any:
     return Tokenizer.load(path) if path.is_file() else fit_tokenizer(config)
 
 
+def _fits_decoded(rows: int, image_size: int) -> bool:
+    """Whether ``rows`` decoded images fit the memory available now (the training rows' rule,
+    ``decode_once_plan``); one line says so when they do not."""
+    from service.console import say
+    from service.data.decoded import decode_once_plan
+
+    plan = decode_once_plan(rows, image_size)
+    if not plan.decode_once:
+        say("train", f"image–text monitor: decoding its rows every epoch ({plan.reason()})")
+    return plan.decode_once
+
+
 class ImageTextMonitor:
     """Per-epoch ``val_zeroshot_top1``, ``val_i2t_recall_at_{1,5,10}``,
     ``val_t2i_recall_at_{1,5,10}`` on the validation split (``data.val``, or the rows held out
     from ``data.train``: ``service.data.splits``), at most :data:`MONITOR_MAX_ROWS` rows (seeded
-    subset; also capped by ``eval.knn_max_train`` when set). Rank 0 only; the rows are read once.
+    subset; also capped by ``eval.knn_max_train`` when set). Rank 0 only; the rows are read once
+    and, when they fit (``decode_once_plan``; ``decode_once`` forces it either way), kept decoded
+    (uint8), so each epoch costs the forward only; otherwise each epoch decodes them again.
     """
 
-    def __init__(self, config: Config, tokenizer: Any = None) -> None:
+    def __init__(
+        self, config: Config, tokenizer: Any = None, decode_once: bool | None = None
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.decode_once = decode_once
         self._data: CaptionedImages | None = None
 
     def due(self, epoch: int) -> bool:
@@ -201,7 +244,11 @@ class ImageTextMonitor:
             d, cap = self.config.data, MONITOR_MAX_ROWS
             cap = min(cap, self.config.eval.knn_max_train or cap)
             indices = None if d.val else train_val_rows(self.config).val
-            self._data = load_captioned_images(self.config, d.val or d.train, indices, cap)
+            keep = self.decode_once
+            if keep is None:
+                keep = _fits_decoded(cap, d.image_size)
+            path = d.val or d.train
+            self._data = load_captioned_images(self.config, path, indices, cap, keep)
         return self._data
 
     def __call__(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:

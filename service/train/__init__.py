@@ -21,6 +21,7 @@ from service.train.epoch import (
     Monitor,
     build_monitor,
     flag_collapse,
+    monitor_decode_once,
     monitor_metrics,
 )
 from service.train.inputs import WorkerInputs, resolve_storage_path
@@ -47,6 +48,7 @@ __all__ = [
     "load_training_model_from_checkpoint",
     "load_state",
     "lr_schedule",
+    "monitor_decode_once",
     "monitor_metrics",
     "resolve_storage_path",
     "restore_training_state",

@@ -350,11 +350,15 @@ def _already_done(config: Config, plan: RunPlan) -> dict[str, Any]:
         f"run {config.train.run_name!r} already trained all {config.train.epochs} epochs; nothing "
         f"to do (raise train.epochs to train more)"
     )
-    trained = config.train.epochs if plan.last_epoch is None else plan.last_epoch + 1
-    if trained < config.train.epochs:  # stopped early: its train.time_budget_minutes is spent
+    t = config.train
+    trained = t.epochs if plan.last_epoch is None else plan.last_epoch + 1
+    if trained < t.epochs:  # stopped early: its time budget or train.max_steps is spent
+        spent = (
+            f"time budget of {t.time_budget_minutes:g} min" if t.time_budget_minutes
+            else f"train.max_steps={t.max_steps} optimizer steps"
+        )  # fmt: skip
         message = (
-            f"run {config.train.run_name!r} already spent its time budget of "
-            f"{config.train.time_budget_minutes:g} min; nothing to do (the budget shapes the LR "
+            f"run {t.run_name!r} already spent its {spent}; nothing to do (it shapes the LR "
             f"schedule, so a longer one is a new run under another train.run_name)"
         )
     print(f"[pretrain] {message}", file=sys.stderr)
@@ -375,6 +379,7 @@ def _summary(config: Config, result: ray.train.Result) -> dict[str, Any]:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "storage_path": resolve_storage_path(t.storage_path),
         "epochs": int(result.metrics.get("epoch", t.epochs)),  # fewer when a time budget ran out
+        "global_step": result.metrics.get("global_step"),  # optimizer steps (train.max_steps)
         "world_size": t.num_workers,
         "global_batch_size": t.global_batch_size,
         "per_worker_batch_size": config.per_worker_batch_size,

@@ -134,10 +134,16 @@ class StepProgress:
         self._loss_sum, self._steps, self._images = 0.0, 0, 0
 
     def update(
-        self, epoch_step: int, loss: float, images: int, budget_left_s: float | None = None
+        self,
+        epoch_step: int,
+        loss: float,
+        images: int,
+        budget_left_s: float | None = None,
+        steps_left: int | None = None,
     ) -> str | None:
         """Count one step; the line to print when ``interval`` has passed, else None.
-        ``loss`` shown: the mean since the previous line; img/s: over the same window."""
+        ``loss`` shown: the mean since the previous line; img/s: over the same window.
+        ``steps_left``: to ``train.max_steps`` (the run's ETA counts no more steps than that)."""
         self._loss_sum, self._steps, self._images = (
             self._loss_sum + loss, self._steps + 1, self._images + images
         )  # fmt: skip
@@ -151,9 +157,8 @@ class StepProgress:
             run_left = budget_left_s
             of = ""
         else:
-            run_left = per_step * (
-                left_in_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
-            )
+            steps = left_in_epoch + (self.epochs - self.epoch - 1) * self.steps_per_epoch
+            run_left = per_step * (steps if steps_left is None else min(steps, steps_left))
             of = f"/{self.epochs}"
         line = (
             f"epoch {self.epoch + 1}{of} step {epoch_step}/{self.steps_per_epoch} "
@@ -266,24 +271,49 @@ def monitor_metrics(config: Config) -> dict[str, str]:
     return {"knn_top1": "max"}
 
 
+def monitor_decode_once(config: Config, bank_rows: np.ndarray, val_rows: np.ndarray | None) -> bool:
+    """Whether the kNN monitor keeps its rows decoded (uint8): when they fit the memory
+    available now (``decode_once_plan``, the training rows' rule); otherwise one line says so
+    and each epoch decodes them again."""
+    from service.data.decoded import decode_once_plan
+    from service.data.sources import inspect_source
+
+    d = config.data
+    n_val = len(val_rows) if val_rows is not None else inspect_source(d.val).num_rows
+    plan = decode_once_plan(len(bank_rows) + n_val, d.image_size)
+    if not plan.decode_once:
+        say("train", f"kNN monitor: decoding its rows every epoch ({plan.reason()})")
+    return plan.decode_once
+
+
 class KnnMonitor:
     """Online kNN top-1 on the validation split (rank 0); memory bank = training rows.
 
     The validation split is ``data.val`` or the rows held out from ``data.train``
     (``service.data.splits``); neither is ever trained on, and the test split is not used here.
+    Both sets of rows are decoded once, at the first call, and kept as uint8 (each epoch then
+    costs the forward only) when they fit (``monitor_decode_once``; ``decode_once`` forces it
+    either way); otherwise each call decodes them again.
     """
 
-    def __init__(self, config: Config):
-        from service.data.augment import eval_transform
+    def __init__(self, config: Config, decode_once: bool | None = None):
         from service.data.splits import train_val_rows
+        from service.eval.features import EvalRows
 
         self.config = config
-        self.transform = eval_transform(
-            config.data.image_size, config.augment.mean, config.augment.std
-        )
+        d, a = config.data, config.augment
         rows = train_val_rows(config)
         self.bank_rows = rows.train_rows(config.eval.knn_max_train)
-        self.val_rows = rows.val if not config.data.val else None
+        self.val_rows = rows.val if not d.val else None
+        if decode_once is None:
+            decode_once = monitor_decode_once(config, self.bank_rows, self.val_rows)
+        self.bank, self.val = (
+            EvalRows(path, ids, d.image_size, a.mean, a.std, decode_once=decode_once,
+                     label=f"kNN monitor: {name}")
+            for path, ids, name in ((d.train, self.bank_rows, "bank"),
+                                    (d.val or d.train, self.val_rows, "validation"))
+        )  # fmt: skip
+        self.transform = self.val.transform
         self.pairs: HealthPairs | None = None  # decoded at the first call
 
     def due(self, epoch: int) -> bool:
@@ -291,19 +321,11 @@ class KnnMonitor:
 
     def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """``{"knn_top1": x}`` of ``model.backbone`` (``model``: the unwrapped training model)."""
-        from service.eval.features import extract_features
         from service.eval.knn import knn_top1
 
-        backbone = model.backbone
-        d, e = self.config.data, self.config.eval
-        bank, bank_labels = extract_features(
-            backbone, d.train, self.transform, indices=self.bank_rows, device=device,
-            label="kNN monitor: bank",
-        )  # fmt: skip
-        val, val_labels = extract_features(
-            backbone, d.val or d.train, self.transform, indices=self.val_rows, device=device,
-            label="kNN monitor: validation",
-        )  # fmt: skip
+        e = self.config.eval
+        bank, bank_labels = self.bank.features(model.backbone, device)
+        val, val_labels = self.val.features(model.backbone, device)
         top1 = knn_top1(bank, bank_labels, val, val_labels, e.knn_k, e.knn_temperature)
         return {"knn_top1": top1, **self.health(model, val, device)}
 

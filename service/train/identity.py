@@ -38,7 +38,7 @@ RESUMABLE_SECTIONS = ("eval.", "mlflow.", "tune.", "fault.")
 class RunPlan:
     """What ``run_pretraining`` will do: train a ``new`` run, ``resume`` one, or nothing
     (``done``: the recorded run already trained every requested epoch, or spent its
-    ``train.time_budget_minutes``)."""
+    ``train.time_budget_minutes`` or ``train.max_steps``)."""
 
     kind: str
     run_dir: str
@@ -128,8 +128,8 @@ def changed_keys(record: dict[str, Any], config: Config) -> list[str]:
     )
 
 
-def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any], float]:
-    """Epoch (0-based), config and training seconds of a checkpoint."""
+def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any], float, int]:
+    """Epoch (0-based), config, training seconds and global step of a checkpoint."""
     from service.train.checkpoint import load_state
 
     if "://" in checkpoint:  # object store: read the small state through a local download
@@ -139,7 +139,8 @@ def _checkpoint_epoch(checkpoint: str) -> tuple[int, dict[str, Any], float]:
             saved = load_state(local)
     else:
         saved = load_state(checkpoint)
-    return int(saved["epoch"]), saved["config"], float(saved.get("train_seconds", 0.0))
+    seconds, steps = float(saved.get("train_seconds", 0.0)), int(saved.get("global_step", 0))
+    return int(saved["epoch"]), saved["config"], seconds, steps
 
 
 def _attempt_note(name: str, record: dict[str, Any] | None) -> str | None:
@@ -169,8 +170,8 @@ def plan_run(config: Config) -> RunPlan:
         raise ConfigError(
             f"nothing to resume: no run {name!r} in {directory}; drop --resume to start it"
         )
-    last_epoch, recorded_config, trained_s = (
-        _checkpoint_epoch(checkpoint) if checkpoint else (None, None, 0.0)
+    last_epoch, recorded_config, trained_s, steps = (
+        _checkpoint_epoch(checkpoint) if checkpoint else (None, None, 0.0, 0)
     )
     record = record if record and record.get("config") else {"config": recorded_config}
     changed = changed_keys(record, config)
@@ -189,5 +190,7 @@ def plan_run(config: Config) -> RunPlan:
         )
     budget = config.train.time_budget_minutes  # unchanged from the record (a training key)
     spent = budget is not None and last_epoch is not None and trained_s >= 60 * budget
+    max_steps = config.train.max_steps  # a training key too: it shapes the LR schedule
+    spent = spent or (max_steps is not None and last_epoch is not None and steps >= max_steps)
     kind = "done" if config.train.epochs == done or spent else "resume"
     return RunPlan(kind, directory, record, last_epoch)

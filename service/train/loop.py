@@ -5,8 +5,10 @@ random init) → for each epoch, ``train_step`` over its batches → end of epoc
 checkpoint, MLflow). Only rank 0 writes checkpoints, logs to MLflow and prints progress.
 
 With ``train.time_budget_minutes`` the loop stops after the step at which rank 0's training
-clock (shared with every rank, ``service.train.budget``) reaches the budget; that last, partial
-epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then an upper bound.
+clock (shared with every rank, ``service.train.budget``) reaches the budget, with
+``train.max_steps`` after that many optimizer steps (``TrainState.finished``: whichever first);
+that last, partial epoch is reported with a checkpoint like a last epoch. ``train.epochs`` is then
+an upper bound.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from service.train.epoch import (
 )
 from service.train.faults import maybe_kill, maybe_pause
 from service.train.inputs import WorkerInputs
+from service.train.optim import schedule_steps
 from service.train.state import TrainState, build_state
 from service.train.step import train_step
 
@@ -81,6 +84,10 @@ def setup(inputs: WorkerInputs) -> tuple[TrainState, TrainBatches]:
         ignored = f"; train.warmup_epochs={t.warmup_epochs:g} not used" if t.warmup_epochs else ""
         _say(s, f"time budget {s.clock.budget_s / 60:g} min of training, LR warmup over "
                 f"{t.warmup_fraction:g} of it then cosine{ignored}")  # fmt: skip
+    if t.max_steps is not None:
+        spe = batches.steps_per_epoch
+        over = "" if s.clock.budgeted else f", LR schedule over {schedule_steps(t, spe)} steps"
+        _say(s, f"at most {t.max_steps} optimizer steps (train.max_steps){over}")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -127,7 +134,9 @@ def _log_step(s: TrainState, logger: Any, loss: float, meter: EpochMeter) -> Non
 
 def _show_progress(s: TrainState, progress: StepProgress | None, loss: float, images: int) -> None:
     if progress is not None:
-        line = progress.update(s.epoch_step, loss, images, s.clock.remaining_s)
+        max_steps = s.config.train.max_steps
+        left = None if max_steps is None else max_steps - s.global_step
+        line = progress.update(s.epoch_step, loss, images, s.clock.remaining_s, left)
         if line is not None:
             _say(s, line)
 
@@ -209,7 +218,8 @@ def run_epoch(
     progress: StepProgress | None,
     fault_dir: Path,
 ) -> EpochMeter:
-    """``train_step`` over epoch ``s.epoch``'s batches; stops early when the budget is spent.
+    """``train_step`` over epoch ``s.epoch``'s batches; stops early when the budget is spent or
+    ``train.max_steps`` reached (``s.finished``).
     The clock counts this epoch's data and steps, not what follows (monitor, checkpoint)."""
     meter, s.epoch_step = EpochMeter(), 0
     s.model.train()
@@ -225,7 +235,7 @@ def run_epoch(
         _step0_check(s, loss)
         _log_step(s, logger, loss, meter)
         _show_progress(s, progress, loss, images)
-        if s.clock.exhausted:
+        if s.finished:  # time budget spent or train.max_steps reached: same step on every rank
             break
     s.clock.pause()
     meter.finish()
@@ -257,13 +267,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if s.rank == 0:
         progress = StepProgress(t.epochs, batches.steps_per_epoch, budgeted=s.clock.budgeted)
     for epoch in range(s.epoch, t.epochs):
-        if s.clock.exhausted:  # resumed after the budget was spent: nothing left to train
+        if s.finished:  # resumed after its budget or max_steps was spent: nothing left to train
             break
         maybe_pause(s.config.fault, epoch + 1, inputs.fault_marker_dir)  # drills only
         s.epoch = epoch
         meter = run_epoch(s, batches, logger, progress, inputs.fault_marker_dir)
-        end_of_epoch(s, meter, monitor, logger, final=s.clock.exhausted or epoch == t.epochs - 1)
-        if s.clock.exhausted:
+        end_of_epoch(s, meter, monitor, logger, final=s.finished or epoch == t.epochs - 1)
+        if s.finished:
             break
     if logger is not None:
         logger.flush()

@@ -45,6 +45,12 @@ def train_config_problems(cfg: TrainConfig) -> list[str]:
     if _is_number(cfg.lr) and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         problems.append(f"train.lr must be a finite number > 0, got {cfg.lr}")
     problems += _time_budget_problems(cfg)
+    steps = cfg.max_steps
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        problems.append(
+            f"train.max_steps must be a positive number of optimizer steps (or null for no step "
+            f"limit), got {steps}"
+        )
     if cfg.optimizer == "lars" and cfg.weight_decay == 0:
         problems.append(
             "train.optimizer=lars with train.weight_decay=0 does no layer adaptation (timm's Lars "
@@ -180,13 +186,25 @@ class ClockLR(torch.optim.lr_scheduler.LRScheduler):
         clock: TrainClock,
         factor: Callable[[float, float, float], float],
         warmup_fraction: float,
+        max_steps: int | None = None,
     ) -> None:
         self.clock, self.factor, self.warmup_fraction = clock, factor, warmup_fraction
+        self.max_steps = max_steps
         super().__init__(optimizer)
+
+    @property
+    def progress(self) -> float:
+        """The clock's fraction of the budget or, with ``train.max_steps`` too, the steps'
+        fraction of it when that is further along: whichever limit stops the run first, the
+        schedule has reached its end there. ``last_epoch`` counts the optimizer steps taken
+        (restored on resume), the same on every rank."""
+        if self.max_steps is None:
+            return self.clock.progress
+        return max(self.clock.progress, min(1.0, self.last_epoch / self.max_steps))
 
     def get_lr(self) -> list[float]:  # noqa: D102 (LRScheduler's)
         lead = CLOCK_WARMUP_LEAD * self.warmup_fraction
-        f = self.factor(self.clock.progress, self.warmup_fraction, lead)
+        f = self.factor(self.progress, self.warmup_fraction, lead)
         return [base * f for base in self.base_lrs]
 
     def follow_clock(self) -> None:
@@ -207,15 +225,28 @@ def lr_schedule(
     clock: TrainClock,
     name: str = "warmup_cosine",
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The run's LR schedule: ``SCHEDULES[name]`` over ``train.epochs * steps_per_epoch`` steps
-    (warmup ``train.warmup_epochs``), or, when the clock has a budget, over the training time
-    (warmup ``train.warmup_fraction``, :class:`ClockLR`): each step's LR then comes from the
-    clock's fraction of the budget when the step starts, not from the step count."""
+    """The run's LR schedule: ``SCHEDULES[name]`` over the steps the run takes,
+    ``train.epochs * steps_per_epoch`` or ``train.max_steps`` when fewer (warmup
+    ``train.warmup_epochs``), or, when the clock has a budget, over the training time (warmup
+    ``train.warmup_fraction``, :class:`ClockLR`): each step's LR then comes from the clock's
+    fraction of the budget when the step starts (or the steps' fraction of ``train.max_steps``,
+    when further along), not from the step count."""
     factor = SCHEDULES[name]
     if clock.budgeted:
-        return ClockLR(optimizer, clock, factor, cfg.warmup_fraction)
-    total = max(1, cfg.epochs * steps_per_epoch)
+        return ClockLR(optimizer, clock, factor, cfg.warmup_fraction, cfg.max_steps)
+    total = max(1, schedule_steps(cfg, steps_per_epoch))
     warmup_steps = min(max(0, round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: factor(step / total, warmup_steps / total, 1 / total)
     )
+
+
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps a run without a time budget takes: ``train.epochs`` epochs, or
+    ``train.max_steps`` when that comes first (the step-counted schedule's length).
+
+    >>> schedule_steps(TrainConfig(epochs=10), 40), schedule_steps(TrainConfig(max_steps=50), 40)
+    (400, 50)
+    """
+    total = cfg.epochs * steps_per_epoch
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)

@@ -50,6 +50,19 @@ class TrainState:
     def __post_init__(self) -> None:
         self.micro_batch = resolve_micro_batch(self.config)
 
+    @property
+    def steps_done(self) -> bool:
+        """``train.max_steps`` optimizer steps taken (never, without it). Every rank takes the
+        same steps, so every rank sees this after the same step without a collective."""
+        max_steps = self.config.train.max_steps
+        return max_steps is not None and self.global_step >= max_steps
+
+    @property
+    def finished(self) -> bool:
+        """Training is over before ``train.epochs``: the time budget is spent or
+        ``train.max_steps`` reached (whichever first). The loop asks this after every step."""
+        return self.clock.exhausted or self.steps_done
+
     def expected_initial_loss(self) -> float | None:
         """The loss of indistinguishable embeddings for this run's loss, views and global batch
         (seeds §7.4): the step-0 check and the reference line of the loss curve."""

@@ -57,10 +57,17 @@ class TrialLines(Callback):
     """Driver-side Tune callback: one line per trial report (its epoch and the sweep metric) and
     one when it ends (completed, stopped early by ASHA, or failed)."""
 
-    def __init__(self, metric: str, max_epochs: int, budget_minutes: float | None = None) -> None:
+    def __init__(
+        self,
+        metric: str,
+        max_epochs: int,
+        budget_minutes: float | None = None,
+        max_steps: int | None = None,
+    ) -> None:
         self.metric = metric
         self.max_epochs = max_epochs
         self.budget_minutes = budget_minutes
+        self.max_steps = max_steps
 
     def result_line(self, trial_id: str, result: dict[str, Any]) -> str:
         epoch = result.get("epochs_completed", result.get("training_iteration", "?"))
@@ -79,6 +86,8 @@ class TrialLines(Callback):
             self.max_epochs,
             result.get("train_minutes"),
             self.budget_minutes,
+            result.get("global_step"),
+            self.max_steps,
         )
         what = {"completed": "completed", "stopped_early": "stopped early (ASHA)"}
         value = result.get(self.metric)

@@ -85,6 +85,7 @@ class SweepSettings:
     time_attr: str = "epochs_completed"  # or "train_minutes" under a time budget
     max_t: float = 0.0  # past the last report: ASHA stops what reaches max_t
     budget_minutes: float | None = None
+    max_steps: int | None = None  # train.max_steps: a trial that reaches it has completed
 
     @property
     def rung_unit(self) -> str:
@@ -199,6 +200,7 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
         time_attr=time_attr,
         max_t=max_t,
         budget_minutes=config.train.time_budget_minutes,
+        max_steps=config.train.max_steps,
         seed=config.train.seed,
         resources=resources,
     )

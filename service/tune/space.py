@@ -32,6 +32,7 @@ from service.config import Config, ConfigError
 KINDS = ("loguniform", "uniform", "choice")
 
 # Keys a sweep must not vary: the resource math (workers × CPUs/GPUs), ASHA's max_t (epochs),
+# the run's length (time budget, max_steps),
 # where trials write, and the sweep/tracking settings themselves are fixed for the whole sweep.
 RESERVED_KEYS = frozenset(
     {
@@ -40,6 +41,7 @@ RESERVED_KEYS = frozenset(
         "train.use_gpu",
         "train.epochs",
         "train.time_budget_minutes",
+        "train.max_steps",
         "train.storage_path",
         "train.run_name",
         "train.max_failures",

@@ -63,12 +63,15 @@ def classify(
     max_epochs: int,
     train_minutes: float | None = None,
     budget_minutes: float | None = None,
+    global_step: float | None = None,
+    max_steps: int | None = None,
 ) -> str:
-    """completed (all epochs, or its whole time budget), stopped_early (ASHA cut it), failed
-    (raised / never reported)."""
+    """completed (all epochs, its whole time budget or its ``train.max_steps``), stopped_early
+    (ASHA cut it), failed (raised / never reported)."""
     if error is not None:
         return "failed"
     spent = budget_minutes is not None and (train_minutes or 0.0) >= budget_minutes
+    spent = spent or (max_steps is not None and (global_step or 0) >= max_steps)
     if epochs_completed >= max_epochs or spent:
         return "completed"
     return "stopped_early" if epochs_completed > 0 else "failed"
@@ -109,13 +112,15 @@ def record_from_result(
     metric: str,
     max_epochs: int,
     budget_minutes: float | None = None,
+    max_steps: int | None = None,
 ) -> TrialRecord:
     """A ``TrialRecord`` from a Tune ``Result`` (or anything with metrics/config/error)."""
     metrics = result.metrics or {}
     rows = _epoch_rows(result, metric)
     epochs = int(metrics.get("epochs_completed") or 0)
     minutes = _finite(metrics.get("train_minutes"))
-    outcome = classify(result.error, epochs, max_epochs, minutes, budget_minutes)
+    steps = _finite(metrics.get("global_step"))
+    outcome = classify(result.error, epochs, max_epochs, minutes, budget_minutes, steps, max_steps)
     error = ""
     if outcome == "failed":
         error = short_reason(result.error) if result.error is not None else "no result reported"

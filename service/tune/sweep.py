@@ -149,7 +149,12 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
             callbacks=[
                 PlacementGroupJanitor(),
                 TrialExitBarrier(),
-                TrialLines(settings.metric, settings.max_epochs, settings.budget_minutes),
+                TrialLines(
+                    settings.metric,
+                    settings.max_epochs,
+                    settings.budget_minutes,
+                    settings.max_steps,
+                ),
             ],
             verbose=tune_verbosity(),
         ),
@@ -381,7 +386,12 @@ def _run_and_summarise(
 
     records = [
         record_from_result(
-            r, settings.specs, settings.metric, settings.max_epochs, settings.budget_minutes
+            r,
+            settings.specs,
+            settings.metric,
+            settings.max_epochs,
+            settings.budget_minutes,
+            settings.max_steps,
         )
         for r in grid
     ]
