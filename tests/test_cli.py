@@ -55,6 +55,7 @@ def test_the_cli_parser_has_exactly_the_modules_commands_each_once() -> None:
         "pretrain",
         "evaluate",
         "tune",
+        "check",
         "data",
         "registry",
         "ui",
