@@ -9,8 +9,8 @@
 #   bash bench/gpu.sh --parts b    # arguments go to bench/gpu.py (here: part b alone, full 5 min)
 #   bash bench/gpu.sh --join-only  # join + check the pieces, nothing else (tests/test_gpu_bench.py)
 #
-# Back in $OUT: results.jsonl (one JSON line per part), quality.png, gpu.log (the run's stderr),
-# pip.txt (the install). Exit: 0 all parts ran, 1 a part failed, 2 pieces missing, 3 deadline.
+# Back in $OUT: augment.jsonl + augment-tests.txt (the batched augmentation on CUDA, run first),
+# results.jsonl (one JSON line per part), quality.png, gpu.log (the run's stderr), pip.txt. Exit: 0 all parts ran, 1 a part failed, 2 pieces missing, 3 deadline.
 # Environment: PYTHON (python3), GPU_TOTAL_S (540: the visit's seconds), GPU_ROOT (the checkout).
 set -uo pipefail
 cd "${GPU_ROOT:-$(dirname "$0")/..}" || exit 2
@@ -68,7 +68,17 @@ else
 fi
 "$PY" -m pip check >>"$OUT/pip.txt" 2>&1 || say "pip check found mismatches (pip.txt)"
 
-# 3. The visit: JSON lines on stdout (and $OUT/results.jsonl), the run's chatter in gpu.log.
+# 3. The batched augmentation on CUDA (issue 23 item 2), first: its share of a ResNet-18 bf16
+# step (bench/augment.py's fused_cuda lines) and its equality with the old pipeline on the GPU.
+if [ "${GPU_SKIP_AUGMENT:-0}" != 1 ]; then
+    PYTHONPATH="$PWD" timeout -k 5 120 "$PY" bench/augment.py --fused-only \
+        >"$OUT/augment.jsonl" 2>>"$OUT/gpu.log" || say "bench/augment.py failed (gpu.log)"
+    PYTHONPATH="$PWD" timeout -k 5 90 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_batch_augment.py >"$OUT/augment-tests.txt" 2>&1 ||
+        say "tests/test_batch_augment.py failed (augment-tests.txt)"
+    say "augmentation measured: $(grep -c . "$OUT/augment.jsonl") lines"
+fi
+# 4. The visit: JSON lines on stdout (and $OUT/results.jsonl), the run's chatter in gpu.log.
 left=$((${GPU_TOTAL_S:-540} - ($(date +%s) - START) - 5))
 say "bench/gpu.py with ${left} s left"
 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 $((left + 20)) \
@@ -76,6 +86,9 @@ PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 $((
 rc=$?
 echo "--- gpu.log (last lines) ---" >&2
 tail -n 25 "$OUT/gpu.log" >&2
+echo "--- augment.jsonl, augment-tests.txt ---"
+cat "$OUT/augment.jsonl" 2>/dev/null
+tail -n 3 "$OUT/augment-tests.txt" 2>/dev/null
 echo "--- results.jsonl ---"
 cat "$OUT/results.jsonl" 2>/dev/null
 exit $rc
