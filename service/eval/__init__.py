@@ -11,8 +11,10 @@ from service.eval.health import (
     collapse_reason,
     dimension_std,
     effective_rank,
+    image_text_health,
     positive_gap,
     representation_health,
+    target_gap,
     uniformity,
 )
 from service.eval.image_text import (
@@ -51,6 +53,7 @@ __all__ = [
     "evaluate_encoder",
     "evaluation_metrics",
     "extract_features",
+    "image_text_health",
     "image_text_metrics",
     "image_text_problems",
     "knn_predict",
@@ -63,6 +66,7 @@ __all__ = [
     "representation_health",
     "retrieval_recall",
     "same_dataset",
+    "target_gap",
     "uniformity",
     "zeroshot_classifier",
     "zeroshot_predict",

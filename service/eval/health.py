@@ -11,7 +11,11 @@ MLflow), each a plain function of embedding matrices ``[n, d]`` (rows = samples)
 - :func:`dimension_std`: mean over dimensions of the per-dimension standard deviation of the
   L2-normalised embeddings; ``1/sqrt(d)`` for embeddings uniform on the sphere, 0 when collapsed.
 - :func:`positive_gap`: mean cosine of a positive pair minus the cosine of the anchor's hardest
-  negative; > 0 when positives are told apart from every other sample.
+  negative; > 0 when positives are told apart from every other sample. :func:`target_gap`: the
+  same with image–text pairs (anchors: images, candidates: the distinct captions).
+
+:func:`representation_health` (two augmented views are the positives) and
+:func:`image_text_health` (an image and its caption are the positives) give the ``health_*`` row.
 
 :func:`collapse_reason` turns them into a verdict against :data:`MIN_EFFECTIVE_RANK` and
 :data:`MIN_STD_FRACTION`.
@@ -122,6 +126,25 @@ def positive_gap(z1: torch.Tensor, z2: torch.Tensor) -> float:
     return float((positive - sim.max(dim=1).values).mean())
 
 
+def target_gap(anchors: torch.Tensor, targets: torch.Tensor, target_ids: torch.Tensor) -> float:
+    """Mean over the ``n`` anchors of ``cos(anchor i, targets[target_ids[i]])`` minus the largest
+    cos to any *other* target: image–text pairs, ``targets`` the distinct captions (identical
+    captions are one target, as in retrieval, never a negative of each other). In ``[-2, 2]``;
+    0 when collapsed.
+
+    >>> a, t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]]), torch.eye(2)
+    >>> round(target_gap(a, t, torch.tensor([0, 1, 0])), 3)  # 1, 1, (0.981 - 0.196)
+    0.928
+    """
+    if len(targets) < 2:
+        raise ValueError(f"target_gap needs at least 2 distinct targets, got {len(targets)}")
+    sim = _unit(anchors) @ _unit(targets).T
+    idx = torch.arange(len(anchors))
+    positive = sim[idx, target_ids]
+    sim[idx, target_ids] = -math.inf
+    return float((positive - sim.max(dim=1).values).mean())
+
+
 def representation_health(
     features: torch.Tensor, projections: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor
 ) -> dict[str, float]:
@@ -138,13 +161,43 @@ def representation_health(
     }
 
 
+def image_text_health(
+    features: torch.Tensor | None,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    caption_ids: torch.Tensor,
+) -> dict[str, float]:
+    """The ``health_*`` row of an image–text model on captioned rows: ``images`` ``[n, d]``
+    (joint-space image embeddings), ``texts`` ``[m, d]`` (the *distinct* captions' embeddings,
+    ``service.eval.retrieval.caption_groups``), image ``i``'s caption ``texts[caption_ids[i]]``,
+    ``features`` the images' backbone features (None: no backbone rank). The positives are the
+    image–caption pairs; uniformity, effective rank and per-dimension std are the images';
+    ``health_text_effective_rank``: the rows' captions (a repeated caption once per row)."""
+    paired = texts[caption_ids]
+    row = {
+        "health_alignment": alignment(images, paired),
+        "health_uniformity": uniformity(images),
+        "health_effective_rank": effective_rank(images),
+        "health_text_effective_rank": effective_rank(paired),
+        "health_embedding_std": dimension_std(images),
+        "health_positive_gap": target_gap(images, texts, caption_ids),
+    }
+    if features is not None:
+        row["health_backbone_effective_rank"] = effective_rank(features)
+    return row
+
+
 def collapse_reason(metrics: Mapping[str, float], dim: int) -> str | None:
     """Why ``metrics`` (with ``health_effective_rank`` / ``health_embedding_std`` of ``dim``-d
-    projections) count as collapsed, or None when they do not (or are absent)."""
+    projections, and ``health_text_effective_rank`` of an image–text run's captions) count as
+    collapsed, or None when they do not (or are absent)."""
     reasons = []
-    rank = metrics.get("health_effective_rank")
-    if rank is not None and rank < MIN_EFFECTIVE_RANK:
-        reasons.append(f"effective rank {rank:.2f} < {MIN_EFFECTIVE_RANK:g} (of {dim} dimensions)")
+    for key, what in (("health_effective_rank", ""), ("health_text_effective_rank", "text ")):
+        rank = metrics.get(key)
+        if rank is not None and rank < MIN_EFFECTIVE_RANK:
+            reasons.append(
+                f"{what}effective rank {rank:.2f} < {MIN_EFFECTIVE_RANK:g} (of {dim} dimensions)"
+            )
     std = metrics.get("health_embedding_std")
     floor = MIN_STD_FRACTION / math.sqrt(dim)
     if std is not None and std < floor:

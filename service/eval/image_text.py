@@ -126,6 +126,18 @@ def load_captioned_images(
     )
 
 
+def _encode_images(
+    model: nn.Module, x: torch.Tensor, with_features: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``encode_image(x)`` and, when asked, the backbone features it went through: the same
+    ops (``ImageTextModel.encode_image`` is ``normalize(head(embed(x)))``), one forward."""
+    if not with_features:
+        return model.encode_image(x).float().cpu(), None
+    features = model.embed(x)
+    images = torch.nn.functional.normalize(model.head(features).float(), dim=1)
+    return images.cpu(), features.float().cpu()
+
+
 @torch.no_grad()
 def image_text_metrics(
     model: nn.Module,
@@ -134,10 +146,16 @@ def image_text_metrics(
     config: Config,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    health: bool = False,
 ) -> dict[str, float]:
     """Zero-shot top-1 (``config.text.templates``) and retrieval recall@1/5/10 of an
     ``ImageTextModel`` (``encode_image`` / ``encode_text``) on ``data``; float32, eval mode.
-    ``data.pixels`` (decoded once) or else its encoded images: the same numbers."""
+    ``data.pixels`` (decoded once) or else its encoded images: the same numbers.
+    ``health``: also the ``health_*`` row (``service.eval.health.image_text_health``) from the
+    same image and caption embeddings, when ``data`` has captions and at least 2 rows and 2
+    distinct captions (the model needs ``embed`` + ``head``, as ``ImageTextModel``)."""
+    from service.eval.health import image_text_health
+
     if len(data) == 0:
         raise ValueError("image–text evaluation needs at least one usable row")
     length = config.text.context_length
@@ -152,17 +170,22 @@ def image_text_metrics(
     was_training = model.training
     model.eval()
     try:
-        images = torch.cat([
-            model.encode_image(batch.to(device)).float().cpu()
+        batches = [
+            _encode_images(model, batch.to(device), health)
             for batch in _image_batches(data, config, batch_size)
-        ])  # fmt: skip
+        ]
+        images = torch.cat([z for z, _ in batches])
         metrics: dict[str, float] = {}
         if data.labels is not None and data.class_names:
             classes = zeroshot_classifier(encode_texts, data.class_names, config.text.templates)
             metrics["zeroshot_top1"] = zeroshot_top1(images, data.labels, classes)
         if data.captions is not None:
             ids, distinct = caption_groups(data.captions)
-            metrics.update(retrieval_recall(images, encode_texts(distinct), ids))
+            texts = encode_texts(distinct)
+            metrics.update(retrieval_recall(images, texts, ids))
+            if health and len(images) >= 2 and len(texts) >= 2:  # else no pair to compare
+                features = torch.cat([f for _, f in batches])
+                metrics.update(image_text_health(features, images, texts, ids))
     finally:
         model.train(was_training)
     return metrics
@@ -222,6 +245,8 @@ class ImageTextMonitor:
     subset; also capped by ``eval.knn_max_train`` when set). Rank 0 only; the rows are read once
     and, when they fit (``decode_once_plan``; ``decode_once`` forces it either way), kept decoded
     (uint8), so each epoch costs the forward only; otherwise each epoch decodes them again.
+    Also the ``health_*`` row of the same embeddings (image–caption pairs as the positives;
+    ``service.eval.health.image_text_health``), under the same names as the kNN monitor's.
     """
 
     def __init__(
@@ -254,15 +279,19 @@ class ImageTextMonitor:
     def __call__(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
         if self.tokenizer is None:
             self.tokenizer = run_tokenizer(self.config)
-        metrics = image_text_metrics(model, self.tokenizer, self.data(), self.config, device)
-        return {f"val_{k}": v for k, v in metrics.items()}
+        metrics = image_text_metrics(
+            model, self.tokenizer, self.data(), self.config, device, health=True
+        )
+        # health_* keep the kNN monitor's names (the collapse check and the curves read them)
+        return {(k if k.startswith("health_") else f"val_{k}"): v for k, v in metrics.items()}
 
 
 def monitor_metric_names(config: Config) -> list[str]:
-    """What :class:`ImageTextMonitor` reports for ``config`` (higher is better), in the order of
-    :data:`CHAMPION_METRICS` first: zero-shot top-1 only when the validation rows are labelled and
-    name their classes (``text.class_name_column``), recall@1/5/10 both ways always (text mode
-    needs the caption column). Reads the validation source's schema, not its rows.
+    """What :class:`ImageTextMonitor` reports for ``config`` that a run may be judged on (higher
+    is better; its ``health_*`` diagnostics are not listed), :data:`CHAMPION_METRICS` first:
+    zero-shot top-1 only when the validation rows are labelled and name their classes
+    (``text.class_name_column``), recall@1/5/10 both ways always (text mode needs the caption
+    column). Reads the validation source's schema, not its rows.
 
         >>> from service.config import load_config
         >>> monitor_metric_names(load_config("jobs/configs/clip-smoke-cpu.yaml"))[:3]

@@ -39,6 +39,7 @@ _IMAGE_TEXT_SERIES = (
 _HEALTH_RANKS = (
     ("health_effective_rank", "effective rank (projection)"),
     ("health_backbone_effective_rank", "effective rank (backbone)"),
+    ("health_text_effective_rank", "effective rank (captions)"),  # image–text runs only
 )
 _HEALTH_SCORES = (  # (key, label, colour)
     ("health_alignment", "alignment ↓", "tab:red"),
