@@ -80,6 +80,7 @@ def test_compare_reports_the_worst_parameter_against_the_tolerance() -> None:
              "bn": {"running_mean": torch.ones(3)}}  # fmt: skip
     result = compare(close, reference, tolerance=1e-3)
     assert result["equal"] and result["grad_worst_parameter"] == "b"
+    assert not compare(close, reference, tolerance=1e-6)["equal"]  # 5e-6 of the largest
     assert result["grad_rel_error"] == pytest.approx(1e-5 / 2, rel=1e-2)  # of the largest, 2
     far = {**close, "grads": [{"a": torch.tensor([1.0, -1.0]), "b": torch.ones(2)}]}
     result = compare(far, reference, tolerance=1e-3)
@@ -94,6 +95,8 @@ def test_check_config_is_small_float32_and_refuses_what_it_cannot_compare() -> N
     assert checked.train.global_batch_size == 64 and checked.per_worker_batch_size == 32
     assert checked.train.amp == "off" and checked.train.time_budget_minutes is None
     assert check_config(config, per_worker_batch=8).train.global_batch_size == 16
+    with pytest.raises(ConfigError, match="more than the run's per-worker batch"):
+        check_config(config, per_worker_batch=512)
     cached = Config(train=TrainConfig(global_batch_size=512, num_workers=2, micro_batch_size=8))
     assert check_config(cached).per_worker_batch_size == 16  # two micro-batches per rank
     reference = one_process(check_config(cached))
@@ -108,11 +111,12 @@ def _summary(equal: bool) -> dict[str, Any]:
     return {
         "workers": 2, "nodes": 2, "backend": "gloo", "device": "CPU", "model": "small_cnn",
         "loss": "ntxent", "global_bn": True, "micro_batch_size": None, "per_worker_batch": 32,
-        "global_batch": 64, "steps": 3, "drill": None, "seconds": 40.0,
+        "global_batch": 64, "run_per_worker_batch": 128, "amp": "auto", "steps": 3,
+        "drill": None, "seconds": 40.0,
         "status": "pass" if equal else "fail",
         "equality": {"loss_rel_error": 1e-7, "grad_rel_error": 3e-5 if equal else 0.11,
                      "grad_worst_parameter": "head.layers.3.bias", "bn_rel_error": 2e-7,
-                     "tolerance": 1e-3, "equal": equal},
+                     "tolerance": 1e-3, "loss_tolerance": 1e-5, "equal": equal},
         "communication": {"all_gather_ms": 0.4, "all_gather_bytes": 65536,
                           "all_gather_bus_gbps": 0.09, "all_reduce_ms": 1.8,
                           "all_reduce_bytes": 1951360, "all_reduce_bus_gbps": 1.1,

@@ -26,13 +26,16 @@ def add_parser(subparsers: args.Subparsers) -> None:
     args.add_address(p)
     p.add_argument("--steps", type=int, default=3, help="training steps compared (default 3)")
     p.add_argument("--timed-steps", type=int, default=10,
-                   help="further steps timing the data wait and the step (default 10)")  # fmt: skip
+                   help="further steps of the run's own batch and precision timing the data "
+                   "wait and the step (default 10)")  # fmt: skip
     p.add_argument("--batch-per-worker", type=int, default=None,
-                   help="per-worker batch of the check (default: min(32, the config's); the "
-                   "one-process reference holds workers x this)")  # fmt: skip
-    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="samples per worker in the compared steps, the first of each rank's "
+                   "batch (default: min(32, the config's); the one-process reference holds "
+                   "workers x this, in float64)")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=1e-6,
                    help="largest gradient difference allowed, relative to the largest "
-                   "gradient (default 1e-3; float32 agrees to ~1e-5)")  # fmt: skip
+                   "gradient (default 1e-6; the compared steps run in float64 and agree to "
+                   "~1e-13)")  # fmt: skip
     p.add_argument("--drill", choices=DRILLS, default=None,
                    help="simulate a known distributed bug in the W-worker run, to see the check "
                    "catch it (gather_without_grad: an all-gather that cuts the graph)")  # fmt: skip
@@ -51,7 +54,7 @@ def check_command(
     steps: int = 3,
     timed_steps: int = 10,
     batch_per_worker: int | None = None,
-    tolerance: float = 1e-3,
+    tolerance: float = 1e-6,
     drill: str | None = None,
 ) -> dict[str, Any]:
     """Check the config on the cluster at ``address`` (None: embedded); the summary."""

@@ -1,16 +1,19 @@
 """What the ranks of ``contrastive check`` run: the real ``train_step`` on W workers, then on one.
 
-``check_workers`` (W ranks, the configured backend, model, loss and data path): ``steps`` real
-training steps; rank 0 keeps what each step consumed (every rank's views and labels, gathered in
-rank order: the global batch), the loss and every gradient after DDP's average, and the
-BatchNorm running statistics at the end. Then ``timed_steps`` more steps time each rank's wait
-for its next batch, the all-gather of the embeddings and the all-reduce of the gradients are
-timed at this run's sizes, and rank 0 asks the MLflow server (it is the rank that logs).
+``check_workers`` (W ranks; the configured backend, model, loss and data path at the run's batch):
+``steps`` real training steps of a float64 copy of the model on the first ``b`` samples of each
+rank's batch; rank 0 keeps what each step consumed (every rank's views and labels, gathered in
+rank order: the global batch), the loss and every gradient after DDP's average, and the BatchNorm
+running statistics at the end. Then ``timed_steps`` steps of the run's own model, precision and
+batch time each rank's wait for its next batch, the all-gather of the embeddings and the
+all-reduce of the gradients are timed at the run's sizes, and rank 0 asks the MLflow server (it
+is the rank that logs).
 
 ``check_reference`` (one rank): the same initial weights, the same global batches, one process.
 The driver (``service.train.check_run``) compares the two traces.
 
-Both run in float32 with TF32 off: bf16 or TF32 rounding would hide a real difference.
+Float64 for the comparison: it checks the distributed maths, not float32 rounding, which a
+BatchNorm channel of tiny variance amplifies to 1e-3 of the largest gradient on real images.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,30 +49,36 @@ Batch = tuple[list[torch.Tensor], torch.Tensor]
 class CheckPlan:
     """What ``contrastive check`` runs (the config it runs is in the worker inputs)."""
 
-    steps: int = 3  # training steps compared with one process
-    timed_steps: int = 10  # further steps timing the data wait and the step
+    steps: int = 3  # training steps compared with one process (float64, ``batch`` per rank)
+    batch: int = 32  # samples per rank in the compared steps (the first of each rank's batch)
+    timed_steps: int = 10  # further steps timing the data wait and the step (the run's own)
     collective_repeats: int = 10  # each collective timed this many times (median)
     drill: str | None = None  # a simulated bug (service.losses.SIMULATED_BUGS), None: none
     tracking_uri: str | None = None  # the MLflow store rank 0 asks
 
 
-def strict_float32() -> None:
-    """Float32 matmuls and convolutions on CUDA, not TF32 (no effect on CPU)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
-def _state(inputs: WorkerInputs, steps_per_epoch: int) -> TrainState:
+def _state(inputs: WorkerInputs, steps_per_epoch: int, float64: bool = False) -> TrainState:
     """The training state, built after seeding with ``train.seed`` on every rank and in the
     reference, so all start from the same weights (DDP also broadcasts rank 0's)."""
     config = inputs.config
     context = ray.train.get_context()
+    prepare = ray.train.torch.prepare_model
     torch.manual_seed(config.train.seed)
     return build_state(
         config, ray.train.torch.get_device(), steps_per_epoch,
         rank=context.get_world_rank(), world=context.get_world_size(),
-        wrap=ray.train.torch.prepare_model, run_dir=inputs.run_dir,
+        wrap=(lambda model: prepare(model.double())) if float64 else prepare,
+        run_dir=inputs.run_dir,
     )  # fmt: skip
+
+
+def exact_inputs(inputs: WorkerInputs, compare: Any) -> WorkerInputs:
+    """The inputs of the compared (float64) state: the check's config, the same data path."""
+    return replace(inputs, config=compare)
+
+
+def _double(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [v.double() if v.is_floating_point() else v for v in views]
 
 
 def _forever(batches: TrainBatches) -> Iterator[Batch]:
@@ -83,13 +92,13 @@ def gradients(s: TrainState) -> dict[str, torch.Tensor]:
     named = itertools.chain(
         unwrap(s.model).named_parameters(), s.criterion.named_parameters(prefix="loss")
     )
-    return {n: p.grad.detach().float().cpu().clone() for n, p in named if p.grad is not None}
+    return {n: p.grad.detach().double().cpu().clone() for n, p in named if p.grad is not None}
 
 
 def bn_statistics(s: TrainState) -> dict[str, torch.Tensor]:
     """The model's BatchNorm running means and variances, on CPU."""
     return {
-        n: b.detach().float().cpu().clone()
+        n: b.detach().double().cpu().clone()
         for n, b in unwrap(s.model).named_buffers()
         if n.endswith(("running_mean", "running_var"))
     }
@@ -101,10 +110,14 @@ def _global_batch(s: TrainState, views: list[torch.Tensor], labels: torch.Tensor
     return gathered, gather_no_grad(labels.to(s.device)).cpu()
 
 
-def compared_steps(s: TrainState, stream: Iterator[Batch], steps: int) -> dict[str, Any]:
-    """``steps`` real training steps; what each consumed and produced (complete on rank 0)."""
+def compared_steps(
+    s: TrainState, stream: Iterator[Batch], steps: int, batch_size: int
+) -> dict[str, Any]:
+    """``steps`` real training steps on the first ``batch_size`` samples of each rank's batch,
+    in float64; what each consumed and produced (complete on rank 0)."""
     trace: dict[str, Any] = {"batches": [], "loss": [], "grads": []}
-    for views, labels in itertools.islice(stream, steps):
+    for full_views, full_labels in itertools.islice(stream, steps):
+        views, labels = _double([v[:batch_size] for v in full_views]), full_labels[:batch_size]
         batch = _global_batch(s, views, labels)
         loss = train_step(s, views, labels)
         if s.rank == 0:
@@ -189,13 +202,15 @@ def check_workers(loop_config: dict[str, Any]) -> None:
     plan: CheckPlan = loop_config["check"]
     config = inputs.config
     torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
-    strict_float32()
     context = ray.train.get_context()
     batches = TrainBatches(inputs, context.get_world_rank(), context.get_world_size())
-    s = _state(inputs, batches.steps_per_epoch)
-    stream = _forever(batches)
+    stream = _forever(batches)  # the run's batches: sliced for the comparison, whole for timing
+    exact = _state(exact_inputs(inputs, loop_config["compare_config"]), batches.steps_per_epoch,
+                   float64=True)  # fmt: skip
     with simulated_bug(plan.drill):
-        trace = compared_steps(s, stream, plan.steps)
+        trace = compared_steps(exact, stream, plan.steps, plan.batch)
+    del exact
+    s = _state(inputs, batches.steps_per_epoch)  # the run's own model and precision
     trace["timing"] = timed_steps(s, stream, plan.timed_steps)
     rows = config.per_worker_batch_size * config.augment.n_views
     trace["collectives"] = time_collectives(s, rows, plan.collective_repeats)
@@ -243,8 +258,7 @@ def check_reference(loop_config: dict[str, Any]) -> None:
     (``loop_config["batches"]``), the same initial weights; its own trace."""
     inputs: WorkerInputs = loop_config["inputs"]
     torch.set_num_threads(max(1, int(inputs.config.train.cpus_per_worker)))
-    strict_float32()
-    s = _state(inputs, loop_config["steps_per_epoch"])
+    s = _state(inputs, loop_config["steps_per_epoch"], float64=True)
     trace: dict[str, Any] = {"loss": [], "grads": []}
     for views, labels in ray.get(loop_config["batches"]):
         trace["loss"].append(train_step(s, views, labels))
