@@ -27,6 +27,7 @@ from service.models import build_training_model
 from service.text import fit_tokenizer
 from service.tracking.logger import MetricLogger
 from service.train.epoch import flag_collapse, monitor_metrics
+from tests.test_health import ConstantHead
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,17 +125,6 @@ def test_monitor_health_is_computed_from_the_embeddings_it_scores(clip) -> None:
     model.train()
     expected = image_text_health(features, images, texts, ids)
     assert health == pytest.approx(expected, rel=1e-4, abs=1e-6)  # batching: float32 rounding
-
-
-class ConstantHead(nn.Module):
-    """A projection head that has collapsed: the same vector for every input."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.linspace(-1, 1, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(len(x), -1) + 0 * x[:, :1]
 
 
 @pytest.mark.parametrize("tower", ["head", "text_head"])
