@@ -129,12 +129,11 @@ def load_captioned_images(
 def _encode_images(
     model: nn.Module, x: torch.Tensor, with_features: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``encode_image(x)`` and, when asked, the backbone features it went through: the same
-    ops (``ImageTextModel.encode_image`` is ``normalize(head(embed(x)))``), one forward."""
+    """``encode_image(x)`` and, when asked, the backbone features it went through (one
+    forward: ``ImageTextModel.encode_image_with_features``)."""
     if not with_features:
         return model.encode_image(x).float().cpu(), None
-    features = model.embed(x)
-    images = torch.nn.functional.normalize(model.head(features).float(), dim=1)
+    images, features = model.encode_image_with_features(x)
     return images.cpu(), features.float().cpu()
 
 

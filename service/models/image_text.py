@@ -77,7 +77,13 @@ class ImageTextModel(nn.Module):
         return self.project_image(images), self.project_text(tokens)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project_image(images).float(), dim=1)
+        return self.encode_image_with_features(images)[0]
+
+    def encode_image_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_image`` and the backbone features it went through, from one forward (the
+        image–text monitor's health metrics use both)."""
+        features = self.embed(images)
+        return F.normalize(self.head(features).float(), dim=1), features
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.project_text(tokens).float(), dim=1)
