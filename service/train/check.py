@@ -38,6 +38,7 @@ from service.models import unwrap
 from service.train.batches import TrainBatches
 from service.train.epoch import EpochMeter
 from service.train.inputs import WorkerInputs
+from service.train.loop import node_ids
 from service.train.state import TrainState, build_state
 from service.train.step import train_step
 
@@ -215,18 +216,11 @@ def check_workers(loop_config: dict[str, Any]) -> None:
     rows = config.per_worker_batch_size * config.augment.n_views
     trace["collectives"] = time_collectives(s, rows, plan.collective_repeats)
     trace["steps_per_epoch"] = batches.steps_per_epoch
-    trace["nodes"] = _node_count(s.world)
+    trace["nodes"] = len(set(node_ids(s.world)))
     trace["device"] = _device_name(s.device)
     if s.rank == 0:
         trace["mlflow_rank0"] = tracking_reachable(plan.tracking_uri)
     report_trace(s, trace)
-
-
-def _node_count(world: int) -> int:
-    node_id = ray.get_runtime_context().get_node_id()
-    ids: list[Any] = [None] * world
-    dist.all_gather_object(ids, node_id)
-    return len(set(ids))
 
 
 def _device_name(device: torch.device) -> str:

@@ -52,7 +52,7 @@ def _say(s: TrainState, message: str) -> None:
         say("train", message)
 
 
-def _node_ids(world_size: int) -> list[str]:
+def node_ids(world_size: int) -> list[str]:
     """Ray node id of every rank (collective). Ray Train's ``node_rank`` groups workers by IP,
     which cannot tell two Ray nodes on one host apart; the node id can."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -76,9 +76,9 @@ def setup(inputs: WorkerInputs) -> tuple[TrainState, TrainBatches]:
         wrap=ray.train.torch.prepare_model,  # DDP (gloo on CPU, NCCL on GPU) + device move
         run_dir=inputs.run_dir,
     )  # fmt: skip
-    node_ids = _node_ids(world)
-    s.num_nodes = len(set(node_ids))
-    _say(s, f"{world} worker(s) on {s.num_nodes} Ray node(s): {node_ids}")
+    ids = node_ids(world)
+    s.num_nodes = len(set(ids))
+    _say(s, f"{world} worker(s) on {s.num_nodes} Ray node(s): {ids}")
     t = config.train
     if s.clock.budgeted:
         ignored = f"; train.warmup_epochs={t.warmup_epochs:g} not used" if t.warmup_epochs else ""
