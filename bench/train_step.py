@@ -36,12 +36,14 @@ def measure(
     size: int = 32,
     width: int = 32,
     proj_hidden: int = 2048,
+    depth: int = 1,
 ) -> dict:
     torch.manual_seed(0)
     config = Config(
         model=ModelConfig(
             arch=arch, proj_hidden_dim=proj_hidden, channels_last=channels_last,
             width=width if arch == "small_cnn" else ModelConfig.width,
+            depth=depth if arch == "small_cnn" else ModelConfig.depth,
         ),
         loss=LossConfig(temperature=0.2, chunk_size=chunk),
         train=TrainConfig(
@@ -67,6 +69,7 @@ def measure(
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "arch": arch,
         "width": width if arch == "small_cnn" else None,
+        "depth": depth if arch == "small_cnn" else None,
         "size": size,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "batch": batch,
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, nargs="+", default=[32], help="view side (px)")
     parser.add_argument("--width", type=int, nargs="+", default=[32], help="small_cnn width")
+    parser.add_argument("--depth", type=int, nargs="+", default=[1], help="small_cnn depth")
     parser.add_argument("--proj-hidden", type=int, default=2048)
     parser.add_argument("--chunk", nargs="+", default=["none", "1024"], help="loss chunk_size")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
@@ -106,11 +110,12 @@ def main() -> None:
         else [("off", False), ("off", True)]
     )
     chunks = [None if c == "none" else int(c) for c in args.chunk]
-    for batch, size, width in itertools.product(args.batch, args.size, args.width):
+    shapes = itertools.product(args.batch, args.size, args.width, args.depth)
+    for batch, size, width, depth in shapes:
         for (amp, channels_last), chunk in itertools.product(modes, chunks):
             row = measure(
                 args.arch, batch, amp, channels_last, chunk, args.steps, device,
-                size=size, width=width, proj_hidden=args.proj_hidden,
+                size=size, width=width, proj_hidden=args.proj_hidden, depth=depth,
             )  # fmt: skip
             print(json.dumps(row), flush=True)
 

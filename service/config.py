@@ -95,6 +95,7 @@ class ModelConfig:
     arch: Arch = "small_cnn"
     cifar_stem: bool = True  # 3x3 conv stem without max-pool for 32 px inputs
     width: int = 32  # small_cnn: channels of the first stage (stages w, 2w, 4w, 8w)
+    depth: int = 1  # small_cnn: conv-BN-ReLU layers per stage (2: a VGG-style net, ~3.5x the MACs)
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 2
@@ -207,6 +208,9 @@ class TuneConfig:
     # an epoch after different training times); the first rung, default budget / factor**2.
     grace_period_minutes: float | None = None
     reduction_factor: int = 2
+    # Wall-clock cap on the whole sweep (Tune's time_budget_s): when it runs out the running trials
+    # are stopped (reported as stopped early) and no new one starts; None: no cap.
+    time_budget_minutes: float | None = None
     # search space: dotted config key → {"type": loguniform|uniform|choice, "low", "high", "values"}
     space: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {

@@ -15,11 +15,13 @@ from service.models import (
     ContrastiveModel,
     GlobalBatchNorm,
     ProjectionHead,
+    SmallCNN,
     build_backbone,
     build_model,
     maybe_convert_sync_batchnorm,
 )
 from service.models.backbones import model_config_problems
+from service.registry.spec import backbone_from_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,8 +116,6 @@ def test_sync_batchnorm_conversion():
 
 
 def test_small_cnn_width_scales_every_stage_and_is_rebuilt_from_the_spec():
-    from service.registry.spec import backbone_from_spec
-
     backbone = build_backbone("small_cnn", width=16)
     widths = [m.out_channels for m in backbone.modules() if isinstance(m, nn.Conv2d)]
     assert widths == [16, 32, 64, 128] and backbone.out_dim == 128
@@ -135,3 +135,23 @@ def test_width_is_refused_for_fixed_width_backbones():
     (problem,) = model_config_problems(ModelConfig(arch="resnet18", width=48))
     assert "model.width shapes only the small_cnn backbone" in problem
     assert model_config_problems(ModelConfig(width=0)) == ["model.width must be >= 1, got 0"]
+
+
+def test_depth_stacks_convs_per_stage_and_keeps_depth_one_checkpoints():
+    """``model.depth`` puts that many conv-BN-ReLU layers in each of the four stages; depth 1 is
+    the old network, parameter names included (older checkpoints still load)."""
+    deep = build_backbone("small_cnn", width=8, depth=2)
+    convs = [(m.in_channels, m.out_channels) for m in deep.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [(3, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
+    assert deep(torch.randn(2, 3, 16, 16)).shape == (2, 64)
+    old = SmallCNN((8, 16, 32, 64))
+    assert build_backbone("small_cnn", width=8).state_dict().keys() == old.state_dict().keys()
+    model = build_model(ModelConfig(width=8, depth=2))
+    spec = SimpleNamespace(model_config=asdict(ModelConfig(width=8, depth=2)), class_path=None)
+    rebuilt = backbone_from_spec(spec)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.backbone.state_dict().items()
+    }
+    (problem,) = model_config_problems(ModelConfig(arch="resnet18", depth=2))
+    assert "model.depth shapes only the small_cnn backbone" in problem
+    assert model_config_problems(ModelConfig(depth=0)) == ["model.depth must be >= 1, got 0"]

@@ -222,14 +222,17 @@ def test_registered_model_files_and_requirements(store, tmp_path):
         assert torch.allclose(pickled(x), weights(x)) and torch.allclose(via_pickle(x), weights(x))
 
 
-@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "resnet50"])
-def test_portable_architectures_match_service_models(arch, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "depth"), [("small_cnn", 1), ("small_cnn", 2), ("resnet18", 1), ("resnet50", 1)]
+)
+def test_portable_architectures_match_service_models(arch, depth, tmp_path):
     """The copy in ``contrastive_pyfunc.nets`` takes the same weights and gives the same
     features as ``service.models`` (a change there without the copy fails here)."""
     torch.manual_seed(0)
-    reference = build_backbone(arch, cifar_stem=arch != "resnet50", width=8).eval()
+    stem = arch != "resnet50"
+    reference = build_backbone(arch, cifar_stem=stem, width=8, depth=depth).eval()
     portable = nets.build_backbone(
-        {"arch": arch, "cifar_stem": arch != "resnet50", "width": 8}
+        {"arch": arch, "cifar_stem": stem, "width": 8, "depth": depth}
     ).eval()
     portable.load_state_dict(nets.read_safetensors(save_weights(reference, tmp_path)))
     x = torch.randn(2, 3, 32, 32)

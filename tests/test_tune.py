@@ -143,6 +143,7 @@ def test_settings_defaults_and_paths(tmp_path: Path) -> None:
         ({"tune.reduction_factor": 1}, "reduction_factor"),
         ({"tune.max_concurrent_trials": 0}, "max_concurrent_trials"),
         ({"tune.num_samples": 0}, "num_samples"),
+        ({"tune.time_budget_minutes": 0}, "time_budget_minutes must be > 0"),
     ],
 )
 def test_bad_settings_are_rejected(overrides: dict, message: str) -> None:
@@ -610,3 +611,15 @@ def test_image_text_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server)
     )
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     assert all("val_zeroshot_top1" in c.data.metrics for c in children)
+
+
+def test_the_sweeps_wall_clock_cap_reaches_tune(tmp_path: Path) -> None:
+    """``tune.time_budget_minutes`` becomes Tune's ``time_budget_s``; unset, no cap."""
+    from service.tune.sweep import _build_tuner
+
+    overrides = {"train.storage_path": str(tmp_path), "tune.time_budget_minutes": 90}
+    capped = _build_tuner(resolve_settings(load_config(SMOKE, overrides)), lambda c: None)
+    assert capped._local_tuner._tune_config.time_budget_s == 90 * 60
+    del overrides["tune.time_budget_minutes"]
+    free = _build_tuner(resolve_settings(load_config(SMOKE, overrides)), lambda c: None)
+    assert free._local_tuner._tune_config.time_budget_s is None

@@ -30,21 +30,23 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """Four conv-BN-ReLU stages (32-64-128-256 channels, 2x down-sampling between them) and global
     average pooling: ~0.4 M parameters, ~16 M MACs per 32 px image. Fast enough for CPU demos and
-    tests, big enough to learn useful CIFAR features in a couple of epochs.
+    tests, big enough to learn useful CIFAR features in a couple of epochs. ``depth`` stacks that
+    many conv-BN-ReLU layers per stage (depth 1 keeps the parameter names of older checkpoints).
 
     >>> SmallCNN()(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 256])
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), depth: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for i, width in enumerate(widths):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
-            layers += _conv_bn_relu(c_in, width)
-            c_in = width
+            for _ in range(depth):
+                layers += _conv_bn_relu(c_in, width)
+                c_in = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.out_dim = c_in
@@ -63,21 +65,25 @@ def _resnet(factory: Callable[..., nn.Module], cifar_stem: bool) -> nn.Module:
     return model
 
 
-def _small_cnn(cifar_stem: bool, width: int) -> nn.Module:
+def _small_cnn(cifar_stem: bool, width: int, depth: int) -> nn.Module:
     # no stem to change: it is built for small images
-    return SmallCNN(tuple(width * 2**i for i in range(4)))
+    return SmallCNN(tuple(width * 2**i for i in range(4)), depth)
 
 
-# name -> (cifar_stem, width) -> backbone; width only shapes the small CNN (model_config_problems)
-BACKBONES: dict[str, Callable[[bool, int], nn.Module]] = {
+# name -> (cifar_stem, width, depth) -> backbone; width and depth only shape the small CNN
+# (model_config_problems)
+BACKBONES: dict[str, Callable[[bool, int, int], nn.Module]] = {
     "small_cnn": _small_cnn,
-    "resnet18": lambda cifar_stem, width: _resnet(resnet18, cifar_stem),
-    "resnet50": lambda cifar_stem, width: _resnet(resnet50, cifar_stem),
+    "resnet18": lambda cifar_stem, width, depth: _resnet(resnet18, cifar_stem),
+    "resnet50": lambda cifar_stem, width, depth: _resnet(resnet50, cifar_stem),
 }
 DEFAULT_WIDTH = ModelConfig.width
+DEFAULT_DEPTH = ModelConfig.depth
 
 
-def build_backbone(arch: str, cifar_stem: bool = True, width: int = DEFAULT_WIDTH) -> nn.Module:
+def build_backbone(
+    arch: str, cifar_stem: bool = True, width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH
+) -> nn.Module:
     """Build a randomly initialised backbone by name (see ``BACKBONES``); it has ``.out_dim``.
 
     >>> build_backbone("resnet18").out_dim
@@ -85,7 +91,7 @@ def build_backbone(arch: str, cifar_stem: bool = True, width: int = DEFAULT_WIDT
     """
     if arch not in BACKBONES:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[arch](cifar_stem, width)
+    return BACKBONES[arch](cifar_stem, width, depth)
 
 
 def model_config_problems(cfg: ModelConfig) -> list[str]:
@@ -97,6 +103,13 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
         problems.append(
             f"model.width shapes only the small_cnn backbone; {cfg.arch} has a fixed width "
             f"(remove model.width or set it to {DEFAULT_WIDTH})"
+        )
+    if cfg.depth < 1:
+        problems.append(f"model.depth must be >= 1, got {cfg.depth}")
+    elif cfg.depth != DEFAULT_DEPTH and cfg.arch != "small_cnn":
+        problems.append(
+            f"model.depth shapes only the small_cnn backbone; {cfg.arch} has a fixed depth "
+            f"(remove model.depth or set it to {DEFAULT_DEPTH})"
         )
     for key in ("proj_hidden_dim", "proj_out_dim", "proj_layers"):
         if getattr(cfg, key) < 1:

@@ -45,7 +45,7 @@ class ContrastiveModel(nn.Module):
 
 def build_model(cfg: ModelConfig) -> ContrastiveModel:
     """Backbone ``cfg.arch`` + projection head sized from the config."""
-    backbone = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width)
+    backbone = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width, depth=cfg.depth)
     head = ProjectionHead(
         backbone.out_dim,
         cfg.proj_hidden_dim,

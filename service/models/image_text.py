@@ -93,7 +93,7 @@ def build_image_text_model(config: Config) -> ImageTextModel:
     """Image tower ``config.model`` (backbone + projection head) and text tower ``config.text``
     (vocabulary ``text.vocab_size``, the tokenizer's upper bound) + a head of the same shape."""
     m, t = config.model, config.text
-    backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem, width=m.width)
+    backbone = build_backbone(m.arch, cifar_stem=m.cifar_stem, width=m.width, depth=m.depth)
     text_encoder = TextTransformer(t.vocab_size, t.context_length, t.width, t.layers, t.heads)
 
     def head(in_dim: int) -> ProjectionHead:

@@ -86,6 +86,7 @@ class SweepSettings:
     max_t: float = 0.0  # past the last report: ASHA stops what reaches max_t
     budget_minutes: float | None = None
     max_steps: int | None = None  # train.max_steps: a trial that reaches it has completed
+    wall_budget_minutes: float | None = None  # tune.time_budget_minutes: the whole sweep's cap
 
     @property
     def rung_unit(self) -> str:
@@ -176,6 +177,8 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
         t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}"
     )
     time_attr, grace, max_t = _asha_axis(config)
+    cap = t.time_budget_minutes
+    _require(cap is None or cap > 0, f"tune.time_budget_minutes must be > 0 (or null), got {cap}")
     # tune.name / tune.storage_path are optional newer fields; fall back to the train settings.
     name = getattr(t, "name", None) or f"{config.train.run_name}-sweep"
     _require("/" not in name and name not in (".", ".."), f"sweep name {name!r} is not a name")
@@ -201,6 +204,7 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
         max_t=max_t,
         budget_minutes=config.train.time_budget_minutes,
         max_steps=config.train.max_steps,
+        wall_budget_minutes=cap,
         seed=config.train.seed,
         resources=resources,
     )

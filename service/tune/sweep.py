@@ -136,6 +136,9 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
                 settings.resources.concurrent_trials if settings.search != "random" else None
             ),
             reuse_actors=False,  # each trial owns (and tears down) its Train worker group
+            time_budget_s=(
+                None if settings.wall_budget_minutes is None else 60 * settings.wall_budget_minutes
+            ),
         ),
         run_config=tune.RunConfig(
             name=settings.name,
@@ -378,6 +381,11 @@ def _run_and_summarise(
         f"{settings.num_samples} trial(s), {settings.resources.concurrent_trials} at a time x "
         f"{settings.resources.workers_per_trial} workers; {settings.search} search, ASHA on "
         f"{settings.metric} ({settings.mode}) from {settings.grace_period:g} {settings.rung_unit}"
+        + (
+            ""
+            if settings.wall_budget_minutes is None
+            else f"; the sweep stops after {settings.wall_budget_minutes:g} min wall"
+        )
     )
     from service.tune.progress import quiet_tune_output
 

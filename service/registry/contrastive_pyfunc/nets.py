@@ -34,15 +34,16 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """``service.models.backbones.SmallCNN``: conv-BN-ReLU stages, max-pool between them."""
 
-    def __init__(self, widths: tuple[int, ...]) -> None:
+    def __init__(self, widths: tuple[int, ...], depth: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for i, width in enumerate(widths):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
-            layers += _conv_bn_relu(c_in, width)
-            c_in = width
+            for _ in range(depth):
+                layers += _conv_bn_relu(c_in, width)
+                c_in = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.out_dim = c_in
@@ -68,7 +69,8 @@ def build_backbone(model_config: dict[str, Any]) -> nn.Module:
     arch = model_config["arch"]
     if arch == "small_cnn":
         width = int(model_config.get("width", 32))
-        return SmallCNN(tuple(width * 2**i for i in range(4)))
+        depth = int(model_config.get("depth", 1))  # versions registered before depth existed: 1
+        return SmallCNN(tuple(width * 2**i for i in range(4)), depth)
     if arch in ("resnet18", "resnet50"):
         return _resnet(arch, bool(model_config.get("cifar_stem", True)))
     raise ValueError(f"unknown backbone {arch!r}: this model needs a newer contrastive_pyfunc")
