@@ -33,6 +33,7 @@ from service.tune.summary import (
     TrialRecord,
     count,
     pick_best,
+    plot_curves,
     plot_sweep,
     record_from_result,
     to_markdown,
@@ -267,6 +268,9 @@ def _log_parent(
     logger.log_artifact(markdown, "sweep")
     figure = plot_sweep(records, settings.specs, metric, workdir / "sweep.png", best)
     logger.log_artifact(figure, "sweep")
+    curves = workdir / "sweep_curves.png"
+    plot_curves(records, metric, settings.time_attr, settings.rungs, curves, best)
+    logger.log_artifact(curves, "sweep")
     summary = {
         "num_trials": len(records),
         "num_completed": count(records, "completed"),
