@@ -24,6 +24,7 @@ from service.tune.summary import (
     record_from_result,
     short_reason,
     to_markdown,
+    training_minutes,
     write_csv,
 )
 
@@ -653,3 +654,22 @@ def test_rungs_are_grace_times_factor_powers_before_the_end() -> None:
     assert resolve_settings(minutes).rungs == [6.0, 12.0, 24.0]  # 25-minute budget, grace 6
     epochs = resolve_settings(load_config(SMOKE, {"tune.grace_period_epochs": 1}))
     assert epochs.rungs == [1, 2] and epochs.max_epochs == 3
+
+
+def test_training_minutes_counts_what_asha_saved() -> None:
+    """Stopped trials save the rest of their budget; completed and failed ones save nothing."""
+
+    def rec(tid: str, outcome: str, minutes: list[float]) -> TrialRecord:
+        rows = [{"epoch": float(i), "train_minutes": m} for i, m in enumerate(minutes)]
+        return TrialRecord(tid, outcome, {}, len(rows), 0.5, 1.0, epochs=rows)
+
+    records = [
+        rec("a", "completed", [0.0, 12.0, 25.3]),
+        rec("b", "stopped_early", [0.0, 6.4]),
+        rec("c", "stopped_early", [0.0, 6.2, 12.5]),
+        rec("d", "failed", []),
+    ]
+    spent = training_minutes(records, 25.0)
+    assert spent["trial_minutes"] == pytest.approx(25.3 + 6.4 + 12.5)
+    assert spent["asha_saved_minutes"] == pytest.approx(18.6 + 12.5)
+    assert spent["trial_minutes_full"] == pytest.approx(25.3 + 25 + 25)

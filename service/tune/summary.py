@@ -153,6 +153,20 @@ def count(records: list[TrialRecord], outcome: str) -> int:
     return sum(r.outcome == outcome for r in records)
 
 
+def training_minutes(records: list[TrialRecord], budget_minutes: float) -> dict[str, float]:
+    """What a time-budgeted sweep spent: the training minutes its trials ran, and what ASHA
+    saved, the minutes its stopped trials did not run (each would have trained the budget).
+    ``trial_minutes_full``: the same trials without early stopping."""
+    ran = [max((row.get("train_minutes", 0.0) for row in r.epochs), default=0.0) for r in records]
+    saved = [
+        max(0.0, budget_minutes - m)
+        for r, m in zip(records, ran, strict=True)
+        if r.outcome == "stopped_early"
+    ]
+    full = sum(ran) + sum(saved)
+    return {"trial_minutes": sum(ran), "trial_minutes_full": full, "asha_saved_minutes": sum(saved)}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""

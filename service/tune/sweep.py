@@ -37,6 +37,7 @@ from service.tune.summary import (
     plot_sweep,
     record_from_result,
     to_markdown,
+    training_minutes,
     write_csv,
 )
 
@@ -277,6 +278,8 @@ def _log_parent(
         "num_stopped_early": count(records, "stopped_early"),
         "num_failed": count(records, "failed"),
     }
+    if settings.budget_minutes is not None:
+        summary |= training_minutes(records, settings.budget_minutes)
     if best is not None and best.metric is not None:
         summary[f"best_{metric}"] = best.metric
     logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
@@ -425,6 +428,11 @@ def _run_and_summarise(
         "num_completed": count(records, "completed"),
         "num_stopped_early": count(records, "stopped_early"),
         "num_failed": count(records, "failed"),
+        **(
+            training_minutes(records, settings.budget_minutes)
+            if settings.budget_minutes is not None
+            else {}
+        ),
         "parent_run_id": tracking.run_id if tracking else None,
         "tracking_uri": tracking.uri if tracking else None,
         "model_uri": None,
