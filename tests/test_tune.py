@@ -17,14 +17,18 @@ from service.tune.space import SearchSpaceError, parse_space
 from service.tune.summary import (
     TrialRecord,
     classify,
+    curve_points,
     pick_best,
+    plot_curves,
     plot_sweep,
     record_from_result,
     short_reason,
     to_markdown,
+    training_minutes,
     write_csv,
 )
 
+CPU_SWEEP_25 = REPO_ROOT / "jobs/configs/cifar10-cpu-sweep-25min.yaml"
 SMOKE = REPO_ROOT / "jobs" / "configs" / "tune-smoke.yaml"
 CLIP_SMOKE = REPO_ROOT / "jobs" / "configs" / "clip-smoke-cpu.yaml"
 # A diverged trial stops either at the loss's input check or at the loop's NaN-loss check.
@@ -512,7 +516,8 @@ def test_sweep_end_to_end(tmp_path: Path, ray_cluster, mlflow_server) -> None:
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert {"sweep/sweep_summary.csv", "sweep/sweep_summary.md", "sweep/sweep.png"} <= artifacts
+    assert {"sweep/sweep_summary.csv", "sweep/sweep_summary.md", "sweep/sweep.png",
+            "sweep/sweep_curves.png"} <= artifacts  # fmt: skip
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
@@ -623,3 +628,48 @@ def test_the_sweeps_wall_clock_cap_reaches_tune(tmp_path: Path) -> None:
     del overrides["tune.time_budget_minutes"]
     free = _build_tuner(resolve_settings(load_config(SMOKE, overrides)), lambda c: None)
     assert free._local_tuner._tune_config.time_budget_s is None
+
+
+def test_curves_follow_each_trial_on_ashas_axis(tmp_path: Path) -> None:
+    """The curve figure's points: the metric at each reported epoch against training minutes
+    (time-budgeted sweep) or epochs; epochs without the metric are left out."""
+    rows = [
+        {"epoch": 0.0, "train_minutes": 0.0, "knn_top1": 0.35},
+        {"epoch": 1.0, "train_minutes": 2.5, "train_loss": 5.1},  # no monitor this epoch
+        {"epoch": 2.0, "train_minutes": 6.1, "knn_top1": 0.48},
+    ]
+    stopped = TrialRecord("s", "stopped_early", {}, 2, 0.48, 5.0, epochs=rows)
+    assert curve_points(stopped, "knn_top1", "train_minutes") == [(0.0, 0.35), (6.1, 0.48)]
+    assert curve_points(stopped, "knn_top1", "epochs_completed") == [(0.0, 0.35), (2.0, 0.48)]
+    done = TrialRecord("d", "completed", {}, 5, 0.55, 4.0, epochs=[{**rows[0]}, {
+        "epoch": 5.0, "train_minutes": 25.0, "knn_top1": 0.55}])  # fmt: skip
+    failed = TrialRecord("f", "failed", {}, 0, None, None, error="boom")
+    png = plot_curves([stopped, done, failed], "knn_top1", "train_minutes", [6.0, 12.0],
+                      tmp_path / "c.png", best=done)  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rungs_are_grace_times_factor_powers_before_the_end() -> None:
+    minutes = load_config(CPU_SWEEP_25)
+    assert resolve_settings(minutes).rungs == [6.0, 12.0, 24.0]  # 25-minute budget, grace 6
+    epochs = resolve_settings(load_config(SMOKE, {"tune.grace_period_epochs": 1}))
+    assert epochs.rungs == [1, 2] and epochs.max_epochs == 3
+
+
+def test_training_minutes_counts_what_asha_saved() -> None:
+    """Stopped trials save the rest of their budget; completed and failed ones save nothing."""
+
+    def rec(tid: str, outcome: str, minutes: list[float]) -> TrialRecord:
+        rows = [{"epoch": float(i), "train_minutes": m} for i, m in enumerate(minutes)]
+        return TrialRecord(tid, outcome, {}, len(rows), 0.5, 1.0, epochs=rows)
+
+    records = [
+        rec("a", "completed", [0.0, 12.0, 25.3]),
+        rec("b", "stopped_early", [0.0, 6.4]),
+        rec("c", "stopped_early", [0.0, 6.2, 12.5]),
+        rec("d", "failed", []),
+    ]
+    spent = training_minutes(records, 25.0)
+    assert spent["trial_minutes"] == pytest.approx(25.3 + 6.4 + 12.5)
+    assert spent["asha_saved_minutes"] == pytest.approx(18.6 + 12.5)
+    assert spent["trial_minutes_full"] == pytest.approx(25.3 + 25 + 25)

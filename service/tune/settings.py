@@ -93,6 +93,16 @@ class SweepSettings:
         return "min of training" if self.time_attr == "train_minutes" else "epoch(s)"
 
     @property
+    def rungs(self) -> list[float]:
+        """ASHA's milestones on ``time_attr`` before the end of training: grace x factor^k."""
+        end = self.budget_minutes if self.time_attr == "train_minutes" else self.max_epochs
+        rungs, t = [], self.grace_period
+        while t < (end or 0):
+            rungs.append(t)
+            t *= self.reduction_factor
+        return rungs
+
+    @property
     def experiment_path(self) -> Path:
         return Path(self.storage_path) / self.name
 

@@ -153,6 +153,20 @@ def count(records: list[TrialRecord], outcome: str) -> int:
     return sum(r.outcome == outcome for r in records)
 
 
+def training_minutes(records: list[TrialRecord], budget_minutes: float) -> dict[str, float]:
+    """What a time-budgeted sweep spent: the training minutes its trials ran, and what ASHA
+    saved, the minutes its stopped trials did not run (each would have trained the budget).
+    ``trial_minutes_full``: the same trials without early stopping."""
+    ran = [max((row.get("train_minutes", 0.0) for row in r.epochs), default=0.0) for r in records]
+    saved = [
+        max(0.0, budget_minutes - m)
+        for r, m in zip(records, ran, strict=True)
+        if r.outcome == "stopped_early"
+    ]
+    full = sum(ran) + sum(saved)
+    return {"trial_minutes": sum(ran), "trial_minutes_full": full, "asha_saved_minutes": sum(saved)}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -281,6 +295,53 @@ def plot_sweep(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(f"sweep: {metric} (last reported epoch) per trial", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curve_points(record: TrialRecord, metric: str, time_attr: str) -> list[tuple[float, float]]:
+    """``(x, metric)`` for every reported epoch of ``record`` that has the metric; x is training
+    minutes (``train_minutes``, a time-budgeted sweep) or the 1-based epoch."""
+    x_key = "train_minutes" if time_attr == "train_minutes" else "epoch"
+    return [(row[x_key], row[metric]) for row in record.epochs if x_key in row and metric in row]
+
+
+def plot_curves(
+    records: list[TrialRecord],
+    metric: str,
+    time_attr: str,
+    rungs: list[float],
+    path: Path,
+    best: TrialRecord | None = None,
+) -> Path:
+    """Every trial's metric against ASHA's time axis, with the rungs: where each stopped trial
+    was cut and what the survivors went on to reach (``plot_sweep`` shows the end values only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for rung in rungs:
+        ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    for record in records:
+        points = curve_points(record, metric, time_attr)
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        is_best = best is not None and record.trial_id == best.trial_id
+        what = record.outcome + (", best" if is_best else "")
+        ax.plot(
+            xs, ys, color="black" if is_best else _STYLE[record.outcome]["color"],
+            linewidth=2.2 if is_best else 1.2, marker=".", markersize=4,
+            label=f"{record.trial_id} ({what}): {ys[-1]:.3f}",
+        )  # fmt: skip
+    unit = "training minutes" if time_attr == "train_minutes" else "epochs"
+    ax.set(xlabel=unit, ylabel=metric, title=f"sweep: {metric} per trial; ASHA rungs dotted")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,9 +33,11 @@ from service.tune.summary import (
     TrialRecord,
     count,
     pick_best,
+    plot_curves,
     plot_sweep,
     record_from_result,
     to_markdown,
+    training_minutes,
     write_csv,
 )
 
@@ -267,12 +269,17 @@ def _log_parent(
     logger.log_artifact(markdown, "sweep")
     figure = plot_sweep(records, settings.specs, metric, workdir / "sweep.png", best)
     logger.log_artifact(figure, "sweep")
+    curves = workdir / "sweep_curves.png"
+    plot_curves(records, metric, settings.time_attr, settings.rungs, curves, best)
+    logger.log_artifact(curves, "sweep")
     summary = {
         "num_trials": len(records),
         "num_completed": count(records, "completed"),
         "num_stopped_early": count(records, "stopped_early"),
         "num_failed": count(records, "failed"),
     }
+    if settings.budget_minutes is not None:
+        summary |= training_minutes(records, settings.budget_minutes)
     if best is not None and best.metric is not None:
         summary[f"best_{metric}"] = best.metric
     logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
@@ -421,6 +428,11 @@ def _run_and_summarise(
         "num_completed": count(records, "completed"),
         "num_stopped_early": count(records, "stopped_early"),
         "num_failed": count(records, "failed"),
+        **(
+            training_minutes(records, settings.budget_minutes)
+            if settings.budget_minutes is not None
+            else {}
+        ),
         "parent_run_id": tracking.run_id if tracking else None,
         "tracking_uri": tracking.uri if tracking else None,
         "model_uri": None,
