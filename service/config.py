@@ -211,6 +211,9 @@ class TuneConfig:
     # Wall-clock cap on the whole sweep (Tune's time_budget_s): when it runs out the running trials
     # are stopped (reported as stopped early) and no new one starts; None: no cap.
     time_budget_minutes: float | None = None
+    # Trials to run first, before any sampling (each a mapping of searched keys to values; keys it
+    # leaves out are sampled): e.g. the previous stage's best recipe. They count in num_samples.
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
     # search space: dotted config key → {"type": loguniform|uniform|choice, "low", "high", "values"}
     space: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {

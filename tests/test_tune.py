@@ -673,3 +673,30 @@ def test_training_minutes_counts_what_asha_saved() -> None:
     assert spent["trial_minutes"] == pytest.approx(25.3 + 6.4 + 12.5)
     assert spent["asha_saved_minutes"] == pytest.approx(18.6 + 12.5)
     assert spent["trial_minutes_full"] == pytest.approx(25.3 + 25 + 25)
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({"model.width": 40}, "model.width=40 is not one of [32, 48]"),
+        ({"train.lr": 0.01}, "train.lr=0.01 is not a number in [0.0007, 0.003]"),
+        ({"train.lr": "fast"}, "train.lr='fast' is not a number in"),
+        ({"train.epochs": 3}, "'train.epochs' is not searched"),
+    ],
+)
+def test_bad_points_to_evaluate_are_refused_before_ray(point: dict, message: str) -> None:
+    config = load_config(CPU_SWEEP_25, {"tune.points_to_evaluate": [point]})
+    with pytest.raises(SearchSpaceError, match=re.escape(message)):
+        resolve_settings(config)
+
+
+def test_points_to_evaluate_reach_the_searcher_first(tmp_path: Path) -> None:
+    """The configured points are Tune's first trials (the 25-minute sweep starts with the
+    shipped recipe at width 48); partial points leave the other keys to the sampler."""
+    from service.tune.sweep import _build_tuner
+
+    config = load_config(CPU_SWEEP_25, {"train.storage_path": str(tmp_path)})
+    settings = resolve_settings(config)
+    assert settings.points[0]["model.width"] == 48 and len(settings.points[0]) == 8
+    searcher = _build_tuner(settings, lambda c: None)._local_tuner._tune_config.search_alg
+    assert searcher._points_to_evaluate == [dict(settings.points[0])]

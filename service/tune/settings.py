@@ -15,12 +15,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from service.config import Config, ConfigError, Searcher
 from service.train.epoch import EPOCH_METRICS, monitor_metrics
 from service.train.inputs import resolve_storage_path
-from service.tune.space import ParamSpec, parse_space
+from service.tune.space import ParamSpec, parse_points, parse_space
 
 SEARCHERS = get_args(Searcher)  # tune.search (and tune.mode) are checked with the config's types
 
@@ -87,6 +87,7 @@ class SweepSettings:
     budget_minutes: float | None = None
     max_steps: int | None = None  # train.max_steps: a trial that reaches it has completed
     wall_budget_minutes: float | None = None  # tune.time_budget_minutes: the whole sweep's cap
+    points: tuple[dict[str, Any], ...] = ()  # tune.points_to_evaluate: tried before sampling
 
     @property
     def rung_unit(self) -> str:
@@ -173,6 +174,7 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
     """Validate ``config.tune`` and everything derived from it; ``num_samples`` overrides it."""
     t = config.tune
     specs = parse_space(config)
+    points = parse_points(config, specs)
     metric, mode = _objective(config)
     samples = t.num_samples if num_samples is None else num_samples
     _require(
@@ -215,6 +217,7 @@ def resolve_settings(config: Config, num_samples: int | None = None) -> SweepSet
         budget_minutes=config.train.time_budget_minutes,
         max_steps=config.train.max_steps,
         wall_budget_minutes=cap,
+        points=tuple(points),
         seed=config.train.seed,
         resources=resources,
     )

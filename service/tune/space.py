@@ -192,6 +192,44 @@ def parse_space(config: Config) -> dict[str, ParamSpec]:
     return specs
 
 
+def parse_points(config: Config, specs: dict[str, ParamSpec]) -> list[dict[str, Any]]:
+    """Validate ``config.tune.points_to_evaluate``: each point names only searched keys, with
+    values the space can hold (inside a range, or one of the choices), and gives a valid Config.
+    Raises ``SearchSpaceError`` naming the point and the key."""
+    from service.train.preflight import config_problems
+
+    points = config.tune.points_to_evaluate
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise SearchSpaceError(
+            f"tune.points_to_evaluate must be a list of mappings (key: value), got {points!r}"
+        )
+    problems = []
+    for i, point in enumerate(points):
+        for key, value in point.items():
+            spec = specs.get(key)
+            if spec is None:
+                problems.append(f"point {i}: {key!r} is not searched (tune.space: {sorted(specs)})")
+            elif spec.kind == "choice" and value not in spec.values:
+                problems.append(f"point {i}: {key}={value!r} is not one of {list(spec.values)}")
+            elif spec.kind != "choice" and not (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and spec.low <= value <= spec.high
+            ):
+                problems.append(
+                    f"point {i}: {key}={value!r} is not a number in [{spec.low}, {spec.high}]"
+                )
+        if not problems:
+            try:
+                rejected = config_problems(config.with_values(point))
+            except ConfigError as exc:
+                rejected = [str(exc)]
+            problems += [f"point {i}: {p}" for p in rejected]
+    if problems:
+        raise SearchSpaceError("\n  - ".join(["tune.points_to_evaluate:", *problems]))
+    return [dict(p) for p in points]
+
+
 def to_param_space(specs: dict[str, ParamSpec]) -> dict[str, Any]:
     """Tune ``param_space``: flat dotted keys → domains (trials read them back by the same key)."""
     return {key: spec.to_tune() for key, spec in specs.items()}

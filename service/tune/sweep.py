@@ -109,13 +109,18 @@ def _build_tuner(settings: SweepSettings, trainable: Any) -> Any:
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=settings.seed)  # TPE; metric/mode come from TuneConfig
+        # TPE; metric/mode come from TuneConfig
+        search_alg = OptunaSearch(
+            seed=settings.seed, points_to_evaluate=list(settings.points) or None
+        )
     else:
         from ray.tune.search import BasicVariantGenerator
 
         # A SearchGenerator ignores TuneConfig.max_concurrent_trials: limit it here.
         search_alg = BasicVariantGenerator(
-            random_state=settings.seed, max_concurrent=settings.resources.concurrent_trials
+            random_state=settings.seed,
+            max_concurrent=settings.resources.concurrent_trials,
+            points_to_evaluate=list(settings.points) or None,
         )
     scheduler = ASHAScheduler(
         # epochs_completed (added by EpochReportCallback) or, under a time budget, train_minutes
