@@ -97,20 +97,15 @@ def build_backbone(
 def model_config_problems(cfg: ModelConfig) -> list[str]:
     """What is wrong with the ``model`` section (empty when nothing)."""
     problems = []
-    if cfg.width < 1:
-        problems.append(f"model.width must be >= 1, got {cfg.width}")
-    elif cfg.width != DEFAULT_WIDTH and cfg.arch != "small_cnn":
-        problems.append(
-            f"model.width shapes only the small_cnn backbone; {cfg.arch} has a fixed width "
-            f"(remove model.width or set it to {DEFAULT_WIDTH})"
-        )
-    if cfg.depth < 1:
-        problems.append(f"model.depth must be >= 1, got {cfg.depth}")
-    elif cfg.depth != DEFAULT_DEPTH and cfg.arch != "small_cnn":
-        problems.append(
-            f"model.depth shapes only the small_cnn backbone; {cfg.arch} has a fixed depth "
-            f"(remove model.depth or set it to {DEFAULT_DEPTH})"
-        )
+    for key, default in (("width", DEFAULT_WIDTH), ("depth", DEFAULT_DEPTH)):  # small CNN only
+        value = getattr(cfg, key)
+        if value < 1:
+            problems.append(f"model.{key} must be >= 1, got {value}")
+        elif value != default and cfg.arch != "small_cnn":
+            problems.append(
+                f"model.{key} shapes only the small_cnn backbone; {cfg.arch} has a fixed {key} "
+                f"(remove model.{key} or set it to {default})"
+            )
     for key in ("proj_hidden_dim", "proj_out_dim", "proj_layers"):
         if getattr(cfg, key) < 1:
             problems.append(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
