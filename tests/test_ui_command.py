@@ -51,9 +51,11 @@ def test_missing_store_directory_is_refused(tmp_path, capsys):
 def test_the_ready_line_says_how_to_stop_it_when_ctrl_c_cannot():
     from service.commands.ui import _how_to_stop
 
-    assert _how_to_stop() == "Ctrl-C to stop"
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a script's background job
+    # Both cases set here: pytest itself may run as a script's background job (SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        assert _how_to_stop() == "Ctrl-C to stop"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a script's background job
         assert _how_to_stop() == f"Ctrl-C cannot reach it; stop it with: kill {os.getpid()}"
     finally:
         signal.signal(signal.SIGINT, previous)
