@@ -175,15 +175,10 @@ def parse_space(config: Config) -> dict[str, ParamSpec]:
         )
     known = set(config.flat())
     specs = {key: parse_param(key, spec, known) for key, spec in space.items()}
-    from service.train.preflight import config_problems  # the same rules as a single run
-
     problems = []
     for spec in specs.values():
         for value in spec.probe_values():
-            try:
-                rejected = config_problems(config.with_values({spec.key: value}))
-            except ConfigError as exc:
-                rejected = [str(exc)]
+            rejected = _rejections(config, {spec.key: value})
             problems += [f"tune.space[{spec.key!r}] can draw {value!r}: {p}" for p in rejected]
     if problems:
         raise SearchSpaceError(
@@ -192,12 +187,20 @@ def parse_space(config: Config) -> dict[str, ParamSpec]:
     return specs
 
 
+def _rejections(config: Config, values: dict[str, Any]) -> list[str]:
+    """What the pre-flight rules of a single run say of ``config`` with ``values`` set."""
+    from service.train.preflight import config_problems  # the same rules as a single run
+
+    try:
+        return config_problems(config.with_values(values))
+    except ConfigError as exc:
+        return [str(exc)]
+
+
 def parse_points(config: Config, specs: dict[str, ParamSpec]) -> list[dict[str, Any]]:
     """Validate ``config.tune.points_to_evaluate``: each point names only searched keys, with
     values the space can hold (inside a range, or one of the choices), and gives a valid Config.
     Raises ``SearchSpaceError`` naming the point and the key."""
-    from service.train.preflight import config_problems
-
     points = config.tune.points_to_evaluate
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise SearchSpaceError(
@@ -205,6 +208,7 @@ def parse_points(config: Config, specs: dict[str, ParamSpec]) -> list[dict[str, 
         )
     problems = []
     for i, point in enumerate(points):
+        found = len(problems)
         for key, value in point.items():
             spec = specs.get(key)
             if spec is None:
@@ -219,12 +223,8 @@ def parse_points(config: Config, specs: dict[str, ParamSpec]) -> list[dict[str, 
                 problems.append(
                     f"point {i}: {key}={value!r} is not a number in [{spec.low}, {spec.high}]"
                 )
-        if not problems:
-            try:
-                rejected = config_problems(config.with_values(point))
-            except ConfigError as exc:
-                rejected = [str(exc)]
-            problems += [f"point {i}: {p}" for p in rejected]
+        if len(problems) == found:  # its values fit the space: does the whole config pass?
+            problems += [f"point {i}: {p}" for p in _rejections(config, point)]
     if problems:
         raise SearchSpaceError("\n  - ".join(["tune.points_to_evaluate:", *problems]))
     return [dict(p) for p in points]

@@ -153,6 +153,18 @@ def count(records: list[TrialRecord], outcome: str) -> int:
     return sum(r.outcome == outcome for r in records)
 
 
+def sweep_totals(records: list[TrialRecord], budget_minutes: float | None) -> dict[str, float]:
+    """The sweep's counts per outcome and, under a time budget, its ``training_minutes``: what
+    the summary JSON and the parent run's metrics both report."""
+    totals: dict[str, float] = {
+        "num_trials": len(records),
+        **{f"num_{outcome}": count(records, outcome) for outcome in OUTCOMES},
+    }
+    if budget_minutes is not None:
+        totals |= training_minutes(records, budget_minutes)
+    return totals
+
+
 def training_minutes(records: list[TrialRecord], budget_minutes: float) -> dict[str, float]:
     """What a time-budgeted sweep spent: the training minutes its trials ran, and what ASHA
     saved, the minutes its stopped trials did not run (each would have trained the budget).

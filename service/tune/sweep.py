@@ -31,13 +31,12 @@ from service.tune.settings import (
 from service.tune.space import to_param_space
 from service.tune.summary import (
     TrialRecord,
-    count,
     pick_best,
     plot_curves,
     plot_sweep,
     record_from_result,
+    sweep_totals,
     to_markdown,
-    training_minutes,
     write_csv,
 )
 
@@ -262,6 +261,7 @@ def _log_parent(
     settings: SweepSettings,
     records: list[TrialRecord],
     best: TrialRecord | None,
+    totals: dict[str, float],
     workdir: Path,
 ) -> None:
     from service.tracking.run import mlflow_client
@@ -277,14 +277,7 @@ def _log_parent(
     curves = workdir / "sweep_curves.png"
     plot_curves(records, metric, settings.time_attr, settings.rungs, curves, best)
     logger.log_artifact(curves, "sweep")
-    summary = {
-        "num_trials": len(records),
-        "num_completed": count(records, "completed"),
-        "num_stopped_early": count(records, "stopped_early"),
-        "num_failed": count(records, "failed"),
-    }
-    if settings.budget_minutes is not None:
-        summary |= training_minutes(records, settings.budget_minutes)
+    summary = dict(totals)
     if best is not None and best.metric is not None:
         summary[f"best_{metric}"] = best.metric
     logger.log_metrics({k: float(v) for k, v in summary.items()}, step=0)
@@ -419,6 +412,7 @@ def _run_and_summarise(
         str((r.metrics or {}).get("trial_id")): str(r.error) for r in grid if r.error is not None
     }
     best = pick_best(records, settings.mode)
+    totals = sweep_totals(records, settings.budget_minutes)
     summary: dict[str, Any] = {
         "sweep": settings.name,
         "experiment_path": str(settings.experiment_path),
@@ -429,15 +423,7 @@ def _run_and_summarise(
         "best_metric": best.metric if best else None,
         "best_trial_id": best.trial_id if best else None,
         "best_checkpoint": best.checkpoint if best else None,
-        "num_trials": len(records),
-        "num_completed": count(records, "completed"),
-        "num_stopped_early": count(records, "stopped_early"),
-        "num_failed": count(records, "failed"),
-        **(
-            training_minutes(records, settings.budget_minutes)
-            if settings.budget_minutes is not None
-            else {}
-        ),
+        **totals,
         "parent_run_id": tracking.run_id if tracking else None,
         "tracking_uri": tracking.uri if tracking else None,
         "model_uri": None,
@@ -447,7 +433,7 @@ def _run_and_summarise(
         _reconcile_runs(records, errors, tracking.uri, tracking.run_id)
         summary["best_run_id"] = best.run_id if best else None
         with tempfile.TemporaryDirectory() as tmp:
-            _log_parent(tracking, settings, records, best, Path(tmp))
+            _log_parent(tracking, settings, records, best, totals, Path(tmp))
             if best is not None:
                 summary.update(_register_best(config, settings, state, best, tracking, Path(tmp)))
     summary["trials"] = [
