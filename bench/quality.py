@@ -1,6 +1,12 @@
 """Representation quality per minute of training: pretrain for a wall-clock budget, then the
-evaluation protocol, beside the random-init encoder of the same architecture (and, when lightly
-is installed, a SimCLR built from lightly's blocks in a plain loop, same budget, same protocol).
+evaluation protocol, beside the random-init encoder of the same architecture and, when lightly is
+installed, peers at the same budget (``--peers``):
+
+- ``lightly_simclr`` / ``lightly_moco``: lightly's SimCLR and MoCo with **their own** CIFAR-10
+  recipe (ResNet-18, SGD, their τ, queue and augmentation; ``bench/peers.py``), beside the
+  same ResNet-18 at random init;
+- ``lightly_blocks``: lightly's transform, head and NT-Xent around **our** recipe (our backbone,
+  optimiser, τ), so only the training machinery differs.
 
 Protocol (fixed seeds): freeze the backbone; weighted kNN (k=200, τ=0.1, cosine) and a linear
 probe, the full training set as bank / probe training set, the full **test** split as queries.
@@ -13,7 +19,9 @@ Prints one JSON line per (method, budget), logs each to MLflow (experiment ``qua
 draws accuracy vs training minutes (``--plot``, also logged).
 
     python bench/quality.py --minutes 2 5 10 --plot docs/images/quality_curve.png
-    python bench/quality.py --config jobs/configs/smoke-cpu.yaml --minutes 25 --no-lightly
+    python bench/quality.py --config jobs/configs/cifar10-cpu-25min.yaml --minutes 25 \\
+        --peers lightly_simclr lightly_moco --plot quality_peers.png
+    python bench/quality.py --config jobs/configs/smoke-cpu.yaml --minutes 25 --peers
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +46,15 @@ from service.train.optim import CLOCK_WARMUP_LEAD, warmup_cosine_factor
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def protocol(encoder: nn.Module, config: Config, train: str, test: str) -> dict[str, float]:
-    """kNN-200 and linear top-1 of a frozen encoder on the test split (bank: the training set)."""
+def protocol(
+    encoder: nn.Module, config: Config, train: str, test: str,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """kNN-200 and linear top-1 of a frozen encoder on the test split (bank: the training set).
+    ``normalize``: the (mean, std) the encoder was trained with, when not the config's."""
     torch.manual_seed(0)
-    transform = eval_transform(config.data.image_size, config.augment.mean, config.augment.std)
+    mean, std = normalize or (config.augment.mean, config.augment.std)
+    transform = eval_transform(config.data.image_size, mean, std)
     result = evaluate_encoder(
         encoder.eval(), transform, train, test, knn_k=200, knn_temperature=0.1,
         linear_epochs=config.eval.linear_epochs, linear_lr=config.eval.linear_lr,
@@ -51,10 +66,13 @@ def bench_config(args: argparse.Namespace, minutes: float, **overrides: Any) -> 
     """The named config on the given data, trained for ``minutes`` (every training row trains:
     nothing is selected on these runs, and the test split only gives the final number)."""
     tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in overrides.items())
+    own = load_config(args.config).train
+    # under a budget, warmup is a fraction of it: a budgeted recipe keeps its own fraction
+    warmup = own.warmup_fraction if own.time_budget_minutes else 0.1
     return load_config(args.config, overrides={
         "data.train": args.train, "data.test": args.test, "data.val_fraction": 0.0,
         "train.time_budget_minutes": minutes, "train.epochs": 10_000,
-        "train.warmup_fraction": 0.1,  # under a budget, warmup is a fraction of it
+        "train.warmup_fraction": warmup,
         "train.run_name": f"quality-{Path(args.config).stem}-{minutes:g}min{tag}-{time.time():.0f}",
         "mlflow.experiment": "quality-bench", "mlflow.registered_model_name": None,
         **overrides,
@@ -84,6 +102,31 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
     backbone = build_model(config.model).backbone
     return {"method": "random_init", "config": args.config, "budget_min": 0.0,
             **protocol(backbone, config, args.train, args.test)}  # fmt: skip
+
+
+def run_peer(args: argparse.Namespace, minutes: float, name: str) -> dict[str, Any]:
+    """A lightly method with lightly's own CIFAR-10 recipe (``bench/peers.py``) for ``minutes``,
+    then the protocol (with the recipe's ImageNet normalisation)."""
+    from peers import IMAGENET_MEAN, IMAGENET_STD, RECIPES, peer_row, train_peer
+
+    recipe = RECIPES[name]
+    trained = train_peer(recipe, args.train, minutes)
+    config = load_config(args.config)
+    scores = protocol(trained.pop("backbone"), config, args.train, args.test,
+                      normalize=(IMAGENET_MEAN, IMAGENET_STD))  # fmt: skip
+    return {**peer_row(recipe), "budget_min": minutes, **trained, **scores}
+
+
+def run_random_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """The peers' ResNet-18 at random init, under the same protocol."""
+    from peers import IMAGENET_MEAN, IMAGENET_STD, resnet18_backbone
+
+    torch.manual_seed(0)
+    config = load_config(args.config)
+    scores = protocol(resnet18_backbone(), config, args.train, args.test,
+                      normalize=(IMAGENET_MEAN, IMAGENET_STD))  # fmt: skip
+    return {"method": "random_init_resnet18", "backbone": "lightly resnet-18",
+            "budget_min": 0.0, **scores}  # fmt: skip
 
 
 def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
@@ -132,29 +175,38 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
             if trained >= budget:
                 break
         epochs += 1
-    return {"method": "lightly_simclr", "config": args.config, "budget_min": minutes,
+    return {"method": "lightly_blocks", "config": args.config, "budget_min": minutes,
             "epochs": epochs, **protocol(backbone, config, args.train, args.test)}  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy vs training minutes per method (random inits as lines); one budget: bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    trained = [r for r in rows if r["budget_min"] > 0]
+    methods = list(dict.fromkeys(r["method"] for r in trained))
+    one_budget = len({r["budget_min"] for r in trained}) == 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for ax, metric in zip(axes, ("test_knn_top1", "test_linear_top1"), strict=True):
-        for method, style in (("ours", "o-"), ("lightly_simclr", "s--")):
-            pts = sorted((r["budget_min"], r[metric]) for r in rows if r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=method)
-        for r in rows:
-            if r["method"] == "random_init":
-                ax.axhline(r[metric], color="grey", ls=":", label="random init")
-        ax.set(xlabel="training minutes (wall clock, evaluation excluded)",
-               ylabel=f"{metric} (CIFAR-10 test split)", title=metric)  # fmt: skip
+        if one_budget:  # a point per method reads better as bars, random inits beside them
+            labels = [f"{r['method']}\n{r['budget_min']:g} min" for r in rows]
+            ax.bar(labels, [100 * r[metric] for r in rows], color="tab:blue")
+            ax.tick_params(axis="x", rotation=25, labelsize=7)
+            ax.set(ylabel=f"{metric} % (CIFAR-10 test split)", title=metric)
+        else:
+            for i, method in enumerate(methods):
+                pts = sorted((r["budget_min"], r[metric]) for r in trained if r["method"] == method)
+                ax.plot(*zip(*pts, strict=True), "os^v"[i % 4] + "-", label=method)
+            for r in rows:
+                if r["budget_min"] == 0:
+                    ax.axhline(r[metric], color="grey", ls=":", label=r["method"])
+            ax.set(xlabel="training minutes (wall clock, evaluation excluded)",
+                   ylabel=f"{metric} (CIFAR-10 test split)", title=metric)  # fmt: skip
+            ax.legend()
         ax.grid(alpha=0.3)
-        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -177,27 +229,41 @@ def log_to_mlflow(rows: list[dict[str, Any]], figure: Path | None) -> None:
                 mlflow.log_artifact(str(figure), "plots")
 
 
+RESNET18_PEERS = ("lightly_simclr", "lightly_moco")  # lightly's recipe: its ResNet-18
+PEERS = (*RESNET18_PEERS, "lightly_blocks")
+
+
+def runs_for(peers: list[str]) -> list[Callable[[argparse.Namespace, float], dict[str, Any]]]:
+    """Ours, then each peer, for one budget."""
+    peer_runs = [run_lightly if name == "lightly_blocks" else partial(run_peer, name=name)
+                 for name in peers]  # fmt: skip
+    return [run_ours, *peer_runs]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="jobs/configs/smoke-cpu.yaml")
     p.add_argument("--train", default=str(SHARED / "cifar10-train.parquet"))
     p.add_argument("--test", default=str(SHARED / "cifar10-test.parquet"))
     p.add_argument("--minutes", type=float, nargs="+", default=[2.0, 5.0])
-    p.add_argument("--no-lightly", action="store_true", help="skip the lightly baseline")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=["lightly_blocks"],
+                   help="lightly peers at the same budgets (none: ours only)")  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-minutes PNG")
     args = p.parse_args()
     try:
         import lightly  # noqa: F401
-
-        with_lightly = not args.no_lightly
     except ImportError:
-        with_lightly = False
-        print(json.dumps({"note": "lightly not installed (pip install -e '.[bench]'): skipped"}))
+        if args.peers:
+            print(json.dumps({"note": "lightly not installed (pip install -e '.[bench]'): "
+                                      "peers skipped"}))  # fmt: skip
+        args.peers = []
     rows = [run_random(args)]
-    print(json.dumps(rows[-1]), flush=True)
+    if any(name in RESNET18_PEERS for name in args.peers):
+        rows.append(run_random_peer(args))
+    for row in rows:
+        print(json.dumps(row), flush=True)
     for minutes in args.minutes:
-        runs = [run_ours] + ([run_lightly] if with_lightly else [])
-        for run in runs:
+        for run in runs_for(args.peers):
             rows.append(run(args, minutes))
             print(json.dumps(rows[-1]), flush=True)
     figure = plot(rows, args.plot) if args.plot else None
