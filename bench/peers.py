@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+
+from service.train.optim import CLOCK_WARMUP_LEAD, warmup_cosine_factor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # lightly's default normalisation (IMAGENET_NORMALIZE)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,9 +111,43 @@ class PeerModel(nn.Module):
         return 0.5 * (self.criterion(*query_key(x0, x1)) + self.criterion(*query_key(x1, x0)))
 
 
+def train_for_budget(
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
+    optimizer: torch.optim.Optimizer, lr: float, minutes: float, warmup: float, label: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The plain budgeted loop every peer shares: steps on ``loader``'s view pairs until
+    ``minutes`` of wall clock have passed (data loading included, as ours counts it; evaluation
+    outside), the LR warmed up over ``warmup`` of the budget then cosine to 0 over it, like ours.
+    A progress line a minute on stderr."""
+    budget, steps, images, next_report = minutes * 60, 0, 0, 60.0
+    started = time.perf_counter()
+    trained = 0.0
+    while trained < budget:
+        for (x0, x1), _ in loader:
+            factor = warmup_cosine_factor(trained / budget, warmup, CLOCK_WARMUP_LEAD * warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+            loss = loss_of(x0, x1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps, images = steps + 1, images + x0.shape[0]
+            trained = time.perf_counter() - started
+            if trained >= next_report:  # long runs show progress
+                next_report += 60.0
+                print(json.dumps({"peer": label, "minute": round(trained / 60, 1),
+                                  "step": steps, "loss": round(loss.item(), 3),
+                                  "images_per_s": round(images / trained, 1)}),
+                      file=sys.stderr, flush=True)  # fmt: skip
+            if trained >= budget:
+                break
+    return {"steps": steps, "epochs": round(images / len(loader.dataset), 2),
+            "images_per_s": round(images / trained, 1)}  # fmt: skip
+
+
 def train_peer(recipe: PeerRecipe, train_path: str, minutes: float, seed: int = 0) -> dict:
-    """Train ``recipe`` on ``train_path`` for ``minutes`` of wall clock (data loading included,
-    as ours counts it; evaluation outside) and return its frozen backbone and what it did."""
+    """Train ``recipe`` on ``train_path`` for ``minutes`` of wall clock and return its frozen
+    backbone and what it did (lightly's schedule: cosine, no warmup)."""
     from lightly.transforms import SimCLRTransform
 
     from service.data import ParquetImageDataset, make_dataloader
@@ -126,31 +163,9 @@ def train_peer(recipe: PeerRecipe, train_path: str, minutes: float, seed: int = 
     optimizer = torch.optim.SGD(
         model.trainable(), lr=lr, momentum=0.9, weight_decay=recipe.weight_decay
     )
-    budget, steps, images, next_report = minutes * 60, 0, 0, 60.0
-    started = time.perf_counter()
-    trained = 0.0
     model.train()
-    while trained < budget:
-        for (x0, x1), _ in loader:
-            for group in optimizer.param_groups:  # cosine to 0 over the budget, no warmup
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(trained / budget, 1.0)))
-            loss = model.loss(x0, x1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps, images = steps + 1, images + x0.shape[0]
-            trained = time.perf_counter() - started
-            if trained >= next_report:  # long runs show progress
-                next_report += 60.0
-                print(json.dumps({"peer": recipe.method, "minute": round(trained / 60, 1),
-                                  "step": steps, "loss": round(loss.item(), 3),
-                                  "images_per_s": round(images / trained, 1)}),
-                      file=sys.stderr, flush=True)  # fmt: skip
-            if trained >= budget:
-                break
-    return {"backbone": model.backbone.eval(), "steps": steps,
-            "epochs": round(images / len(loader.dataset), 2),
-            "images_per_s": round(images / trained, 1)}  # fmt: skip
+    done = train_for_budget(model.loss, loader, optimizer, lr, minutes, 0.0, recipe.method)
+    return {"backbone": model.backbone.eval(), **done}
 
 
 def peer_row(recipe: PeerRecipe) -> dict[str, Any]:

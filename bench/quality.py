@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -41,7 +42,6 @@ from service.config import Config, load_config
 from service.data.augment import eval_transform, view_size
 from service.eval.offline import evaluate_encoder
 from service.models import build_backbone, build_model
-from service.train.optim import CLOCK_WARMUP_LEAD, warmup_cosine_factor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -135,6 +135,7 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
     from lightly.transforms import SimCLRTransform
+    from peers import train_for_budget
 
     from service.data import ParquetImageDataset, make_dataloader
     from service.losses import resolved_loss_config
@@ -156,25 +157,10 @@ def run_lightly(args: argparse.Namespace, minutes: float) -> dict[str, Any]:
     params = list(backbone.parameters()) + list(head.parameters())
     lr = t.lr * t.global_batch_size / 256
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    # The budget counts the loop's wall clock, data loading included, as ours does (only the
-    # evaluation is outside it): lightly's per-image PIL augmentation is part of its cost.
-    budget, epochs, warmup = minutes * 60, 0, 0.1
-    started = time.perf_counter()
-    trained = 0.0
-    while trained < budget:
-        for views, _ in loader:
-            for group in optimizer.param_groups:  # warmup + cosine over the budget, like ours
-                progress, lead = min(trained / budget, 1.0), CLOCK_WARMUP_LEAD * warmup
-                group["lr"] = lr * warmup_cosine_factor(progress, warmup, lead)
-            z0, z1 = (head(backbone(v)) for v in views)
-            loss = criterion(z0, z1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            trained = time.perf_counter() - started
-            if trained >= budget:
-                break
-        epochs += 1
+    # lightly's per-image PIL augmentation counts against the budget, as our data path does
+    done = train_for_budget(lambda x0, x1: criterion(head(backbone(x0)), head(backbone(x1))),
+                            loader, optimizer, lr, minutes, 0.1, "lightly_blocks")  # fmt: skip
+    epochs = math.ceil(done["steps"] / len(loader))  # passes over the data, the last partial
     return {"method": "lightly_blocks", "config": args.config, "budget_min": minutes,
             "epochs": epochs, **protocol(backbone, config, args.train, args.test)}  # fmt: skip
 
